@@ -1,0 +1,1 @@
+"""Workload 1: portfolio risk forecasting from images of market history."""
