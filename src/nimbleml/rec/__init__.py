@@ -1,0 +1,1 @@
+"""Sequential recommendation: Taobao-style behaviour logs, next-item models, training, evaluation."""

@@ -1,0 +1,68 @@
+"""`nimbleml risk ...` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from nimbleml.risk.experiment import MODEL_NAMES, RiskRunConfig, run_risk_evaluation
+from nimbleml.risk.features import FeatureConfig
+from nimbleml.risk.protocol import PROTOCOLS
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `risk evaluate`."""
+    risk = subparsers.add_parser("risk", help="portfolio risk forecasting")
+    sub = risk.add_subparsers(dest="risk_command", required=True)
+    ev = sub.add_parser("evaluate", help="fit the CNN and the baselines, print and write the comparison")
+    ev.add_argument("--data", default="arch", help="'arch' (bundled real series) or a market folder like ../shared/data/market")
+    ev.add_argument("--assets", type=int, default=None, help="keep the first N assets in sorted file-path order")
+    ev.add_argument("--horizon", type=int, default=5, help="forecast horizon h in trading days (5 or 22)")
+    ev.add_argument("--protocol", choices=PROTOCOLS, default="chronological")
+    ev.add_argument("--encoder", default="heatmap", help="heatmap (paper) | gaf | mtf | recurrence")
+    ev.add_argument("--per-window-rescale", action="store_true", help="rescale each window to [0, 1] before imaging")
+    ev.add_argument("--epochs", type=int, default=30, help="CNN max epochs (early stopping on validation)")
+    ev.add_argument("--cnn-target", choices=("log_var", "vol", "var"), default="log_var")
+    ev.add_argument("--tuned", action="store_true", help="the paper's tuned CNN: 5x5 kernels, 3x3 pooling, lr 5e-4")
+    ev.add_argument("--max-train-samples", type=int, default=200_000, help="CNN samples drawn per epoch")
+    ev.add_argument("--models", default=",".join(MODEL_NAMES), help=f"comma list from {','.join(MODEL_NAMES)}")
+    ev.add_argument("--outliers", choices=("winsorize", "zscore", "none"), default="winsorize")
+    ev.add_argument("--scaler", choices=("minmax", "robust"), default="minmax")
+    ev.add_argument("--bond-returns", choices=("yield_change", "duration"), default="yield_change")
+    ev.add_argument("--span", choices=("common", "all"), default="common", help="common: dates every asset class covers")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", required=True, type=Path, help="report folder")
+    ev.set_defaults(func=run_evaluate)
+
+
+def config_from_args(args: argparse.Namespace) -> RiskRunConfig:
+    features = FeatureConfig(
+        horizon=args.horizon, outliers=args.outliers, scaler=args.scaler, bond_returns=args.bond_returns, span=args.span
+    )
+    return RiskRunConfig(
+        data=args.data,
+        assets=args.assets,
+        protocol=args.protocol,
+        encoder=args.encoder,
+        per_window_rescale=args.per_window_rescale,
+        epochs=args.epochs,
+        cnn_target=args.cnn_target,
+        tuned=args.tuned,
+        max_train_samples=args.max_train_samples,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        seed=args.seed,
+        features=features,
+    )
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from nimbleml.risk.report import print_table, write_report
+
+    cfg = config_from_args(args)
+    t0 = time.perf_counter()
+    result = run_risk_evaluation(cfg)
+    result.extras["wall_seconds"] = time.perf_counter() - t0
+    metrics = write_report(result, args.out)
+    print_table(metrics)
+    return 0

@@ -1,0 +1,357 @@
+"""Features, targets, outlier handling and train-only scaling for the risk workload.
+
+Flow: a cleaned ``MarketPanel`` -> ``compute_features`` (per asset, unscaled, causal)
+-> a protocol picks training rows -> ``FeatureScaler.fit`` on those rows only ->
+``build_samples`` cuts scaled windows into ``RiskSamples``.
+
+Units: returns are daily fractions (log returns; bonds use yield changes in decimal,
+a 10 bp move is 0.001, or a duration-approximated price return). Variances are daily.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
+
+from nimbleml.errors import NimbleError
+from nimbleml.risk.samples import ASSET_CLASSES, RiskSamples
+
+log = logging.getLogger(__name__)
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "ret",  # daily return (log return, or yield change for bonds)
+    "log_rv1",  # log squared return of day t
+    "log_rv5",  # log mean squared return over the last 5 days
+    "log_rv22",  # log mean squared return over the last 22 days
+    "log_parkinson",  # log Parkinson range variance (squared return where there is no OHLC)
+    "log_gk",  # log Garman-Klass variance (squared return where there is no OHLC)
+    "log_volume_ratio",  # log(volume / its 22-day mean); 0 where there is no volume
+)
+_EPS_VAR = 1e-12  # floor on daily variances before taking logs (a zero-return day)
+_LN2 = np.log(2.0)
+
+
+@dataclass
+class FeatureConfig:
+    """How windows and targets are built. Defaults follow the issue; the paper's choices are noted."""
+
+    horizon: int = 5  # h: target = realised vol over the next h trading days (5 or 22)
+    window: int = 10  # days per image; the paper uses the last 10 days
+    outliers: str = "winsorize"  # "winsorize" (default) | "zscore" (paper: drop training windows with |z| > 3) | "none"
+    winsor_quantiles: tuple[float, float] = (0.005, 0.995)  # clip bounds, fitted on training rows
+    zscore_threshold: float = 3.0  # paper's z-score cut, only with outliers="zscore"
+    scaler: str = "minmax"  # "minmax" (paper, to [0, 1]) | "robust" (median / IQR)
+    bond_returns: str = "yield_change"  # "yield_change" (decimal) | "duration" (-D * dy, par-bond duration)
+    span: str = "common"  # "common": sample dates where every loaded asset class has data | "all"
+
+    def __post_init__(self) -> None:
+        if self.horizon < 1:
+            raise NimbleError(f"horizon must be >= 1, got {self.horizon}", fix="pass --horizon 5 or 22")
+        if self.window < 2:
+            raise NimbleError(f"window must be >= 2 days, got {self.window}", fix="use the paper's 10")
+        if self.outliers not in ("winsorize", "zscore", "none"):
+            raise NimbleError(f"unknown outlier rule {self.outliers!r}", fix="use winsorize, zscore or none")
+        if self.scaler not in ("minmax", "robust"):
+            raise NimbleError(f"unknown scaler {self.scaler!r}", fix="use minmax or robust")
+        if self.bond_returns not in ("yield_change", "duration"):
+            raise NimbleError(f"unknown bond return {self.bond_returns!r}", fix="use yield_change or duration")
+        if self.span not in ("common", "all"):
+            raise NimbleError(f"unknown span {self.span!r}", fix="use common or all")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AssetFeatures:
+    """One asset's causal features and its forward-looking target, aligned on its trading days."""
+
+    name: str
+    asset_class: str
+    dates: np.ndarray  # (T,) datetime64[ns]
+    features: np.ndarray  # (T, F) unscaled; row t uses data dated <= t
+    target: np.ndarray  # (T,) realised vol over t+1..t+h (NaN for the last h days)
+    target_end: np.ndarray  # (T,) datetime64[ns] date of day t+h (NaT where it does not exist)
+    har: np.ndarray  # (T, 3) close-to-close realised variance, 1/5/22-day means ending at t
+    har_range: np.ndarray  # (T, 3) Garman-Klass realised variance, same windows
+    returns: pd.Series  # daily returns indexed by date
+
+
+@dataclass
+class FeaturePanel:
+    """All assets' features plus the sample candidates (asset, t) that have a full window and target."""
+
+    assets: list[AssetFeatures]
+    config: FeatureConfig
+    feature_names: list[str] = field(default_factory=lambda: list(FEATURE_NAMES))
+    # candidate samples, one row per (asset, t) with a complete window and target:
+    sample_asset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    sample_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # row t in that asset's arrays
+    sample_date: np.ndarray = field(default_factory=lambda: np.zeros(0, "datetime64[ns]"))
+    sample_target_end: np.ndarray = field(default_factory=lambda: np.zeros(0, "datetime64[ns]"))
+
+    @property
+    def asset_names(self) -> list[str]:
+        return [a.name for a in self.assets]
+
+    def __len__(self) -> int:
+        return len(self.sample_row)
+
+
+def _par_bond_duration(yield_pct: np.ndarray, maturity_years: float) -> np.ndarray:
+    """Modified duration (years) of a par bond paying annual coupons at the current yield."""
+    y = np.clip(yield_pct / 100.0, 1e-4, None)
+    return (1.0 - (1.0 + y) ** -maturity_years) / y
+
+
+_MATURITY_YEARS = {"1MO": 1 / 12, "3MO": 0.25, "6MO": 0.5, "1": 1, "2": 2, "3": 3, "5": 5, "7": 7, "10": 10, "20": 20, "30": 30}
+
+
+def _bond_maturity(name: str) -> float:
+    """Maturity in years from a FRED series name like DGS10 or DGS3MO; 10 years if unknown."""
+    key = name.upper().removeprefix("DGS")
+    return float(_MATURITY_YEARS.get(key, 10.0))
+
+
+def _rolling_mean(x: np.ndarray, n: int) -> np.ndarray:
+    """Trailing mean over n rows ending at each row (NaN until n values exist)."""
+    return pd.Series(x).rolling(n, min_periods=n).mean().to_numpy()
+
+
+def _asset_features(frame: pd.DataFrame, name: str, asset_class: str, config: FeatureConfig) -> AssetFeatures:
+    dates = frame["date"].to_numpy("datetime64[ns]")
+    close = frame["close"].to_numpy(float)
+    if asset_class == "bond":
+        dy = np.diff(close, prepend=np.nan) / 100.0
+        if config.bond_returns == "duration":
+            dur = _par_bond_duration(np.roll(close, 1), _bond_maturity(name))
+            ret = -dur * dy
+        else:
+            ret = dy
+    else:
+        ret = np.diff(np.log(close), prepend=np.nan)
+    r2 = ret**2
+
+    o, h, l = (frame[c].to_numpy(float) for c in ("open", "high", "low"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hl = np.log(h / l)
+        co = np.log(close / o)
+    parkinson = hl**2 / (4.0 * _LN2)
+    gk = 0.5 * hl**2 - (2.0 * _LN2 - 1.0) * co**2
+    has_range = np.isfinite(parkinson) & np.isfinite(gk) & (asset_class != "bond")
+    parkinson = np.where(has_range, parkinson, r2)
+    gk = np.where(has_range & (gk > 0), gk, np.where(has_range, parkinson, r2))
+
+    volume = frame["volume"].to_numpy(float)
+    vol_mean = pd.Series(volume).rolling(22, min_periods=5).mean().to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        volume_ratio = np.log(volume / vol_mean)
+    volume_ratio = np.where(np.isfinite(volume_ratio), volume_ratio, 0.0)
+
+    har = np.column_stack([r2, _rolling_mean(r2, 5), _rolling_mean(r2, 22)])
+    har_range = np.column_stack([gk, _rolling_mean(gk, 5), _rolling_mean(gk, 22)])
+    features = np.column_stack(
+        [
+            ret,
+            np.log(r2 + _EPS_VAR),
+            np.log(har[:, 1] + _EPS_VAR),
+            np.log(har[:, 2] + _EPS_VAR),
+            np.log(parkinson + _EPS_VAR),
+            np.log(gk + _EPS_VAR),
+            volume_ratio,
+        ]
+    )
+    hz = config.horizon
+    # mean of r^2 over t+1..t+h: a trailing h-mean shifted back by h rows
+    future_var = np.full(len(ret), np.nan)
+    if len(ret) > hz:
+        future_var[:-hz] = _rolling_mean(r2, hz)[hz:]
+    target_end = np.full(len(ret), np.datetime64("NaT"), dtype="datetime64[ns]")
+    if len(ret) > hz:
+        target_end[:-hz] = dates[hz:]
+    returns = pd.Series(ret, index=pd.DatetimeIndex(dates), name=name).iloc[1:]
+    return AssetFeatures(name, asset_class, dates, features, np.sqrt(future_var), target_end, har, har_range, returns)
+
+
+def _common_span(assets: list[AssetFeatures]) -> tuple[np.datetime64, np.datetime64]:
+    """The date range in which every loaded asset class has data."""
+    by_class: dict[str, list[AssetFeatures]] = {}
+    for a in assets:
+        by_class.setdefault(a.asset_class, []).append(a)
+    start = max(min(a.dates[0] for a in group) for group in by_class.values())
+    end = min(max(a.dates[-1] for a in group) for group in by_class.values())
+    return start, end
+
+
+def compute_features(panel, config: FeatureConfig) -> FeaturePanel:
+    """Per-asset causal features and targets for a cleaned ``MarketPanel``; lists the sample candidates.
+
+    A candidate (asset, t) has ``window`` complete feature rows ending at t (the 22-day
+    realised variance needs 22 returns first) and a target over t+1..t+h.
+    """
+    need = config.window + 22 + config.horizon
+    assets: list[AssetFeatures] = []
+    for name, frame in panel.frame.groupby("asset", sort=True):
+        asset_class = str(frame["asset_class"].iloc[0])
+        if len(frame) < need:
+            raise NimbleError(
+                f"asset {name} has {len(frame)} usable days, fewer than the {need} that a "
+                f"{config.window}-day window, 22-day volatility and {config.horizon}-day horizon need",
+                path=panel.source,
+                fix="use a shorter --horizon, or drop this asset / give it more history",
+            )
+        assets.append(_asset_features(frame.reset_index(drop=True), str(name), asset_class, config))
+
+    span = _common_span(assets) if config.span == "common" else None
+    if span is not None and span[0] >= span[1]:
+        raise NimbleError(
+            "the loaded asset classes share no common date range",
+            path=panel.source,
+            fix="pass --span all, or load classes whose histories overlap",
+        )
+    sample_asset, sample_row, sample_date, sample_end = [], [], [], []
+    for i, a in enumerate(assets):
+        complete = np.isfinite(a.features).all(axis=1)
+        # a window ending at t is complete when all of its `window` rows are
+        full = np.zeros(len(complete), dtype=bool)
+        if len(complete) >= config.window:
+            full[config.window - 1 :] = sliding_window_view(complete, config.window).all(axis=1)
+        ok = full & np.isfinite(a.target) & np.isfinite(a.har).all(axis=1) & np.isfinite(a.har_range).all(axis=1)
+        if span is not None:
+            ok &= (a.dates >= span[0]) & (a.target_end <= span[1])
+        rows = np.flatnonzero(ok)
+        if len(rows) == 0:
+            raise NimbleError(
+                f"asset {a.name} has no complete window with a target in the sample span",
+                path=panel.source,
+                fix="use --span all or a shorter --horizon",
+            )
+        sample_asset.append(np.full(len(rows), i, np.int64))
+        sample_row.append(rows)
+        sample_date.append(a.dates[rows])
+        sample_end.append(a.target_end[rows])
+    fp = FeaturePanel(
+        assets=assets,
+        config=config,
+        sample_asset=np.concatenate(sample_asset),
+        sample_row=np.concatenate(sample_row),
+        sample_date=np.concatenate(sample_date),
+        sample_target_end=np.concatenate(sample_end),
+    )
+    log.info("features: %d assets, %d candidate samples, %s .. %s", len(assets), len(fp), fp.sample_date.min(), fp.sample_date.max())
+    return fp
+
+
+@dataclass
+class FeatureScaler:
+    """Outlier clipping and scaling fitted on training rows only (never on validation or test)."""
+
+    kind: str = "minmax"  # "minmax" (paper) | "robust"
+    outliers: str = "winsorize"
+    winsor_quantiles: tuple[float, float] = (0.005, 0.995)
+    zscore_threshold: float = 3.0
+    lower_: np.ndarray | None = None  # (F,) clip bounds
+    upper_: np.ndarray | None = None
+    center_: np.ndarray | None = None  # (F,) subtracted
+    scale_: np.ndarray | None = None  # (F,) divided by
+    mean_: np.ndarray | None = None  # (F,) for the z-score rule
+    std_: np.ndarray | None = None
+
+    def fit(self, rows: np.ndarray) -> FeatureScaler:
+        """rows: (n, F) unscaled feature rows of the training samples' days."""
+        rows = rows[np.isfinite(rows).all(axis=1)]
+        if len(rows) == 0:
+            raise NimbleError("no finite training rows to fit the scaler on", fix="load more history")
+        if self.outliers == "winsorize":
+            self.lower_, self.upper_ = np.quantile(rows, self.winsor_quantiles, axis=0)
+        else:
+            self.lower_, self.upper_ = rows.min(axis=0), rows.max(axis=0)
+        self.mean_, self.std_ = rows.mean(axis=0), rows.std(axis=0) + 1e-12
+        clipped = np.clip(rows, self.lower_, self.upper_)
+        if self.kind == "minmax":
+            self.center_ = clipped.min(axis=0)
+            self.scale_ = np.maximum(clipped.max(axis=0) - self.center_, 1e-12)
+        else:
+            q25, q50, q75 = np.quantile(clipped, [0.25, 0.5, 0.75], axis=0)
+            self.center_, self.scale_ = q50, np.maximum(q75 - q25, 1e-12)
+        return self
+
+    def transform(self, rows: np.ndarray) -> np.ndarray:
+        """Clip (winsorize mode only) and scale; float32."""
+        x = np.clip(rows, self.lower_, self.upper_) if self.outliers == "winsorize" else rows
+        return ((x - self.center_) / self.scale_).astype(np.float32)
+
+    def is_outlier(self, rows: np.ndarray) -> np.ndarray:
+        """(n,) True where any feature has |z| above the threshold (training z-score rule)."""
+        return (np.abs((rows - self.mean_) / self.std_) > self.zscore_threshold).any(axis=1)
+
+
+def _raw_rows(fp: FeaturePanel, index: np.ndarray) -> np.ndarray:
+    """(n, F) unscaled day-t feature rows of the selected candidates."""
+    out = np.empty((len(index), len(fp.feature_names)))
+    assets, rows = fp.sample_asset[index], fp.sample_row[index]
+    for i in np.unique(assets):
+        m = assets == i
+        out[m] = fp.assets[i].features[rows[m]]
+    return out
+
+
+def fit_scaler(fp: FeaturePanel, train_index: np.ndarray) -> FeatureScaler:
+    """Fit the configured scaler on the day-t rows of the training candidates only."""
+    cfg = fp.config
+    return FeatureScaler(cfg.scaler, cfg.outliers, cfg.winsor_quantiles, cfg.zscore_threshold).fit(_raw_rows(fp, train_index))
+
+
+def zscore_keep(fp: FeaturePanel, scaler: FeatureScaler, train_index: np.ndarray) -> np.ndarray:
+    """The paper's z-score deletion, applied to training candidates only: indices whose window has no outlier.
+
+    It never removes a validation or test day (those are what we score), so crisis days stay in the evaluation.
+    """
+    keep = np.ones(len(train_index), dtype=bool)
+    w = fp.config.window
+    assets, rows = fp.sample_asset[train_index], fp.sample_row[train_index]
+    for i in np.unique(assets):
+        m = np.flatnonzero(assets == i)
+        flags = scaler.is_outlier(fp.assets[i].features)
+        any_in_window = np.zeros(len(flags), dtype=bool)
+        any_in_window[w - 1 :] = sliding_window_view(flags, w).any(axis=1)
+        keep[m] = ~any_in_window[rows[m]]
+    return train_index[keep]
+
+
+def build_samples(fp: FeaturePanel, scaler: FeatureScaler, index: np.ndarray, leaky: bool = False) -> RiskSamples:
+    """Scaled windows, targets and HAR lags of the selected candidates, in the order of ``index``."""
+    w, nf = fp.config.window, len(fp.feature_names)
+    n = len(index)
+    windows = np.empty((n, nf, w), np.float32)
+    target, har, har_range = np.empty(n), np.empty((n, 3)), np.empty((n, 3))
+    assets, rows = fp.sample_asset[index], fp.sample_row[index]
+    for i in np.unique(assets):
+        m = np.flatnonzero(assets == i)
+        a = fp.assets[i]
+        scaled = scaler.transform(a.features)  # (T, F)
+        view = sliding_window_view(scaled, w, axis=0)  # (T-w+1, F, w), window ending at row t is view[t-w+1]
+        windows[m] = view[rows[m] - (w - 1)]
+        target[m] = a.target[rows[m]]
+        har[m] = a.har[rows[m]]
+        har_range[m] = a.har_range[rows[m]]
+    class_index = {c: k for k, c in enumerate(ASSET_CLASSES)}
+    asset_class = np.array([class_index[fp.assets[i].asset_class] for i in range(len(fp.assets))], np.int64)
+    return RiskSamples(
+        windows=windows,
+        target=target,
+        dates=fp.sample_date[index],
+        asset=assets.astype(np.int64),
+        asset_class=asset_class[assets],
+        har=har,
+        har_range=har_range,
+        returns=[a.returns for a in fp.assets],
+        feature_names=list(fp.feature_names),
+        asset_names=fp.asset_names,
+        horizon=fp.config.horizon,
+        leaky=leaky,
+    )

@@ -1,0 +1,120 @@
+"""Report folder for a risk run: metrics.json, config.json, predictions, a markdown table and figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from nimbleml.risk.experiment import RiskRunResult  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# The paper's Table 1 (random split, undefined target): shown beside ours, never a target.
+PAPER_CLAIMS = {"cnn": (0.043, 0.88), "linear": (0.075, 0.62), "svr": (0.068, 0.65), "tree": (0.071, 0.60)}
+
+
+def comparison_table(metrics: dict) -> Table:
+    """A Table-1-like comparison: pooled RMSE, R², QLIKE, MAE, timings; per-class QLIKE."""
+    leaky = " — LEAKY (paper-random split: test windows overlap training windows)" if metrics["leaky"] else ""
+    title = (
+        f"Volatility forecasts, h={metrics['horizon']}, protocol={metrics['protocol']}{leaky}\n"
+        f"{metrics['n_assets']} assets, test {metrics['test_start']} .. {metrics['test_end']}, {metrics['n_test_samples']} samples"
+    )
+    table = Table(title=title)
+    classes = list(metrics["by_asset_class"])
+    for col in ["model", "RMSE", "R²", "QLIKE", "MAE", "fit s", "pred ms"] + [f"QLIKE {c}" for c in classes] + ["paper RMSE/R²"]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    best = min(m["qlike"] for m in metrics["models"].values())
+    for name, m in metrics["models"].items():
+        paper = PAPER_CLAIMS.get(name)
+        q = f"{m['qlike']:.4f}" + (" *" if m["qlike"] == best else "")
+        table.add_row(
+            name,
+            f"{m['rmse']:.5f}",
+            f"{m['r2']:.3f}",
+            q,
+            f"{m['mae']:.5f}",
+            f"{m['fit_seconds']:.1f}",
+            f"{m['predict_ms']:.4f}",
+            *[f"{metrics['by_asset_class'][c][name]['qlike']:.4f}" for c in classes],
+            f"{paper[0]:.3f}/{paper[1]:.2f}" if paper else "",
+        )
+    return table
+
+
+def markdown_table(metrics: dict) -> str:
+    """The same comparison as GitHub markdown, pooled and per asset class."""
+    lines = [f"protocol `{metrics['protocol']}`{' (LEAKY)' if metrics['leaky'] else ''}, h={metrics['horizon']}, "
+             f"{metrics['n_assets']} assets, test {metrics['test_start']}..{metrics['test_end']}", ""]
+    classes = list(metrics["by_asset_class"])
+    head = ["model", "RMSE", "R²", "QLIKE", "MAE", "fit s"] + [f"{c} RMSE / R² / QLIKE" for c in classes]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in metrics["models"].items():
+        row = [name, f"{m['rmse']:.5f}", f"{m['r2']:.3f}", f"{m['qlike']:.4f}", f"{m['mae']:.5f}", f"{m['fit_seconds']:.1f}"]
+        for c in classes:
+            s = metrics["by_asset_class"][c][name]
+            row.append(f"{s['rmse']:.5f} / {s['r2']:.3f} / {s['qlike']:.4f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _figures(result: RiskRunResult, out: Path) -> list[str]:
+    """QLIKE by model and class (bar chart), and forecasts vs realised for the largest asset."""
+    metrics = result.metrics()
+    names = list(metrics["models"])
+    classes = list(metrics["by_asset_class"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(classes) + 1, 1)
+    x = np.arange(len(names))
+    ax.bar(x, [metrics["models"][n]["qlike"] for n in names], width, label="pooled")
+    for k, c in enumerate(classes, start=1):
+        ax.bar(x + k * width, [metrics["by_asset_class"][c][n]["qlike"] for n in names], width, label=c)
+    ax.set_xticks(x + width * len(classes) / 2, names)
+    ax.set_ylabel("QLIKE (lower is better)")
+    ax.set_title(f"Test QLIKE, protocol={metrics['protocol']}{' (LEAKY)' if metrics['leaky'] else ''}, h={metrics['horizon']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "qlike_by_model.png", dpi=120)
+    plt.close(fig)
+
+    p = result.predictions
+    asset = p["asset"].value_counts().index[0]
+    one = p[p["asset"] == asset].sort_values("date")
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(one["date"], one["target"], color="black", lw=0.8, label="realised")
+    for name in [n for n in ("cnn", "har", "gjr") if n in p]:
+        ax.plot(one["date"], one[name], lw=0.9, label=name)
+    ax.set_ylabel(f"daily vol over next {metrics['horizon']} days")
+    ax.set_title(f"{asset}: forecasts vs realised (test period)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "forecast_vs_realised.png", dpi=120)
+    plt.close(fig)
+    return ["qlike_by_model.png", "forecast_vs_realised.png"]
+
+
+def write_report(result: RiskRunResult, out: Path) -> dict:
+    """Write metrics.json, config.json, predictions.csv.gz, report.md and PNG figures; return the metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = result.metrics()
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    (out / "config.json").write_text(json.dumps(result.config.to_dict(), indent=2, default=str))
+    result.predictions.to_csv(out / "predictions.csv.gz", index=False)
+    figures = _figures(result, out)
+    md = ["# Risk evaluation", "", markdown_table(metrics), ""] + [f"![{f}]({f})" for f in figures]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    log.info("report written to %s", out)
+    return metrics
+
+
+def print_table(metrics: dict, console: Console | None = None) -> None:
+    (console or Console()).print(comparison_table(metrics))

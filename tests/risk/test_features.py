@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from nimbleml.errors import NimbleError
+from nimbleml.risk.features import FeatureConfig, build_samples, compute_features, fit_scaler, zscore_keep
+from nimbleml.risk.protocol import chronological_split
+
+from .panel_factory import generated_panel
+
+
+def test_target_is_future_realised_vol():
+    panel = generated_panel(300)
+    fp = compute_features(panel, FeatureConfig(horizon=5))
+    a = next(x for x in fp.assets if x.asset_class == "equity")
+    close = panel.frame[panel.frame.asset == a.name].close.to_numpy()
+    r = np.diff(np.log(close))  # r[k] is the return of day k+1
+    t = 100
+    assert a.target[t] == pytest.approx(np.sqrt(np.mean(r[t : t + 5] ** 2)))
+    assert a.har[t, 2] == pytest.approx(np.mean(r[t - 22 : t] ** 2))
+    assert a.target_end[t] == a.dates[t + 5]
+
+
+def test_windows_end_at_origin_and_scaled_in_unit_range_on_train():
+    panel = generated_panel(400)
+    fp = compute_features(panel, FeatureConfig())
+    split = chronological_split(fp.sample_date, fp.sample_target_end)
+    scaler = fit_scaler(fp, split.train)
+    train = build_samples(fp, scaler, split.train)
+    assert train.windows.shape[1:] == (len(fp.feature_names), 10)
+    assert train.windows.min() >= -1e-6 and train.windows.max() <= 1 + 1e-6
+    # the last column of a window is day t: compare with the scaled feature row of that day
+    i = 17
+    a = fp.assets[train.asset[i]]
+    row = np.flatnonzero(a.dates == train.dates[i])[0]
+    np.testing.assert_allclose(train.windows[i][:, -1], scaler.transform(a.features[row : row + 1])[0], rtol=1e-6)
+
+
+def test_nothing_in_train_touches_data_past_its_boundary():
+    """Poison every price after the training boundary: training windows, targets and the scaler must not change."""
+    panel = generated_panel(500, seed=3)
+    cfg = FeatureConfig(horizon=5)
+    fp = compute_features(panel, cfg)
+    split = chronological_split(fp.sample_date, fp.sample_target_end)
+    boundary = fp.sample_target_end[split.train].max()
+    assert boundary < fp.sample_date[split.val].min()
+    assert fp.sample_target_end[split.val].max() < fp.sample_date[split.test].min()
+
+    poisoned = generated_panel(500, seed=3)
+    late = poisoned.frame.date > boundary
+    poisoned.frame.loc[late, ["open", "high", "low", "close"]] *= np.exp(np.random.default_rng(9).normal(0, 0.5, (late.sum(), 1)))
+    fp2 = compute_features(poisoned, cfg)
+    np.testing.assert_array_equal(fp.sample_date, fp2.sample_date)
+    s1, s2 = fit_scaler(fp, split.train), fit_scaler(fp2, split.train)
+    np.testing.assert_array_equal(s1.center_, s2.center_)
+    np.testing.assert_array_equal(s1.scale_, s2.scale_)
+    t1, t2 = build_samples(fp, s1, split.train), build_samples(fp2, s2, split.train)
+    np.testing.assert_array_equal(t1.windows, t2.windows)
+    np.testing.assert_array_equal(t1.target, t2.target)
+    np.testing.assert_array_equal(t1.har, t2.har)
+
+
+def test_zscore_rule_only_drops_training_windows():
+    panel = generated_panel(400)
+    fp = compute_features(panel, FeatureConfig(outliers="zscore"))
+    split = chronological_split(fp.sample_date, fp.sample_target_end)
+    kept = zscore_keep(fp, fit_scaler(fp, split.train), split.train)
+    assert 0 < len(kept) < len(split.train)
+    assert set(kept) <= set(split.train)
+
+
+def test_horizon_longer_than_data_is_a_clear_error():
+    with pytest.raises(NimbleError, match="horizon"):
+        compute_features(generated_panel(60), FeatureConfig(horizon=40))
+
+
+def test_bad_config_values():
+    with pytest.raises(NimbleError):
+        FeatureConfig(horizon=0)
+    with pytest.raises(NimbleError):
+        FeatureConfig(scaler="zscore")
