@@ -20,6 +20,7 @@ from nimbleml.risk.evaluate import qlike_loss, score_by_class, score_forecasts
 from nimbleml.risk.features import FeatureConfig, build_samples, compute_features, fit_scaler, zscore_keep
 from nimbleml.risk.imaging import get_encoder
 from nimbleml.risk.model import RiskCNNConfig
+from nimbleml.risk.portfolio import AGGREGATIONS, equal_weight_portfolio, portfolio_summary
 from nimbleml.risk.protocol import PROTOCOLS, make_splits
 from nimbleml.risk.samples import ASSET_CLASSES
 from nimbleml.risk.stats import diebold_mariano
@@ -46,6 +47,7 @@ class RiskRunConfig:
     max_train_samples: int | None = 200_000  # CNN samples drawn per epoch (overlapping windows are redundant)
     models: tuple[str, ...] = MODEL_NAMES  # which forecasters to run
     seed: int = 0
+    var_level: float = 0.01  # portfolio VaR tail probability for the backtests
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
@@ -130,6 +132,27 @@ def diebold_mariano_panel(loss_a: np.ndarray, loss_b: np.ndarray, frame: pd.Data
     return out
 
 
+def portfolio_section(predictions: pd.DataFrame, returns: list[pd.Series], cfg: RiskRunConfig) -> dict:
+    """Equal-weight portfolio risk from every model's forecasts, both aggregations, with VaR backtests.
+
+    Bonds join only with --bond-returns duration: a yield change is not a price return, so it
+    cannot be weighted into a portfolio's P&L.
+    """
+    keep = predictions if cfg.features.bond_returns == "duration" else predictions[predictions["asset_class"] != "bond"]
+    if keep["asset"].nunique() < 2:
+        return {"skipped": "fewer than two assets with price returns"}
+    section: dict = {
+        "weights": "equal",
+        "level": cfg.var_level,
+        "assets": int(keep["asset"].nunique()),
+        "bonds_included": cfg.features.bond_returns == "duration",
+    }
+    for agg in AGGREGATIONS:
+        forecasts = equal_weight_portfolio(keep, returns, list(cfg.models), cfg.features.horizon, agg, cfg.var_level)
+        section[agg] = portfolio_summary(forecasts, cfg.var_level)
+    return section
+
+
 def _make_model(name: str, cfg: RiskRunConfig, n_features: int):
     if name != "cnn":
         return make_baseline(name)
@@ -182,11 +205,13 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None) ->
                 extras["cnn_history"].append({"split": split.name, "best_epoch": getattr(model, "best_epoch_", None), "history": getattr(model, "history_", [])})
         frames.append(frame)
         split_info.append(info)
+    predictions = pd.concat(frames, ignore_index=True)
+    extras["portfolio"] = portfolio_section(predictions, [a.returns for a in fp.assets], cfg)
     return RiskRunResult(
         config=cfg,
         data_report=panel.report.to_dict(),
         splits=split_info,
-        predictions=pd.concat(frames, ignore_index=True),
+        predictions=predictions,
         fit_seconds=fit_s,
         predict_seconds=pred_s,
         extras=extras,

@@ -1,0 +1,323 @@
+"""Ranking metrics and the three evaluation protocols for next-item recommendation.
+
+A *rank* is the 0-based position of the held-out item among the items scored (0 = top).
+Ties are counted pessimistically: every other item whose score equals the target's is ranked
+above it, so a model that scores everything equal gets no credit (and a constant popularity
+ranking cannot profit from ties).
+
+Protocols, all on leave-last-out targets (``rec.data.leave_last_out``):
+
+- :func:`evaluate_full` — rank the target against the whole catalogue (every item but the
+  padding id 0). Items already in the user's history are *not* removed: users do re-consume
+  items, and removing them flatters the model. This is the number we quote.
+- :func:`evaluate_sampled` — the SASRec paper's protocol: the target plus 100 negatives drawn
+  uniformly from items the user has not interacted with (at most 10,000 users, as in SASRec).
+  Kept to compare with published numbers; it overstates quality, since random negatives are
+  mostly easy.
+- :func:`evaluate_candidates` — the serving task: re-rank 50 candidates, the target plus 49
+  negatives drawn in proportion to training popularity (excluding the target and the user's
+  history). HR@50 here is always 1, which is why we never report it.
+
+Anything with ``score_all(history, behaviors)`` and ``score(history, candidates, behaviors)``
+returning numpy arrays can be evaluated: the model through :class:`SeqRecScorer`, the
+baselines in ``rec.baselines`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from nimbleml.errors import NimbleError
+from nimbleml.rec.model import SeqRec
+
+log = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    """What the protocols need from a model or baseline."""
+
+    def score_all(self, history: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
+        """(B, L) int64 item ids, left-padded with 0 -> (B, n_items + 1) float scores."""
+        ...
+
+    def score(
+        self, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(B, L) history and (B, C) candidate ids -> (B, C) float scores."""
+        ...
+
+
+# ---------------------------------------------------------------- metrics on ranks
+
+
+def hit_rate(ranks: np.ndarray, k: int) -> float:
+    """Share of targets ranked in the top k (rank < k)."""
+    return float(np.mean(np.asarray(ranks) < k))
+
+
+def ndcg(ranks: np.ndarray, k: int) -> float:
+    """Mean NDCG@k with one relevant item: 1 / log2(rank + 2) if rank < k, else 0."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
+
+
+def mrr(ranks: np.ndarray) -> float:
+    """Mean reciprocal rank, 1 / (rank + 1), over the whole ranking (no cut-off)."""
+    return float(np.mean(1.0 / (np.asarray(ranks, dtype=np.float64) + 1.0)))
+
+
+@dataclass
+class RankingResult:
+    """Metrics of one protocol. to_dict() gives {"hr@10": ..., "ndcg@10": ..., "mrr": ..., "n_users": ...}."""
+
+    protocol: str  # "full", "sampled100" or "candidates50"
+    n_users: int  # users evaluated
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_ranks(cls, protocol: str, ranks: np.ndarray, ks: tuple[int, ...]) -> RankingResult:
+        metrics: dict[str, float] = {}
+        for k in ks:
+            metrics[f"hr@{k}"] = hit_rate(ranks, k)
+        for k in ks:
+            metrics[f"ndcg@{k}"] = ndcg(ranks, k)
+        metrics["mrr"] = mrr(ranks)
+        return cls(protocol=protocol, n_users=len(ranks), metrics=metrics)
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]
+
+    def to_dict(self) -> dict:
+        return {**self.metrics, "n_users": self.n_users}
+
+
+def _ranks_of_first(scores: np.ndarray) -> np.ndarray:
+    """(B, C) scores with the target in column 0 -> (B,) pessimistic 0-based ranks."""
+    target = scores[:, :1]
+    return (scores[:, 1:] >= target).sum(axis=1)
+
+
+# ---------------------------------------------------------------- the model as a scorer
+
+
+def validate_history(history: np.ndarray, n_items: int, name: str = "history") -> np.ndarray:
+    """Check a (B, L) id array at the boundary; returns it as int64 or raises NimbleError."""
+    history = np.asarray(history)
+    if history.ndim != 2:
+        raise NimbleError(f"{name} must be 2-D (batch, seq_len), got shape {history.shape}",
+                          fix="pass one left-padded row of item ids per user")
+    if not np.issubdtype(history.dtype, np.integer):
+        raise NimbleError(f"{name} must hold integer item ids, got {history.dtype}",
+                          fix="map items to the dense ids saved by `rec prepare`")
+    if history.size and (history.min() < 0 or history.max() > n_items):
+        raise NimbleError(
+            f"{name} has item ids outside 0..{n_items} (min {history.min()}, max {history.max()})",
+            fix="use the dense ids of the prepared data the model was trained on; 0 is padding",
+        )
+    return history.astype(np.int64, copy=False)
+
+
+class SeqRecScorer:
+    """Wraps a :class:`SeqRec` as a numpy-in, numpy-out scorer; validates ids once, here."""
+
+    def __init__(self, model: SeqRec, device: str | torch.device | None = None, batch_size: int = 512):
+        self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.batch_size = batch_size
+
+    def _run(self, fn, history: np.ndarray, *extra: np.ndarray | None) -> np.ndarray:
+        history = validate_history(history, self.model.config.n_items)
+        max_len = self.model.config.max_len
+        history = history[:, -max_len:]  # the model sees at most max_len recent events
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(history), self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                args = [torch.as_tensor(history[rows], device=self.device)]
+                args += [None if e is None else torch.as_tensor(e[rows], dtype=torch.int64, device=self.device)
+                         for e in extra]
+                out.append(fn(*args).float().cpu().numpy())
+        self.model.train(was_training)
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    def score_all(self, history: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
+        return self._run(lambda h, b: self.model.score_all(h, b), history, self._trim(behaviors))
+
+    def score(self, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
+        candidates = validate_history(candidates, self.model.config.n_items, name="candidates")
+        return self._run(lambda h, c, b: self.model(h, c, b), history, candidates, self._trim(behaviors))
+
+    def _trim(self, behaviors: np.ndarray | None) -> np.ndarray | None:
+        if behaviors is None or not self.model.config.use_behavior:
+            return None
+        return np.asarray(behaviors)[:, -self.model.config.max_len :]
+
+
+# ---------------------------------------------------------------- protocols
+
+
+def evaluate_full(
+    scorer: Scorer,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    behaviors: np.ndarray | None = None,
+    exclude: Literal["padding", "history"] = "padding",
+    ks: tuple[int, ...] = (10, 50),
+    batch_size: int = 1024,
+) -> RankingResult:
+    """Rank each target against the full catalogue.
+
+    inputs: (U, L) left-padded histories; targets: (U,) held-out item ids (1..n_items).
+    exclude="padding" (the default, the honest protocol) removes only item 0;
+    exclude="history" also removes the user's history items (other than the target), the
+    optimistic variant some papers use — label it if you report it.
+    """
+    inputs = np.asarray(inputs, dtype=np.int64)
+    targets = np.asarray(targets, dtype=np.int64)
+    ranks = np.empty(len(targets), dtype=np.int64)
+    for start in range(0, len(targets), batch_size):
+        rows = slice(start, start + batch_size)
+        scores = np.asarray(
+            scorer.score_all(inputs[rows], None if behaviors is None else behaviors[rows]), dtype=np.float64
+        )
+        target = targets[rows]
+        target_score = scores[np.arange(len(target)), target].copy()
+        scores[:, 0] = -np.inf
+        if exclude == "history":
+            history = inputs[rows]
+            scores[np.repeat(np.arange(len(history)), history.shape[1]), history.ravel()] = -np.inf
+        scores[np.arange(len(target)), target] = -np.inf
+        # pessimistic ties: every other item scoring >= the target ranks above it
+        ranks[rows] = (scores >= target_score[:, None]).sum(axis=1)
+    return RankingResult.from_ranks("full", ranks, ks)
+
+
+def _sample_negatives(
+    rng: np.random.Generator,
+    exclude_rows: np.ndarray,
+    targets: np.ndarray,
+    n_negatives: int,
+    n_items: int,
+    popularity: np.ndarray | None,
+) -> np.ndarray:
+    """(U, n_negatives) distinct negatives per user, none in that user's row of exclude_rows
+    nor equal to its target; uniform over 1..n_items, or proportional to popularity."""
+    if popularity is not None:
+        weights = np.asarray(popularity, dtype=np.float64).copy()
+        weights[0] = 0.0
+        cdf = np.cumsum(weights)
+        cdf /= cdf[-1]
+        n_available = int((weights > 0).sum())
+    else:
+        n_available = n_items
+    out = np.empty((len(targets), n_negatives), dtype=np.int64)
+    for u in range(len(targets)):
+        banned = np.union1d(exclude_rows[u][exclude_rows[u] > 0], targets[u : u + 1])
+        if n_available - len(banned) < n_negatives:
+            raise NimbleError(
+                f"user row {u}: only {n_available - len(banned)} items are left to sample "
+                f"{n_negatives} negatives from",
+                fix="use fewer negatives or a larger catalogue",
+            )
+        chosen = np.empty(0, dtype=np.int64)
+        while len(chosen) < n_negatives:
+            draw = 2 * n_negatives + len(banned)
+            if popularity is None:
+                items = rng.integers(1, n_items + 1, size=draw)
+            else:
+                items = np.searchsorted(cdf, rng.random(draw), side="right")
+            items = items[~np.isin(items, banned)]
+            items = np.concatenate([chosen, items])
+            _, first = np.unique(items, return_index=True)
+            chosen = items[np.sort(first)]
+        out[u] = chosen[:n_negatives]
+    return out
+
+
+def _evaluate_on_candidates(
+    scorer: Scorer,
+    protocol: str,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    negatives: np.ndarray,
+    behaviors: np.ndarray | None,
+    ks: tuple[int, ...],
+    batch_size: int = 1024,
+) -> RankingResult:
+    candidates = np.concatenate([targets[:, None], negatives], axis=1)
+    ranks = np.empty(len(targets), dtype=np.int64)
+    for start in range(0, len(targets), batch_size):
+        rows = slice(start, start + batch_size)
+        scores = scorer.score(inputs[rows], candidates[rows], None if behaviors is None else behaviors[rows])
+        ranks[rows] = _ranks_of_first(np.asarray(scores, dtype=np.float64))
+    return RankingResult.from_ranks(protocol, ranks, ks)
+
+
+def _user_subset(n_users: int, max_users: int | None, rng: np.random.Generator) -> np.ndarray:
+    if max_users is None or n_users <= max_users:
+        return np.arange(n_users)
+    return np.sort(rng.choice(n_users, size=max_users, replace=False))
+
+
+def evaluate_sampled(
+    scorer: Scorer,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    n_items: int,
+    behaviors: np.ndarray | None = None,
+    n_negatives: int = 100,
+    max_users: int | None = 10_000,
+    seed: int = 0,
+    ks: tuple[int, ...] = (10,),
+) -> RankingResult:
+    """SASRec's protocol: target + ``n_negatives`` items drawn uniformly from items not in the
+    user's history row (and not the target), on a random subset of at most ``max_users`` users.
+
+    As in SASRec the draw is uniform, not popularity-weighted; unlike SASRec's sampler the
+    negatives of one user are distinct. The history row (the model's input window) stands
+    in for "items the user interacted with".
+    """
+    rng = np.random.default_rng(seed)
+    inputs = np.asarray(inputs, dtype=np.int64)
+    targets = np.asarray(targets, dtype=np.int64)
+    users = _user_subset(len(targets), max_users, rng)
+    negatives = _sample_negatives(rng, inputs[users], targets[users], n_negatives, n_items, None)
+    return _evaluate_on_candidates(
+        scorer, f"sampled{n_negatives}", inputs[users], targets[users], negatives,
+        None if behaviors is None else behaviors[users], ks,
+    )
+
+
+def evaluate_candidates(
+    scorer: Scorer,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    popularity: np.ndarray,
+    behaviors: np.ndarray | None = None,
+    n_candidates: int = 50,
+    max_users: int | None = None,
+    seed: int = 0,
+    ks: tuple[int, ...] = (10,),
+) -> RankingResult:
+    """The serving task: re-rank ``n_candidates`` items, the target plus ``n_candidates - 1``
+    negatives drawn in proportion to ``popularity`` ((n_items + 1,) training counts), never
+    the target nor an item of the user's history row. Reports HR@k, NDCG@k and MRR."""
+    rng = np.random.default_rng(seed)
+    inputs = np.asarray(inputs, dtype=np.int64)
+    targets = np.asarray(targets, dtype=np.int64)
+    users = _user_subset(len(targets), max_users, rng)
+    popularity = np.asarray(popularity)
+    negatives = _sample_negatives(
+        rng, inputs[users], targets[users], n_candidates - 1, len(popularity) - 1, popularity
+    )
+    return _evaluate_on_candidates(
+        scorer, f"candidates{n_candidates}", inputs[users], targets[users], negatives,
+        None if behaviors is None else behaviors[users], ks,
+    )

@@ -1,0 +1,179 @@
+"""Forecast-comparison statistics: losses, paired t, Diebold-Mariano (HLN), Mincer-Zarnowitz, KS.
+
+Losses are elementwise and unit-agnostic; the tests take losses or errors as 1-d arrays in time
+order. For a panel, pass one series per date (e.g. the cross-sectional mean loss of each date),
+otherwise the HAC variance of the Diebold-Mariano test mixes assets and dates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import statsmodels.api as sm
+from scipy import stats as sps
+
+from nimbleml.errors import NimbleError
+
+log = logging.getLogger(__name__)
+
+
+def qlike(y_var: np.ndarray, f_var: np.ndarray) -> np.ndarray:
+    """QLIKE loss y/f - log(y/f) - 1 (Patton 2011), elementwise; 0 at f = y.
+
+    y_var : realised variance proxy, > 0 (a zero proxy gives +inf).
+    f_var : forecast variance, > 0. Same units as ``y_var`` (e.g. daily variance).
+    """
+    ratio = np.asarray(y_var, dtype=float) / np.asarray(f_var, dtype=float)
+    return ratio - np.log(ratio) - 1.0
+
+
+def squared_error(y: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """(y - f)^2 elementwise, in the squared units of the inputs."""
+    return (np.asarray(y, dtype=float) - np.asarray(f, dtype=float)) ** 2
+
+
+@dataclass
+class _Result:
+    def to_dict(self) -> dict:
+        """Plain floats and ints, ready for JSON."""
+        return asdict(self)
+
+
+@dataclass
+class PairedTTest(_Result):
+    """Paired t-test of mean(loss_a - loss_b) = 0; ignores autocorrelation (kept from the paper)."""
+
+    statistic: float
+    pvalue: float  # two-sided
+    mean_difference: float  # mean(loss_a - loss_b); < 0 means a is better
+    n: int
+
+
+@dataclass
+class DieboldMariano(_Result):
+    """Diebold-Mariano test of equal expected loss, with the HLN small-sample correction."""
+
+    statistic: float  # HLN-corrected when hln=True; compare with Student t(n-1)
+    pvalue: float  # two-sided
+    mean_difference: float  # mean(loss_a - loss_b); < 0 means a is better
+    n: int
+    horizon: int
+    hln: bool
+    variance: str  # "acf" (rectangular, h-1 lags) or "bartlett" when the acf estimate was <= 0
+
+
+@dataclass
+class MincerZarnowitz(_Result):
+    """realised = alpha + beta * forecast + e, HAC standard errors; H0: alpha = 0, beta = 1."""
+
+    alpha: float
+    beta: float
+    alpha_se: float
+    beta_se: float
+    wald_statistic: float  # chi2 with 2 degrees of freedom
+    wald_pvalue: float
+    r2: float
+    n: int
+    hac_lags: int
+
+
+@dataclass
+class KSTest(_Result):
+    """Two-sample Kolmogorov-Smirnov test that two error samples share one distribution."""
+
+    statistic: float
+    pvalue: float
+    n_a: int
+    n_b: int
+
+
+def _pair(a: np.ndarray, b: np.ndarray, what: str, min_n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Validate two equal-length finite 1-d arrays."""
+    a = np.asarray(a, dtype=float).ravel()
+    b = np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise NimbleError(f"{what}: lengths differ ({a.size} vs {b.size})", fix="pass losses of the same rows")
+    if a.size < min_n:
+        raise NimbleError(f"{what}: {a.size} values, need at least {min_n}", fix="use a longer test period")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise NimbleError(f"{what}: non-finite values", fix="drop rows with NaN/inf losses (e.g. a zero variance proxy)")
+    return a, b
+
+
+def paired_t_test(loss_a: np.ndarray, loss_b: np.ndarray) -> PairedTTest:
+    """Paired t-test on per-row losses (the paper's test)."""
+    a, b = _pair(loss_a, loss_b, "paired t-test")
+    res = sps.ttest_rel(a, b)
+    return PairedTTest(float(res.statistic), float(res.pvalue), float(np.mean(a - b)), int(a.size))
+
+
+def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, horizon: int, hln: bool = True) -> DieboldMariano:
+    """Diebold-Mariano (1995) test with the Harvey-Leybourne-Newbold (1997) correction.
+
+    d = loss_a - loss_b in time order; long-run variance from autocovariances at lags 0..h-1
+    (h-step forecasts overlap, so d is MA(h-1) under H0); falls back to Bartlett weights if
+    that estimate is not positive. HLN scales the statistic by
+    sqrt((n + 1 - 2h + h(h-1)/n) / n) and uses Student t(n-1). Same numbers as the
+    ``dieboldmariano`` package's ``dm_test`` (checked in the tests); written in numpy because
+    that package loops in Python and raises where we fall back.
+    """
+    a, b = _pair(loss_a, loss_b, "Diebold-Mariano", min_n=3)
+    n = a.size
+    if not 1 <= horizon < n:
+        raise NimbleError(f"Diebold-Mariano: horizon {horizon} not in [1, {n})", fix="pass the forecast horizon in days")
+    d = a - b
+    dbar = float(d.mean())
+    c = d - dbar
+    gamma = np.array([c[k:] @ c[: n - k] / n for k in range(horizon)])
+    if not gamma[0] > 0:
+        raise NimbleError("Diebold-Mariano: the loss differential has zero variance", fix="the two forecasts are identical; drop the comparison")
+    variance = "acf"
+    lrv = gamma[0] + 2.0 * gamma[1:].sum()
+    if lrv <= 0:
+        weights = 1.0 - np.arange(1, horizon) / horizon
+        lrv = gamma[0] + 2.0 * (weights * gamma[1:]).sum()
+        variance = "bartlett"
+        log.info("Diebold-Mariano: acf long-run variance <= 0, used Bartlett weights")
+    stat = dbar / np.sqrt(lrv / n)
+    if hln:
+        stat *= np.sqrt((n + 1 - 2 * horizon + horizon * (horizon - 1) / n) / n)
+        pvalue = 2.0 * sps.t.sf(abs(stat), df=n - 1)
+    else:
+        pvalue = 2.0 * sps.norm.sf(abs(stat))
+    return DieboldMariano(float(stat), float(pvalue), dbar, int(n), int(horizon), hln, variance)
+
+
+def mincer_zarnowitz(realised: np.ndarray, forecast: np.ndarray, hac_lags: int) -> MincerZarnowitz:
+    """Mincer-Zarnowitz regression with Newey-West (HAC) covariance and the joint Wald test.
+
+    Use ``hac_lags = h - 1`` or more for overlapping h-day targets. Units: whatever the two
+    inputs share (volatility or variance).
+    """
+    y, f = _pair(realised, forecast, "Mincer-Zarnowitz", min_n=3)
+    if hac_lags < 0:
+        raise NimbleError(f"Mincer-Zarnowitz: hac_lags={hac_lags} < 0", fix="pass hac_lags >= 0, e.g. horizon - 1")
+    res = sm.OLS(y, sm.add_constant(f, has_constant="add")).fit(cov_type="HAC", cov_kwds={"maxlags": int(hac_lags)})
+    wald = res.wald_test((np.eye(2), np.array([0.0, 1.0])), use_f=False, scalar=True)
+    return MincerZarnowitz(
+        alpha=float(res.params[0]),
+        beta=float(res.params[1]),
+        alpha_se=float(res.bse[0]),
+        beta_se=float(res.bse[1]),
+        wald_statistic=float(wald.statistic),
+        wald_pvalue=float(wald.pvalue),
+        r2=float(res.rsquared),
+        n=int(y.size),
+        hac_lags=int(hac_lags),
+    )
+
+
+def ks_test(errors_a: np.ndarray, errors_b: np.ndarray) -> KSTest:
+    """Two-sample KS test on forecast errors (the paper's distribution check); lengths may differ."""
+    a = np.asarray(errors_a, dtype=float).ravel()
+    b = np.asarray(errors_b, dtype=float).ravel()
+    if a.size == 0 or b.size == 0 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise NimbleError("KS test: empty or non-finite errors", fix="pass finite forecast errors")
+    res = sps.ks_2samp(a, b)
+    return KSTest(float(res.statistic), float(res.pvalue), int(a.size), int(b.size))
