@@ -15,16 +15,9 @@ from typing import Self
 import numpy as np
 import scipy.sparse as sp
 
-from nimbleml.rec.data import SequenceData
+from nimbleml.rec.data import SequenceData, leave_last_out
 
 log = logging.getLogger(__name__)
-
-
-def training_event_mask(data: SequenceData) -> np.ndarray:
-    """(n_events,) bool: True for events in a user's training part (all but the last two)."""
-    lengths = np.diff(data.offsets)
-    position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
-    return position < np.repeat(lengths - 2, lengths)
 
 
 class Recommender(ABC):
@@ -74,9 +67,9 @@ class ItemCooccurrence(Recommender):
         self.n_last = n_last  # most recent history items whose co-occurrence rows are summed
 
     def fit(self, data: SequenceData) -> Self:
-        keep = training_event_mask(data)
-        users = np.repeat(np.arange(data.n_users), np.diff(data.offsets))[keep]
-        items = data.items[keep].astype(np.int64)
+        split = leave_last_out(data, max_len=1)
+        users = np.repeat(np.arange(data.n_users), np.diff(split.train_offsets))
+        items = split.train_items.astype(np.int64)
         rows, cols = [], []
         for gap in range(1, self.window + 1):
             same_user = users[gap:] == users[:-gap]

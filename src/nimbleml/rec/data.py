@@ -46,6 +46,7 @@ PREPARE_FIX = "run `nimbleml rec prepare` first"
 
 _BEHAVIOR_CODES = {name: code for code, name in enumerate(BEHAVIORS, start=1)}
 _INTEGER = r"^[0-9]{1,18}$"  # non-negative decimal that fits int64
+_DIRECT_TABLE_LIMIT = 1 << 26  # ids below this are densified with a lookup table (<= 512 MiB of int64)
 
 
 @dataclass
@@ -345,7 +346,7 @@ def _filter_counts(
     n_users, n_items = int(user_codes.max()) + 1, int(item_codes.max()) + 1
     while True:
         user_count = np.bincount(user_codes[keep], minlength=n_users)
-        item_count = np.bincount(item_codes[keep], minlength=n_items)
+        item_count = np.bincount(item_codes[keep], minlength=n_items) if k_core else np.ones(n_items, dtype=np.int64)
         short_user = user_count < min_events
         bad_user = user_count < user_floor
         bad_item = item_count < k_core
@@ -368,15 +369,32 @@ def _sort_order(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(user)), timestamp, user))
 
 
-def _cap_history(offsets: np.ndarray, max_len: int) -> np.ndarray:
-    """Mask keeping each user's last max_len events (events already in time order)."""
-    return _position_from_end(offsets) < max_len
-
-
 def _dense(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dense codes 0..n-1 in ascending value order, and the sorted unique values."""
+    """Dense codes 0..n-1 in ascending value order, and the sorted unique values.
+
+    When the ids are small (below _DIRECT_TABLE_LIMIT and 8x the row count; Taobao's are
+    < 6M) they go through a lookup table, a scatter and a gather, several times faster
+    than hashing; otherwise they are hashed.
+    """
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    high = int(values.max())
+    if int(values.min()) >= 0 and high < min(_DIRECT_TABLE_LIMIT, 8 * len(values)):
+        present = np.zeros(high + 1, dtype=bool)
+        present[values] = True
+        uniques = np.flatnonzero(present)
+        lookup = np.cumsum(present, dtype=np.int64) - 1
+        return lookup[values], uniques.astype(np.int64)
     codes, uniques = pd.factorize(values, sort=True)
-    return codes.astype(np.int64), np.asarray(uniques, dtype=np.int64)
+    return codes.astype(np.int64, copy=False), np.asarray(uniques, dtype=np.int64)
+
+
+def _compress(codes: np.ndarray, uniques: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Renumber codes to 0..m-1 over the values still present, keeping ascending value order."""
+    present = np.bincount(codes, minlength=len(uniques)) > 0
+    if present.all():
+        return codes, uniques
+    return (np.cumsum(present) - 1)[codes], uniques[present]
 
 
 def build_sequences(
@@ -387,49 +405,65 @@ def build_sequences(
     skipped: Counter | None = None,
     has_categories: bool = True,
 ) -> SequenceData:
-    """Turn concatenated event columns (file row order) into SequenceData; filtered rows go to `skipped`."""
+    """Turn event columns in file row order (user, item, category, behavior, timestamp) into SequenceData.
+
+    Rows removed by k-core, min_events or the max_len cap are counted in `skipped`.
+    Every column is gathered once, through `rows`: the original row index of each
+    kept event in final (user, time, file order) order.
+    """
     skipped = skipped if skipped is not None else Counter()
-    user_codes, _ = _dense(columns["user"])
-    item_codes, _ = _dense(columns["item"])
-    keep = _filter_counts(user_codes, item_codes, k_core, min_events, skipped)
-    if not keep.all():
-        columns = {name: values[keep] for name, values in columns.items()}
-    if len(columns["user"]) == 0:
-        return _empty_sequences()
     user_codes, user_ids = _dense(columns["user"])
-    order = _sort_order(user_codes, columns["timestamp"])
-    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(user_codes, minlength=len(user_ids)), out=offsets[1:])
-    columns = {name: values[order] for name, values in columns.items() if name != "user"}
-    if max_len is not None:
-        capped = _cap_history(offsets, max_len)
-        skipped["history_cap"] += int(np.count_nonzero(~capped))
-        if not capped.all():
-            columns = {name: values[capped] for name, values in columns.items()}
-            offsets[1:] = np.cumsum(np.minimum(np.diff(offsets), max_len))
     item_codes, item_ids = _dense(columns["item"])
+    keep = _filter_counts(user_codes, item_codes, k_core, min_events, skipped)
+    if not keep.any():
+        return _empty_sequences()
+    rows = np.flatnonzero(keep)
+    user_codes, user_ids = _compress(user_codes[rows], user_ids)
+    rows = rows[_sort_order(user_codes, columns["timestamp"][rows])]
+    lengths = np.bincount(user_codes, minlength=len(user_ids))
+    if max_len is not None and lengths.max() > max_len:
+        capped = _position_from_end(_offsets(lengths)) < max_len
+        skipped["history_cap"] += int(np.count_nonzero(~capped))
+        rows = rows[capped]
+        lengths = np.minimum(lengths, max_len)
+    item_codes, item_ids = _compress(item_codes[rows], item_ids)
     items = (item_codes + 1).astype(np.int32)
     if has_categories:
-        category_codes, category_ids = _dense(columns["category"])
+        category_codes, category_ids = _dense(columns["category"][rows])
         categories = (category_codes + 1).astype(np.int32)
     else:
         category_ids = np.zeros(0, dtype=np.int64)
         categories = np.zeros(len(items), dtype=np.int32)
-    item_category = np.zeros(len(item_ids) + 1, dtype=np.int32)
-    first = ~pd.Series(items).duplicated().to_numpy()
-    item_category[items[first]] = categories[first]
+    item_category = _item_category(items, categories, len(item_ids))
     return SequenceData(
-        offsets=offsets,
+        offsets=_offsets(lengths),
         items=items,
-        behaviors=columns["behavior"].astype(np.int8),
+        behaviors=columns["behavior"][rows].astype(np.int8, copy=False),
         categories=categories,
-        timestamps=columns["timestamp"].astype(np.int64),
+        timestamps=columns["timestamp"][rows].astype(np.int64, copy=False),
         n_items=len(item_ids),
         n_categories=len(category_ids),
         item_ids=np.concatenate([[-1], item_ids]).astype(np.int64),
         user_ids=user_ids,
         item_category=item_category,
     )
+
+
+def _item_category(items: np.ndarray, categories: np.ndarray, n_items: int) -> np.ndarray:
+    """(n_items + 1,) int32 category of each item: the one of its first event when an item has several."""
+    table = np.zeros(n_items + 1, dtype=np.int32)
+    table[items] = categories
+    if not np.array_equal(table[items], categories):  # some item has more than one category
+        first = ~pd.Series(items).duplicated().to_numpy()
+        table[items[first]] = categories[first]
+    return table
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    """(len(lengths) + 1,) int64 CSR offsets from per-user lengths."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
 
 
 def _empty_sequences() -> SequenceData:
@@ -449,7 +483,7 @@ def _describe(skipped: Mapping[str, int]) -> str:
 
 
 def read_events(
-    path: str | Path, fmt: str, chunk_bytes: int = 16 << 20, skipped: Counter | None = None
+    path: str | Path, fmt: str, chunk_bytes: int = 64 << 20, skipped: Counter | None = None
 ) -> dict[str, np.ndarray]:
     """Stream a whole log into concatenated numpy columns (file row order); bad rows counted in `skipped`."""
     if fmt not in _READERS:
@@ -460,14 +494,15 @@ def read_events(
     total = path.stat().st_size if path.is_file() else None
     with make_progress() as progress:
         task = progress.add_task(f"reading {path.name}", total=total, info="")
-        for chunk in _READERS[fmt](path, chunk_bytes=chunk_bytes, skipped=skipped):
+        for done, chunk in enumerate(_READERS[fmt](path, chunk_bytes=chunk_bytes, skipped=skipped), start=1):
             for name, values in chunk.items():
                 parts[name].append(values)
-            progress.advance(task, chunk_bytes)
-    columns = {
-        name: np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int8 if name == "behavior" else np.int64)
-        for name, arrays in parts.items()
-    }
+            progress.update(task, completed=min(done * chunk_bytes, total or 0))
+    columns = {}
+    for name in TAOBAO_COLUMNS:  # one column at a time, freeing its chunks, to bound peak memory
+        arrays = parts.pop(name)
+        columns[name] = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int8 if name == "behavior" else np.int64)
+        del arrays
     if len(columns["user"]) == 0:
         raise NimbleError(
             f"no usable rows (skipped: {_describe(skipped)})",
@@ -484,7 +519,7 @@ def prepare(
     k_core: int = 0,
     max_len: int | None = None,
     min_events: int = 3,
-    chunk_bytes: int = 16 << 20,
+    chunk_bytes: int = 64 << 20,
 ) -> tuple[SequenceData, PrepareReport]:
     """Read a behaviour log (streaming) and build per-user sequences, with a report of what was dropped.
 
@@ -596,11 +631,9 @@ def leave_last_out(data: SequenceData, max_len: int = 100) -> LeaveLastOut:
         raise NimbleError(f"max_len={max_len}", fix="use max_len >= 1")
     starts, ends = data.offsets[:-1], data.offsets[1:]
     train_mask = _position_from_end(data.offsets) >= 2
-    train_offsets = np.zeros_like(data.offsets)
-    np.cumsum(lengths - 2, out=train_offsets[1:])
     valid_at, test_at = ends - 2, ends - 1
     return LeaveLastOut(
-        train_offsets=train_offsets,
+        train_offsets=_offsets(lengths - 2),
         train_items=data.items[train_mask],
         train_behaviors=data.behaviors[train_mask],
         train_categories=data.categories[train_mask],

@@ -130,34 +130,41 @@ class SeqRecScorer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.batch_size = batch_size
 
-    def _run(self, fn, history: np.ndarray, *extra: np.ndarray | None) -> np.ndarray:
-        history = validate_history(history, self.model.config.n_items)
-        max_len = self.model.config.max_len
-        history = history[:, -max_len:]  # the model sees at most max_len recent events
+    def _run(self, history: np.ndarray, behaviors: np.ndarray | None, candidates: np.ndarray | None) -> np.ndarray:
+        history = validate_history(history, self.model.config.n_items)[:, -self.model.config.max_len :]
+        if behaviors is not None and self.model.config.use_behavior:
+            behaviors = np.asarray(behaviors)[:, -history.shape[1] :]
+        else:
+            behaviors = None
+        if candidates is not None:
+            candidates = validate_history(candidates, self.model.config.n_items, name="candidates")
         was_training = self.model.training
         self.model.eval()
         out = []
         with torch.no_grad():
             for start in range(0, len(history), self.batch_size):
                 rows = slice(start, start + self.batch_size)
-                args = [torch.as_tensor(history[rows], device=self.device)]
-                args += [None if e is None else torch.as_tensor(e[rows], dtype=torch.int64, device=self.device)
-                         for e in extra]
-                out.append(fn(*args).float().cpu().numpy())
+                block = history[rows]
+                # positions count back from the last event, so leading all-padding columns can go
+                used = (block != 0).any(axis=0)
+                width = block.shape[1] - int(used.argmax()) if used.any() else 1
+                hist = torch.as_tensor(block[:, -width:], device=self.device)
+                beh = None if behaviors is None else torch.as_tensor(
+                    behaviors[rows, -width:], dtype=torch.int64, device=self.device)
+                if candidates is None:
+                    scores = self.model.score_all(hist, beh)
+                else:
+                    scores = self.model(hist, torch.as_tensor(candidates[rows], device=self.device), beh)
+                out.append(scores.float().cpu().numpy())
         self.model.train(was_training)
-        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+        width = self.model.config.n_items + 1 if candidates is None else candidates.shape[1]
+        return np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
 
     def score_all(self, history: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
-        return self._run(lambda h, b: self.model.score_all(h, b), history, self._trim(behaviors))
+        return self._run(history, behaviors, None)
 
     def score(self, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
-        candidates = validate_history(candidates, self.model.config.n_items, name="candidates")
-        return self._run(lambda h, c, b: self.model(h, c, b), history, candidates, self._trim(behaviors))
-
-    def _trim(self, behaviors: np.ndarray | None) -> np.ndarray | None:
-        if behaviors is None or not self.model.config.use_behavior:
-            return None
-        return np.asarray(behaviors)[:, -self.model.config.max_len :]
+        return self._run(history, behaviors, candidates)
 
 
 # ---------------------------------------------------------------- protocols
@@ -321,3 +328,21 @@ def evaluate_candidates(
         scorer, f"candidates{n_candidates}", inputs[users], targets[users], negatives,
         None if behaviors is None else behaviors[users], ks,
     )
+
+
+def evaluate_protocols(
+    scorer: Scorer,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    popularity: np.ndarray,
+    behaviors: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict[str, RankingResult]:
+    """All three protocols on one set of targets: {"full", "sampled100", "candidates50"}.
+    The same seed gives every scorer the same sampled negatives."""
+    n_items = len(popularity) - 1
+    return {
+        "full": evaluate_full(scorer, inputs, targets, behaviors),
+        "sampled100": evaluate_sampled(scorer, inputs, targets, n_items, behaviors, seed=seed),
+        "candidates50": evaluate_candidates(scorer, inputs, targets, popularity, behaviors, seed=seed),
+    }

@@ -32,7 +32,7 @@ class SeqRecConfig:
     n_items: int  # catalogue size; ids 1..n_items, 0 is padding
     n_categories: int = 0  # item categories; ids 1..n_categories, 0 = none / padding
     n_behaviors: int = 5  # behaviour codes 0..4: padding, pv, cart, fav, buy
-    max_len: int = 100  # history window in events (SASRec uses 50 for Games; we serve 100)
+    max_len: int = 50  # history window in events (SASRec: 50 on Games); longer inputs keep the last max_len
     dim: int = 64  # embedding and hidden width (SASRec: 50)
     n_blocks: int = 2  # transformer blocks (SASRec: 2)
     n_heads: int = 2  # attention heads; dim must divide by it (SASRec: 1)
@@ -153,13 +153,17 @@ class SeqRec(nn.Module):
         behaviors: torch.Tensor | None = None,
         categories: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """history: (B, L) int64 item ids, left-padded with 0, L <= max_len.
+        """history: (B, L) int64 item ids, left-padded with 0 (L > max_len: the last max_len are used).
         behaviors, categories: (B, L) int64 or None (categories default to item_category[history]).
         Returns (B, L, D); row t depends only on events 0..t of its own sequence."""
+        max_len = self.config.max_len
+        history = history[:, -max_len:]  # longer histories: only the last max_len events count
+        behaviors = None if behaviors is None else behaviors[:, -max_len:]
+        categories = None if categories is None else categories[:, -max_len:]
         length = history.shape[1]
         keep = history != 0  # (B, L)
         x = self.item_emb(history) * (self.config.dim**0.5)
-        x = x + self.pos_emb.weight[self.config.max_len - length :]
+        x = x + self.pos_emb.weight[max_len - length :]
         if self.behavior_emb is not None and behaviors is not None:
             x = x + self.behavior_emb(behaviors)
         if self.category_emb is not None:
@@ -180,7 +184,7 @@ class SeqRec(nn.Module):
     def forward(
         self, history: torch.Tensor, candidates: torch.Tensor, behaviors: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Serving forward. history: (B, max_len) int64; candidates: (B, C) int64.
+        """Serving forward. history: (B, L) int64, e.g. (B, 100); candidates: (B, C) int64.
         Returns (B, C) scores (higher = more likely next); no data-dependent control flow."""
         state = self.last_state(history, behaviors)
         return torch.einsum("bd,bcd->bc", state, self.item_emb(candidates))

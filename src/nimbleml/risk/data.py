@@ -11,6 +11,7 @@ are yields in percent (4.06 means 4.06 %), so a bond close may be zero or negati
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from nimbleml.errors import NimbleError
 from nimbleml.risk.samples import ASSET_CLASSES
@@ -123,6 +125,15 @@ class _Source:
     asset_class: str
 
 
+@dataclass
+class _Bars:
+    """One asset's bars as arrays: cleaning works on these, the panel is built once at the end."""
+
+    dates: np.ndarray  # (n,) datetime64[ns]
+    values: np.ndarray  # (n, 5) float64, columns VALUE_COLUMNS
+    has_ohlc: bool  # the source has open/high/low fields
+
+
 def load_panel(data: str | Path, assets: int | None = None) -> MarketPanel:
     """``"arch"`` loads the arch package's series; anything else is a market folder."""
     if str(data) == ARCH_SOURCE:
@@ -137,13 +148,13 @@ def load_market(path: str | Path, assets: int | None = None) -> MarketPanel:
     sources = _list_sources(root)
     if assets is not None:
         sources = sources[:assets]
-    parts: list[pd.DataFrame] = []
+    cleaned: dict[str, tuple[str, _Bars]] = {}
     per_asset: dict[str, dict[str, int]] = {}
     for src in sources:
-        raw, counts, has_ohlc = _read_source(src.path)
-        clean, rule_counts = clean_bars(raw, src.asset_class, has_ohlc=has_ohlc)
+        raw, counts = _read_source(src.path)
+        bars, rule_counts = _clean(raw, src.asset_class)
         counts.update(rule_counts)
-        if clean.empty:
+        if not len(bars.dates):
             removed = ", ".join(f"{r} {counts[r]}" for r in ROW_DROPPING_RULES if counts.get(r))
             raise NimbleError(
                 f"no usable rows after cleaning (rows removed by: {removed or 'none'})",
@@ -151,9 +162,9 @@ def load_market(path: str | Path, assets: int | None = None) -> MarketPanel:
                 fix="fix or remove this file; each row needs an ISO date and a finite close"
                 + ("" if src.asset_class == "bond" else " > 0"),
             )
-        parts.append(_label(clean, src.asset, src.asset_class))
+        cleaned[src.asset] = (src.asset_class, bars)
         per_asset[src.asset] = counts
-    return _assemble(parts, per_asset, str(root))
+    return _assemble(cleaned, per_asset, str(root))
 
 
 def load_arch(assets: int | None = None) -> MarketPanel:
@@ -166,77 +177,69 @@ def load_arch(assets: int | None = None) -> MarketPanel:
     from arch.data import nasdaq, sp500, wti
 
     loaders = {"NASDAQ": (nasdaq, "equity"), "SP500": (sp500, "equity"), "WTI": (wti, "commodity")}
-    names = sorted(loaders)[:assets] if assets is not None else sorted(loaders)
-    parts: list[pd.DataFrame] = []
+    cleaned: dict[str, tuple[str, _Bars]] = {}
     per_asset: dict[str, dict[str, int]] = {}
-    for name in names:
+    for name in sorted(loaders)[:assets]:
         module, asset_class = loaders[name]
-        raw, has_ohlc = _arch_bars(module.load())
-        clean, counts = clean_bars(raw, asset_class, has_ohlc=has_ohlc)
-        if clean.empty:
+        bars, counts = _clean(_arch_bars(module.load()), asset_class)
+        if not len(bars.dates):
             raise NimbleError(
                 f"arch series {name} has no usable rows",
                 path=module.__file__,
                 fix="reinstall arch (pip install --force-reinstall arch) or use a market folder",
             )
-        parts.append(_label(clean, name, asset_class))
+        cleaned[name] = (asset_class, bars)
         per_asset[name] = counts
-    return _assemble(parts, per_asset, ARCH_SOURCE)
+    return _assemble(cleaned, per_asset, ARCH_SOURCE)
 
 
-def clean_bars(raw: pd.DataFrame, asset_class: str, *, has_ohlc: bool) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Apply the cleaning rules after ``missing_value`` to one asset's bars.
-
-    raw : columns date (datetime64) and open, high, low, close, volume (float64), file order.
-    has_ohlc : whether the source has open/high/low fields (NaN there is then counted).
-    Returns the cleaned bars sorted by date and the count for each rule applied.
-    """
+def _clean(raw: _Bars, asset_class: str) -> tuple[_Bars, dict[str, int]]:
+    """Apply the rules from ``nan_close`` on to one asset's bars (file order in, sorted out)."""
     counts: dict[str, int] = {}
-    df = raw.loc[:, ["date", *VALUE_COLUMNS]].copy()
-    values = df[list(VALUE_COLUMNS)].to_numpy(dtype=np.float64)
-    df[list(VALUE_COLUMNS)] = np.where(np.isfinite(values), values, np.nan)
+    dates, values = raw.dates, np.where(np.isfinite(raw.values), raw.values, np.nan)
     is_bond = asset_class == "bond"
+    i_open, i_high, i_low, i_close, i_volume = range(len(VALUE_COLUMNS))
 
-    nan_close = df["close"].isna()
-    counts["nan_close"] = int(nan_close.sum())
-    df = df[~nan_close]
+    drop = np.isnan(values[:, i_close])
+    counts["nan_close"] = int(drop.sum())
     if not is_bond:
-        nonpositive = df["close"] <= 0
+        nonpositive = ~drop & (values[:, i_close] <= 0)
         counts["nonpositive_price"] = int(nonpositive.sum())
-        df = df[~nonpositive]
+        drop |= nonpositive
+    dates, values = dates[~drop], values[~drop]
 
-    dates = df["date"].to_numpy()
     counts["unsorted"] = int((dates[1:] < dates[:-1]).sum())
     if counts["unsorted"]:
-        df = df.sort_values("date", kind="stable")
-    duplicated = df["date"].duplicated(keep="last")
+        order = np.argsort(dates, kind="stable")
+        dates, values = dates[order], values[order]
+    duplicated = np.zeros(len(dates), dtype=bool)
+    duplicated[:-1] = dates[:-1] == dates[1:]  # sorted: a row equal to the next is not the last
     counts["duplicate_date"] = int(duplicated.sum())
-    df = df[~duplicated].copy()
+    dates, values = dates[~duplicated], values[~duplicated].copy()
 
-    if has_ohlc:
-        counts["nan_ohlc"] = int(df[list(OHLC)].isna().to_numpy().sum())
+    ohlc = values[:, :3]
+    if raw.has_ohlc:
+        counts["nan_ohlc"] = int(np.isnan(ohlc).sum())
     if not is_bond:
-        nonpositive_ohlc = df[list(OHLC)] <= 0
-        counts["nonpositive_ohlc"] = int(nonpositive_ohlc.to_numpy().sum())
-        df[list(OHLC)] = df[list(OHLC)].mask(nonpositive_ohlc)
-    nonpositive_volume = df["volume"] <= 0
+        nonpositive_ohlc = ohlc <= 0
+        counts["nonpositive_ohlc"] = int(nonpositive_ohlc.sum())
+        ohlc[nonpositive_ohlc] = np.nan
+    nonpositive_volume = values[:, i_volume] <= 0
     counts["nonpositive_volume"] = int(nonpositive_volume.sum())
-    df.loc[nonpositive_volume, "volume"] = np.nan
+    values[nonpositive_volume, i_volume] = np.nan
 
-    # Range rules run in order; a row whose high/low a rule cleared is not counted again.
-    high_below_low = df["high"] < df["low"]
-    close_outside = ~high_below_low & ((df["close"] > df["high"]) | (df["close"] < df["low"]))
-    open_outside = (
-        ~high_below_low & ~close_outside & ((df["open"] > df["high"]) | (df["open"] < df["low"]))
-    )
-    for rule, mask in (
-        ("high_below_low", high_below_low),
-        ("close_outside_range", close_outside),
-        ("open_outside_range", open_outside),
-    ):
-        counts[rule] = int(mask.sum())
-        df.loc[mask, ["high", "low"]] = np.nan
-    return df.reset_index(drop=True), counts
+    # Range rules run in order on views of values: a row one rule cleared is not counted again.
+    high, low = values[:, i_high], values[:, i_low]
+
+    def clear_range(rule: str, bad: np.ndarray) -> None:
+        counts[rule] = int(bad.sum())
+        high[bad] = np.nan
+        low[bad] = np.nan
+
+    clear_range("high_below_low", high < low)
+    clear_range("close_outside_range", (values[:, i_close] > high) | (values[:, i_close] < low))
+    clear_range("open_outside_range", (values[:, i_open] > high) | (values[:, i_open] < low))
+    return _Bars(dates=dates, values=values, has_ohlc=raw.has_ohlc), counts
 
 
 def _check_assets(assets: int | None) -> None:
@@ -258,7 +261,8 @@ def _list_sources(root: Path) -> list[_Source]:
     loose = sorted(p.name for p in root.glob("*.csv") if p.is_file())
     if loose:
         raise NimbleError(
-            f"CSV files directly in the market folder ({', '.join(loose[:3])}): their asset class is unknown",
+            f"CSV files directly in the market folder ({', '.join(loose[:3])}): "
+            "their asset class is unknown",
             path=root,
             fix=f"move each into one of the subfolders {', '.join(FOLDER_CLASSES)}",
         )
@@ -298,35 +302,45 @@ def _list_sources(root: Path) -> list[_Source]:
     return sources
 
 
-def _read_source(path: Path) -> tuple[pd.DataFrame, dict[str, int], bool]:
-    """Parse one CSV into raw bars (file order) and the malformed_row / missing_value counts.
+def _read_source(path: Path) -> tuple[_Bars, dict[str, int]]:
+    """Parse one CSV into raw bars (file order) and its malformed_row / missing_value counts.
 
     Two formats are read: OHLCV (``,open,high,low,close,volume``, date in the first column)
     and two-column date/value (FRED ``DATE,SERIES`` and ``Date,Price``), the value being
-    the close. Returns (bars, counts, has_ohlc).
+    the close. Lines with a field count unlike the header's are malformed, found on the raw
+    bytes so that the C parser only sees well-formed lines.
     """
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise NimbleError(
+            f"cannot read file: {error.strerror}", path=path, fix="check that it exists and is readable"
+        ) from error
     if not data.strip():
-        raise NimbleError("empty file (0 bytes or only whitespace)", path=path, fix="delete the file or fill it with daily rows")
+        raise NimbleError(
+            "empty file (0 bytes or only whitespace)",
+            path=path,
+            fix="delete the file or fill it with daily rows",
+        )
     buf = np.frombuffer(data, dtype=np.uint8)
     newlines = np.flatnonzero(buf == ord("\n"))
     starts = np.concatenate([[0], newlines + 1])
     ends = np.concatenate([newlines, [len(buf)]])
     ends = np.where((ends > starts) & (buf[np.maximum(ends - 1, 0)] == ord("\r")), ends - 1, ends)
-    commas = np.concatenate([[0], np.cumsum(buf == ord(","))])
-    n_commas = commas[ends] - commas[starts]
+    commas = np.flatnonzero(buf == ord(","))
+    n_commas = np.searchsorted(commas, ends) - np.searchsorted(commas, starts)
     blank = ends == starts
 
     header = data[starts[0] : ends[0]].decode("utf-8", errors="replace").lstrip("\ufeff")
-    names = [name.strip().lower() for name in header.split(",")]
+    names = [name.strip().strip('"').lower() for name in header.split(",")]
     mapping = _column_mapping(names, path)
-    body = np.arange(1, len(starts))
-    if not (~blank[body]).any():
-        raise NimbleError("file has a header but no data rows", path=path, fix="delete the file or add daily rows")
+    if blank[1:].all():
+        raise NimbleError(
+            "file has a header but no data rows", path=path, fix="delete the file or add daily rows"
+        )
     bad_fields = ~blank & (n_commas != n_commas[0])
     bad_fields[0] = False
-    skip = np.flatnonzero(bad_fields | blank)
-    skip = skip[skip > 0]
+    skip = np.flatnonzero(bad_fields | blank).tolist()  # physical line numbers; 0 is the header
 
     columns = [f"c{i}" for i in range(len(names))]
     table = pd.read_csv(
@@ -334,31 +348,33 @@ def _read_source(path: Path) -> tuple[pd.DataFrame, dict[str, int], bool]:
         header=0,
         names=columns,
         index_col=False,
-        skiprows=set(skip.tolist()),
+        skiprows=set(skip) or None,
         skip_blank_lines=False,
+        quoting=csv.QUOTE_NONE,  # no source quotes fields; a stray quote is then just a bad token
         dtype={"c0": str},
         encoding_errors="replace",
     )
-    dates = pd.to_datetime(table["c0"].str.strip(), format=DATE_FORMAT, errors="coerce")
+    dates = pd.to_datetime(table["c0"], format=DATE_FORMAT, errors="coerce")
+    if dates.isna().any():  # rare: retry with surrounding spaces removed
+        dates = pd.to_datetime(table["c0"].str.strip(), format=DATE_FORMAT, errors="coerce")
     malformed = dates.isna().to_numpy().copy()
-    missing = np.zeros(len(table), dtype=np.int64)
-    bars = pd.DataFrame({"date": dates.astype("datetime64[ns]")})
-    for field in VALUE_COLUMNS:
-        if field not in mapping:
-            bars[field] = np.nan
-            continue
-        values, is_marker, is_garbage = _parse_numbers(table[columns[mapping[field]]])
-        bars[field] = values
-        malformed |= is_garbage
-        missing += is_marker
-        if field == "close":
-            missing_close = is_marker
+    values = np.full((len(table), len(VALUE_COLUMNS)), np.nan)
+    markers = np.zeros(values.shape, dtype=bool)  # '.' cells
+    for j, field in enumerate(VALUE_COLUMNS):
+        if field in mapping:
+            values[:, j], markers[:, j], garbage = _parse_numbers(table[columns[mapping[field]]])
+            malformed |= garbage
     counts = {
         "malformed_row": int(bad_fields.sum() + malformed.sum()),
-        "missing_value": int(missing[~malformed].sum()),
+        "missing_value": int(markers[~malformed].sum()),
     }
-    keep = ~malformed & ~missing_close
-    return bars[keep].reset_index(drop=True), counts, {"open", "high", "low"} <= mapping.keys()
+    keep = ~malformed & ~markers[:, VALUE_COLUMNS.index("close")]
+    bars = _Bars(
+        dates=dates.to_numpy(dtype="datetime64[ns]")[keep],
+        values=values[keep],
+        has_ohlc={"open", "high", "low"} <= mapping.keys(),
+    )
+    return bars, counts
 
 
 def _column_mapping(names: list[str], path: Path) -> dict[str, int]:
@@ -388,44 +404,53 @@ def _parse_numbers(column: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return values, marker, garbage
 
 
-def _arch_bars(frame: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+def _arch_bars(frame: pd.DataFrame) -> _Bars:
     """An arch dataset as raw bars; OHLC on the Adj Close basis when both closes exist."""
-    bars = pd.DataFrame({"date": pd.to_datetime(frame.index).astype("datetime64[ns]")})
-    if "Close" in frame.columns:
-        close = frame["Close"].to_numpy(dtype=np.float64)
-        adjusted = frame.get("Adj Close", frame["Close"]).to_numpy(dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = adjusted / close
-        for field in OHLC:
-            bars[field] = frame[field.title()].to_numpy(dtype=np.float64) * ratio
-        bars["close"] = adjusted
-        bars["volume"] = frame["Volume"].to_numpy(dtype=np.float64)
-        return bars, True
-    bars["close"] = frame.iloc[:, 0].to_numpy(dtype=np.float64)
-    for field in (*OHLC, "volume"):
-        bars[field] = np.nan
-    return bars, False
+    dates = pd.to_datetime(frame.index).to_numpy(dtype="datetime64[ns]")
+    values = np.full((len(frame), len(VALUE_COLUMNS)), np.nan)
+    if "Close" not in frame.columns:
+        values[:, VALUE_COLUMNS.index("close")] = frame.iloc[:, 0].to_numpy(dtype=np.float64)
+        return _Bars(dates=dates, values=values, has_ohlc=False)
+    close = frame["Close"].to_numpy(dtype=np.float64)
+    adjusted = frame.get("Adj Close", frame["Close"]).to_numpy(dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = adjusted / close
+    for j, field in enumerate(OHLC):
+        values[:, j] = frame[field.title()].to_numpy(dtype=np.float64) * ratio
+    values[:, VALUE_COLUMNS.index("close")] = adjusted
+    values[:, VALUE_COLUMNS.index("volume")] = frame["Volume"].to_numpy(dtype=np.float64)
+    return _Bars(dates=dates, values=values, has_ohlc=True)
 
 
-def _label(clean: pd.DataFrame, asset: str, asset_class: str) -> pd.DataFrame:
-    out = clean.loc[:, ["date"]].copy()
-    out["asset"] = asset
-    out["asset_class"] = asset_class
-    for field in VALUE_COLUMNS:
-        out[field] = clean[field].to_numpy(dtype=np.float64)
-    return out
+def _repeat_str(labels: list[str], lengths: list[int]) -> pd.Series:
+    """labels[i] repeated lengths[i] times as pandas' str dtype, built in Arrow (a Python-level
+    build of ~2 million strings costs most of a full load)."""
+    codes = pa.array(np.repeat(np.arange(len(labels), dtype=np.int32), lengths))
+    dictionary = pa.array(labels, pa.large_string())
+    strings = pa.DictionaryArray.from_arrays(codes, dictionary).cast(pa.large_string())
+    return pd.Series(strings, dtype=pd.StringDtype("pyarrow", na_value=np.nan))
 
 
-def _assemble(parts: list[pd.DataFrame], per_asset: dict[str, dict[str, int]], source: str) -> MarketPanel:
-    """Concatenate cleaned assets sorted by name, build the report and log one line per rule."""
-    parts = sorted(parts, key=lambda p: p["asset"].iloc[0])
-    frame = pd.concat(parts, ignore_index=True).loc[:, list(COLUMNS)]
-    frame["date"] = frame["date"].astype("datetime64[ns]")
+def _assemble(
+    cleaned: dict[str, tuple[str, _Bars]], per_asset: dict[str, dict[str, int]], source: str
+) -> MarketPanel:
+    """Build the long frame (assets sorted by name), the report, and log one line per rule."""
+    names = sorted(cleaned)
+    lengths = [len(cleaned[a][1].dates) for a in names]
+    values = np.concatenate([cleaned[a][1].values for a in names])
+    frame = pd.DataFrame(
+        {
+            "date": np.concatenate([cleaned[a][1].dates for a in names]).astype("datetime64[ns]"),
+            "asset": _repeat_str(names, lengths),
+            "asset_class": _repeat_str([cleaned[a][0] for a in names], lengths),
+            **{field: values[:, j] for j, field in enumerate(VALUE_COLUMNS)},
+        }
+    )
     totals = {rule: sum(c.get(rule, 0) for c in per_asset.values()) for rule in RULES}
     report = DataReport(
         counts=totals,
-        per_asset={a: {r: n for r, n in c.items() if n} for a, c in sorted(per_asset.items())},
-        n_assets=len(parts),
+        per_asset={a: {r: n for r, n in per_asset[a].items() if n} for a in names},
+        n_assets=len(names),
         n_rows=len(frame),
         start=frame["date"].min().date().isoformat(),
         end=frame["date"].max().date().isoformat(),
@@ -433,7 +458,8 @@ def _assemble(parts: list[pd.DataFrame], per_asset: dict[str, dict[str, int]], s
     for rule, what in RULES.items():
         touched = sorted(((c[rule], a) for a, c in report.per_asset.items() if rule in c), reverse=True)
         worst = ", ".join(f"{a} {n}" for n, a in touched[:3])
-        log.info("%s: %d in %d assets%s — %s", rule, totals[rule], len(touched), f" ({worst})" if worst else "", what)
+        worst = f" ({worst})" if worst else ""
+        log.info("%s: %d in %d assets%s — %s", rule, totals[rule], len(touched), worst, what)
     log.info(
         "loaded %d assets, %d rows, %s to %s from %s",
         report.n_assets,

@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pyts.image import GramianAngularField, MarkovTransitionField, RecurrencePlot
 
 from nimbleml.errors import NimbleError
 
@@ -157,7 +156,11 @@ class HeatmapEncoder(ImageEncoder):
 
 
 class _PytsEncoder(ImageEncoder):
-    """One pyts image per feature row, computed on the (n * F, days) stack in one call."""
+    """One pyts image per feature row, computed on the (n * F, days) stack in one call.
+
+    pyts is imported on first use: importing it compiles its numba kernels (about 25 s of
+    CPU per process, not cached), which heat-map users should not pay.
+    """
 
     def channels(self, n_features: int) -> int:
         return n_features
@@ -185,7 +188,9 @@ class GAFEncoder(_PytsEncoder):
 
     name: ClassVar[str] = "gaf"
 
-    def _transformer(self, length: int) -> GramianAngularField:
+    def _transformer(self, length: int) -> Any:
+        from pyts.image import GramianAngularField
+
         return GramianAngularField(image_size=min(self.image_size, length), method="summation")
 
 
@@ -205,7 +210,9 @@ class MTFEncoder(_PytsEncoder):
         if self.n_bins < 2:
             raise NimbleError(f"n_bins must be >= 2, got {self.n_bins}", fix="use e.g. 4")
 
-    def _transformer(self, length: int) -> MarkovTransitionField:
+    def _transformer(self, length: int) -> Any:
+        from pyts.image import MarkovTransitionField
+
         return MarkovTransitionField(image_size=min(self.image_size, length), n_bins=self.n_bins)
 
     def _encode(self, windows: np.ndarray) -> np.ndarray:
@@ -226,7 +233,9 @@ class RecurrenceEncoder(_PytsEncoder):
     name: ClassVar[str] = "recurrence"
     threshold: float | None = None  # None: distances; a float: binary recurrence
 
-    def _transformer(self, length: int) -> RecurrencePlot:
+    def _transformer(self, length: int) -> Any:
+        from pyts.image import RecurrencePlot
+
         return RecurrencePlot(dimension=1, time_delay=1, threshold=self.threshold)
 
 

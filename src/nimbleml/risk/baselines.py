@@ -1,0 +1,613 @@
+"""Baseline volatility forecasters: the bar the CNN has to clear.
+
+Paper baselines (Hu et al.): linear regression, SVR and a decision tree on the flattened
+windows. Risk-desk baselines: EWMA (RiskMetrics), GARCH(1,1), GJR-GARCH(1,1,1) and HAR-RV.
+Every member forecasts the realised volatility over t+1..t+h (sqrt of the mean squared daily
+return, daily fraction) and has one face: ``fit(train, val) -> self``, ``predict(samples) -> (n,)``.
+
+Hyper-parameters are chosen on ``val`` when given, else on the chronologically last
+``holdout_frac`` of the training dates (with an h-day gap), then refitted on all of train.
+Fitting uses training rows and returns dated <= max(train.dates) only; predicting a row uses
+returns dated <= its origin t only. Everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import pandas as pd
+from arch import arch_model
+from arch.utility.exceptions import ConvergenceWarning
+from scipy.signal import lfilter
+from sklearn.linear_model import LinearRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVR
+from sklearn.tree import DecisionTreeRegressor
+
+from nimbleml.errors import NimbleError
+from nimbleml.progress import track
+from nimbleml.risk.samples import RiskSamples
+from nimbleml.risk.stats import qlike
+
+log = logging.getLogger(__name__)
+
+
+def _as_ns(dates: np.ndarray | pd.Index) -> np.ndarray:
+    """Dates as datetime64[ns], so searchsorted compares like with like."""
+    return np.asarray(dates).astype("datetime64[ns]")
+
+
+def _check_samples(samples: RiskSamples, what: str) -> None:
+    """Validate the shapes of a RiskSamples table once, at the boundary."""
+    n = len(samples.target)
+    if samples.windows.ndim != 3 or len(samples.windows) != n:
+        raise NimbleError(f"{what}: windows shape {samples.windows.shape} is not (n={n}, F, L)", fix="rebuild the samples")
+    for field_name in ("dates", "asset", "asset_class"):
+        if len(getattr(samples, field_name)) != n:
+            raise NimbleError(f"{what}: {field_name} has {len(getattr(samples, field_name))} rows, target {n}", fix="rebuild the samples")
+    for field_name in ("har", "har_range"):
+        if getattr(samples, field_name).shape != (n, 3):
+            raise NimbleError(f"{what}: {field_name} shape {getattr(samples, field_name).shape} is not ({n}, 3)", fix="rebuild the samples")
+    if len(samples.returns) != len(samples.asset_names):
+        raise NimbleError(f"{what}: {len(samples.returns)} return series for {len(samples.asset_names)} assets", fix="pass one return series per asset")
+    if samples.horizon < 1:
+        raise NimbleError(f"{what}: horizon {samples.horizon} < 1", fix="use a horizon of at least one day")
+
+
+def _selection_split(train: RiskSamples, val: RiskSamples | None, holdout_frac: float) -> tuple[RiskSamples, RiskSamples, str]:
+    """(rows to fit candidates on, rows to score them on, "val" or "train-holdout").
+
+    Without ``val`` the last ``holdout_frac`` of training dates is held out, and the candidate
+    fit stops ``horizon`` dates earlier so that no candidate's targets overlap the holdout.
+    """
+    if val is not None and len(val) > 0:
+        return train, val, "val"
+    days = np.unique(train.dates)
+    cut = int(len(days) * (1.0 - holdout_frac))
+    if cut - train.horizon < 2 or cut >= len(days):
+        raise NimbleError(f"{len(days)} training dates are too few to hold out {holdout_frac:.0%} for model selection",
+                          fix="pass a validation set or fix the hyper-parameters")
+    fit = train.subset(train.dates < days[cut - train.horizon])
+    return fit, train.subset(train.dates >= days[cut]), "train-holdout"
+
+
+def _grid_search(keys: Sequence[Any], build: Callable[[Any, RiskSamples], Any], score: Callable[[Any, RiskSamples], float],
+                 fit: RiskSamples, sel: RiskSamples, what: str) -> tuple[Any, dict[Any, Any], dict[str, float]]:
+    """Fit every candidate on ``fit``, score on ``sel`` (lower is better); (best key, fitted models, scores)."""
+    models, scores = {}, {}
+    for key in track(list(keys), f"{what} selection"):
+        models[key] = build(key, fit)
+        scores[str(key)] = float(score(models[key], sel))
+    best = min(keys, key=lambda k: scores[str(k)])
+    return best, models, scores
+
+
+class Baseline(ABC):
+    """A volatility forecaster with the scikit-learn face; subclasses fill ``_fit`` and ``_predict``.
+
+    After ``fit``: ``asset_names_``, ``horizon_``, ``train_end_`` (datetime64[ns]), ``floor_``
+    (per-asset lowest positive training target, the floor every forecast is clipped to) and
+    ``fit_seconds_``.
+    """
+
+    name: ClassVar[str]
+
+    def fit(self, train: RiskSamples, val: RiskSamples | None = None) -> Self:
+        """Fit on ``train`` (and choose hyper-parameters on ``val`` when given)."""
+        _check_samples(train, "train")
+        if len(train) == 0:
+            raise NimbleError("train has no rows", fix="check the split dates")
+        if val is not None:
+            _check_samples(val, "val")
+        start = time.perf_counter()
+        self.asset_names_ = list(train.asset_names)
+        self.horizon_ = int(train.horizon)
+        self.window_shape_ = tuple(train.windows.shape[1:])
+        self.train_end_ = _as_ns(train.dates).max()
+        self.floor_ = self._vol_floor(train)
+        self._fit(train, val)
+        self.fit_seconds_ = time.perf_counter() - start
+        log.info("%s: fitted on %d rows in %.1f s", self.name, len(train), self.fit_seconds_)
+        return self
+
+    def predict(self, samples: RiskSamples) -> np.ndarray:
+        """(n,) volatility forecasts over t+1..t+h, daily fraction, finite and > 0."""
+        if not hasattr(self, "floor_"):
+            raise NimbleError(f"{self.name}: predict called before fit", fix="call fit(train, val) first")
+        _check_samples(samples, "samples")
+        if list(samples.asset_names) != self.asset_names_:
+            raise NimbleError(f"{self.name}: samples have other assets than the training set", fix="predict on samples from the same panel")
+        if samples.horizon != self.horizon_ or tuple(samples.windows.shape[1:]) != self.window_shape_:
+            raise NimbleError(f"{self.name}: fitted for horizon {self.horizon_} and windows {self.window_shape_}, got "
+                              f"{samples.horizon} and {tuple(samples.windows.shape[1:])}", fix="refit on samples built the same way")
+        if len(samples) == 0:
+            return np.empty(0)
+        vol = np.maximum(np.asarray(self._predict(samples), dtype=float), self.floor_[samples.asset])
+        if not np.isfinite(vol).all():
+            raise NimbleError(f"{self.name}: {int((~np.isfinite(vol)).sum())} non-finite forecasts", fix="check the inputs for NaN or inf")
+        return vol
+
+    @staticmethod
+    def _vol_floor(train: RiskSamples) -> np.ndarray:
+        """(n_assets,) lowest positive training target per asset; assets without rows get the panel's."""
+        positive = train.target > 0
+        if not positive.any():
+            raise NimbleError("every training target is zero", fix="check the returns feeding the target")
+        floor = np.full(len(train.asset_names), train.target[positive].min())
+        for a in np.unique(train.asset[positive]):
+            floor[a] = train.target[positive & (train.asset == a)].min()
+        return floor
+
+    @abstractmethod
+    def _fit(self, train: RiskSamples, val: RiskSamples | None) -> None:
+        """Fit the model; the base class has validated the inputs."""
+
+    @abstractmethod
+    def _predict(self, samples: RiskSamples) -> np.ndarray:
+        """(n,) raw volatility forecasts; the base class floors them and checks they are finite."""
+
+
+# ----------------------------------------------------------------------------- paper: LR, SVR, tree
+
+
+class LinearBaseline(Baseline):
+    """The paper's linear regression: OLS of target vol on the flattened windows."""
+
+    name = "linear"
+
+    def _fit(self, train: RiskSamples, val: RiskSamples | None) -> None:
+        self.model_ = LinearRegression().fit(train.flat.astype(np.float64), train.target)
+
+    def _predict(self, samples: RiskSamples) -> np.ndarray:
+        return self.model_.predict(samples.flat.astype(np.float64))
+
+
+class SVRBaseline(Baseline):
+    """The paper's SVM: an RBF support-vector regression of standardised target vol on standardised windows.
+
+    Kernel SVR costs O(n^2) memory and time, so the final fit uses a seeded random subsample of
+    at most ``max_samples`` training rows, and the C / epsilon grid is searched on at most
+    ``grid_samples`` rows (scored by MSE of vol). epsilon is in units of the target's std.
+    """
+
+    name = "svr"
+
+    def __init__(
+        self,
+        max_samples: int = 20_000,  # rows for the final fit (random subsample of train)
+        grid_samples: int = 4_000,  # rows for each grid fit and for scoring it
+        C: float | None = None,  # None: choose from c_grid
+        epsilon: float | None = None,  # None: choose from epsilon_grid; target-std units
+        c_grid: Sequence[float] = (0.3, 1.0, 3.0, 10.0),
+        epsilon_grid: Sequence[float] = (0.05, 0.2),
+        holdout_frac: float = 0.2,  # selection set when no val is given
+        random_state: int = 0,
+    ):
+        if max_samples < 10 or grid_samples < 10:
+            raise NimbleError("svr: max_samples and grid_samples must be >= 10", fix="raise them")
+        self.max_samples = max_samples
+        self.grid_samples = grid_samples
+        self.C = C
+        self.epsilon = epsilon
+        self.c_grid = tuple(c_grid)
+        self.epsilon_grid = tuple(epsilon_grid)
+        self.holdout_frac = holdout_frac
+        self.random_state = random_state
+
+    def _rows(self, n: int, k: int) -> np.ndarray:
+        """At most k sorted row indices out of n, drawn without replacement with a fixed seed."""
+        if n <= k:
+            return np.arange(n)
+        return np.sort(np.random.default_rng(self.random_state).choice(n, size=k, replace=False))
+
+    def _svr(self, key: tuple[float, float], samples: RiskSamples, k: int) -> SVR:
+        rows = self._rows(len(samples), k)
+        x = self.scaler_.transform(samples.flat[rows].astype(np.float64))
+        y = (samples.target[rows] - self.y_mean_) / self.y_std_
+        return SVR(kernel="rbf", C=key[0], epsilon=key[1], gamma="scale", cache_size=1000).fit(x, y)
+
+    def _vol(self, model: SVR, samples: RiskSamples) -> np.ndarray:
+        return model.predict(self.scaler_.transform(samples.flat.astype(np.float64))) * self.y_std_ + self.y_mean_
+
+    def _fit(self, train: RiskSamples, val: RiskSamples | None) -> None:
+        self.scaler_ = StandardScaler().fit(train.flat.astype(np.float64))
+        self.y_mean_ = float(train.target.mean())
+        self.y_std_ = float(train.target.std()) or 1.0
+        cs = (self.C,) if self.C is not None else self.c_grid
+        eps = (self.epsilon,) if self.epsilon is not None else self.epsilon_grid
+        keys = [(c, e) for c in cs for e in eps]
+        self.scores_: dict[str, float] = {}
+        self.selection_ = "fixed"
+        best = keys[0]
+        if len(keys) > 1:
+            fit, sel, self.selection_ = _selection_split(train, val, self.holdout_frac)
+            sel = sel.subset(self._rows(len(sel), self.grid_samples))
+            best, _, self.scores_ = _grid_search(
+                keys, lambda key, s: self._svr(key, s, self.grid_samples),
+                lambda m, s: float(np.mean((self._vol(m, s) - s.target) ** 2)), fit, sel, self.name)
+        self.C_, self.epsilon_ = best
+        self.model_ = self._svr(best, train, self.max_samples)
+        self.n_fit_rows_ = min(len(train), self.max_samples)
+
+    def _predict(self, samples: RiskSamples) -> np.ndarray:
+        return self._vol(self.model_, samples)
+
+
+class TreeBaseline(Baseline):
+    """The paper's decision tree on the flattened windows; depth and leaf size chosen by MSE of vol."""
+
+    name = "tree"
+
+    def __init__(
+        self,
+        max_depth: int | None = None,  # None: choose from depth_grid
+        min_samples_leaf: int | None = None,  # None: choose from leaf_grid
+        depth_grid: Sequence[int] = (3, 5, 8, 12),
+        leaf_grid: Sequence[int] = (20, 100, 500),
+        holdout_frac: float = 0.2,  # selection set when no val is given
+        random_state: int = 0,
+    ):
+        self.max_depth = max_depth
+        self.min_samples_leaf = min_samples_leaf
+        self.depth_grid = tuple(depth_grid)
+        self.leaf_grid = tuple(leaf_grid)
+        self.holdout_frac = holdout_frac
+        self.random_state = random_state
+
+    def _tree(self, key: tuple[int, int], samples: RiskSamples) -> DecisionTreeRegressor:
+        model = DecisionTreeRegressor(max_depth=key[0], min_samples_leaf=key[1], random_state=self.random_state)
+        return model.fit(samples.flat, samples.target)
+
+    def _fit(self, train: RiskSamples, val: RiskSamples | None) -> None:
+        depths = (self.max_depth,) if self.max_depth is not None else self.depth_grid
+        leaves = (self.min_samples_leaf,) if self.min_samples_leaf is not None else self.leaf_grid
+        keys = [(d, m) for d in depths for m in leaves]
+        self.scores_: dict[str, float] = {}
+        self.selection_ = "fixed"
+        if len(keys) == 1:
+            best, self.model_ = keys[0], self._tree(keys[0], train)
+        else:
+            fit, sel, self.selection_ = _selection_split(train, val, self.holdout_frac)
+            best, models, self.scores_ = _grid_search(
+                keys, self._tree, lambda m, s: float(np.mean((m.predict(s.flat) - s.target) ** 2)), fit, sel, self.name)
+            self.model_ = models[best] if self.selection_ == "val" else self._tree(best, train)
+        self.max_depth_, self.min_samples_leaf_ = best
+
+    def _predict(self, samples: RiskSamples) -> np.ndarray:
+        return self.model_.predict(samples.flat)
+
+
+# ----------------------------------------------------------------------------- EWMA, GARCH, GJR
+
+
+@dataclass(frozen=True)
+class VarianceRecursion:
+    """sigma2_{t+1} = omega + (alpha + gamma [e_t < 0]) e_t^2 + beta sigma2_t, on e = scale * r - mu.
+
+    EWMA is omega=0, alpha=1-lambda, beta=lambda. Parameters are in the scaled units; the
+    recursion starts like arch's (backcast = 0.94-weighted mean of the first 75 e^2).
+    """
+
+    omega: float
+    alpha: float
+    gamma: float
+    beta: float
+    mu: float = 0.0  # mean of scaled returns (0 for a zero-mean model)
+    scale: float = 1.0  # returns are multiplied by this before the recursion
+
+    @property
+    def persistence(self) -> float:
+        """alpha + gamma/2 + beta: the decay of E[sigma2_{t+k}] towards its long-run level."""
+        return self.alpha + 0.5 * self.gamma + self.beta
+
+    def mean_variance(self, returns: np.ndarray, horizon: int) -> np.ndarray:
+        """(T,) mean over i=1..h of E_t[r_{t+i}^2] at every origin t, unscaled daily variance.
+
+        Vectorised over origins (one lfilter pass and h affine steps) rather than arch's
+        per-origin Python loop in ``forecast``; the tests check both give the same numbers.
+        """
+        e = self.scale * np.asarray(returns, dtype=float) - self.mu
+        w = 0.94 ** np.arange(min(75, len(e)))
+        backcast = float(w @ e[: len(w)] ** 2 / w.sum())
+        sigma2_0 = self.omega + self.persistence * backcast
+        shock = self.omega + (self.alpha + self.gamma * (e < 0)) * e**2
+        step = lfilter([1.0], [1.0, -self.beta], shock, zi=[self.beta * sigma2_0])[0]
+        total = np.zeros_like(step)
+        for _ in range(horizon):
+            total += step
+            step = self.omega + self.persistence * step
+        return (total / horizon + self.mu**2) / self.scale**2
+
+
+def ewma_recursion(lam: float) -> VarianceRecursion:
+    """RiskMetrics EWMA as a VarianceRecursion; its h-day forecast is flat at sigma2_{t+1}."""
+    return VarianceRecursion(omega=0.0, alpha=1.0 - lam, gamma=0.0, beta=lam)
+
+
+class _RecursionBaseline(Baseline):
+    """EWMA and GARCH-type baselines: one VarianceRecursion per asset, run once over the asset's
+    whole return history and looked up at each sample's (asset, date) — samples need not be
+    contiguous. Each origin's forecast uses returns dated <= t only."""
+
+    def _fit(self, train: RiskSamples, val: RiskSamples | None) -> None:
+        self._paths: dict[int, tuple[pd.Series, np.ndarray, np.ndarray]] = {}
+        self.recursions_: dict[int, VarianceRecursion] = self._fit_recursions(train)
+
+    @abstractmethod
+    def _fit_recursions(self, train: RiskSamples) -> dict[int, VarianceRecursion]:
+        """One recursion per asset index, fitted on returns dated <= ``self.train_end_``."""
+
+    def _history(self, train: RiskSamples, a: int) -> np.ndarray:
+        """Asset a's returns dated <= the train end, NaN dropped, oldest first."""
+        series = train.returns[a].dropna()
+        return series.to_numpy(dtype=float)[_as_ns(series.index) <= self.train_end_]
+
+    def _path(self, returns: list[pd.Series], a: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dates, h-day mean variance forecast at each date) for asset a, cached per series object."""
+        series = returns[a]
+        cached = self._paths.get(a)
+        if cached is None or cached[0] is not series:
+            clean = series.dropna()
+            var = self.recursions_[a].mean_variance(clean.to_numpy(dtype=float), self.horizon_)
+            cached = (series, _as_ns(clean.index), var)
+            self._paths[a] = cached
+        return cached[1], cached[2]
+
+    def _predict(self, samples: RiskSamples) -> np.ndarray:
+        out = np.empty(len(samples))
+        for a in np.unique(samples.asset):
+            rows = samples.asset == a
+            dates, var = self._path(samples.returns, int(a))
+            pos = np.searchsorted(dates, _as_ns(samples.dates[rows]), side="right") - 1
+            if (pos < 0).any():
+                raise NimbleError(f"{self.name}: {self.asset_names_[a]} has samples dated before its first return",
+                                  fix="drop those samples or load a longer return history")
+            out[rows] = np.sqrt(var[pos])
+        return out
+
+
+class EWMABaseline(_RecursionBaseline):
+    """RiskMetrics EWMA, lambda = 0.94, zero mean; the h-day forecast is flat.
+
+    The recursion is written out (``VarianceRecursion``) rather than fitted through
+    ``arch_model(..., vol=EWMAVariance(0.94))`` because it has no parameters to estimate and we
+    need its value at every date of every asset; the tests check it against arch.
+    """
+
+    name = "ewma"
+
+    def __init__(self, lam: float = 0.94):  # RiskMetrics daily decay
+        if not 0.0 < lam < 1.0:
+            raise NimbleError(f"ewma: lam={lam} not in (0, 1)", fix="use e.g. 0.94 (RiskMetrics daily)")
+        self.lam = lam
+
+    def _fit_recursions(self, train: RiskSamples) -> dict[int, VarianceRecursion]:
+        return {a: ewma_recursion(self.lam) for a in range(len(train.asset_names))}
+
+
+class GARCHBaseline(_RecursionBaseline):
+    """GARCH(1,1) per asset (arch), fitted on the last ``fit_window`` returns dated <= train end.
+
+    Returns are rescaled per asset to unit variance on the fit window (bond yield changes are
+    ~1e-4, far below what arch's optimiser likes) and forecasts are scaled back. The fitted
+    parameters are then fixed and run over the asset's whole history; the forecast is
+    sqrt(mean_{i=1..h} E_t[sigma2_{t+i}]) (+ mu^2 for a constant mean, as the target is not
+    demeaned). Defaults: zero mean (the target is the raw second moment and a daily mean
+    estimate is noise), Student t errors (fat tails make Gaussian QMLE less efficient), a
+    2500-day (~10 year) window: ample for 4 parameters, bounded fit cost, and it follows slow
+    regime changes. A failed fit (too few returns, no convergence, non-stationary estimate) is
+    logged and the asset falls back to EWMA; see ``fallbacks_`` / ``fallback_assets_``.
+    """
+
+    name = "garch"
+    o: ClassVar[int] = 0  # asymmetric (GJR) terms
+
+    def __init__(
+        self,
+        fit_window: int | None = 2500,  # most recent returns before train end used to fit; None: all
+        mean: str = "Zero",  # arch mean model: "Zero" or "Constant"
+        dist: str = "t",  # arch error distribution: "t" or "normal"
+        min_obs: int = 500,  # fewer returns before train end -> EWMA fallback
+        fallback_lam: float = 0.94,  # EWMA decay of the fallback
+    ):
+        if mean not in ("Zero", "Constant") or dist not in ("t", "normal"):
+            raise NimbleError(f"{self.name}: mean={mean!r}, dist={dist!r}", fix='use mean "Zero"/"Constant" and dist "t"/"normal"')
+        self.fit_window = fit_window
+        self.mean = mean
+        self.dist = dist
+        self.min_obs = min_obs
+        self.fallback_lam = fallback_lam
+
+    def _fit_one(self, r: np.ndarray) -> tuple[VarianceRecursion | None, pd.Series | None, str]:
+        """(recursion, arch params in scaled units, "") or (None, None, why it failed)."""
+        if len(r) < self.min_obs:
+            return None, None, f"{len(r)} returns before train end < min_obs={self.min_obs}"
+        sd = float(np.std(r))
+        if not sd > 0:
+            return None, None, "returns have zero variance"
+        model = arch_model(r / sd, mean=self.mean, vol="GARCH", p=1, o=self.o, q=1, dist=self.dist, rescale=False)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # checked through convergence_flag
+                res = model.fit(disp="off", show_warning=False)
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
+            return None, None, f"arch fit raised {exc!r}"
+        if res.convergence_flag != 0:
+            return None, None, f"optimiser did not converge (flag {res.convergence_flag})"
+        p = res.params
+        rec = VarianceRecursion(omega=float(p["omega"]), alpha=float(p["alpha[1]"]), gamma=float(p.get("gamma[1]", 0.0)),
+                                beta=float(p["beta[1]"]), mu=float(p.get("mu", 0.0)), scale=1.0 / sd)
+        if not (np.isfinite(p.to_numpy()).all() and rec.omega > 0 and rec.persistence < 1.0):
+            return None, None, f"non-stationary or invalid estimate (persistence {rec.persistence:.4f})"
+        return rec, p, ""
+
+    def _fit_recursions(self, train: RiskSamples) -> dict[int, VarianceRecursion]:
+        recursions: dict[int, VarianceRecursion] = {}
+        self.params_: dict[str, pd.Series] = {}
+        self.fallback_assets_: list[str] = []
+        for a in track(range(len(train.asset_names)), f"{self.name} fits"):
+            name = train.asset_names[a]
+            r = self._history(train, a)
+            if self.fit_window is not None:
+                r = r[-self.fit_window:]
+            rec, params, why = self._fit_one(r)
+            if rec is None:
+                log.warning("%s: %s: %s; using EWMA(%.2f) for this asset", self.name, name, why, self.fallback_lam)
+                self.fallback_assets_.append(name)
+                rec = ewma_recursion(self.fallback_lam)
+            else:
+                self.params_[name] = params
+            recursions[a] = rec
+        self.fallbacks_ = len(self.fallback_assets_)
+        return recursions
+
+
+class GJRBaseline(GARCHBaseline):
+    """GJR-GARCH(1,1,1): GARCH(1,1) plus a leverage term gamma e_t^2 [e_t < 0]; same procedure."""
+
+    name = "gjr"
+    o = 1
+
+
+# ----------------------------------------------------------------------------- HAR-RV
+
+
+@dataclass
+class _HARFit:
+    """One HAR specification fitted per asset, per asset class and pooled; rows use the most specific."""
+
+    form: str  # "levels" or "log"
+    features: str  # "cc" or "cc+range"
+    asset: dict[int, tuple[np.ndarray, float]]  # asset index -> (coef, multiplicative bias)
+    asset_class: dict[int, tuple[np.ndarray, float]]
+    pooled: tuple[np.ndarray, float]
+
+
+class HARBaseline(Baseline):
+    """HAR-RV (Corsi 2009): h-day mean variance on daily, weekly and monthly realised variance.
+
+    Per-asset OLS on training rows; assets with fewer than ``min_rows`` rows use their asset
+    class's pooled fit (or the panel's). ``form``: "levels" (variance on variances) or "log"
+    (log variance on log variances, back-transformed with a bias factor: "smearing" = mean of
+    exp(residual) (Duan 1983), "normal" = exp(s^2/2)). ``features``: "cc" (close-to-close
+    ``har``) or "cc+range" (adds Garman-Klass ``har_range``). Either left None is chosen by
+    QLIKE on the selection set. Log inputs and forecasts are floored at ``log_floor`` x the
+    asset's median monthly RV. Choices land in ``form_``, ``features_``, ``scores_``,
+    ``selection_``, ``coef_`` (asset -> [const, d, w, m(, d_gk, w_gk, m_gk)]), ``pooled_assets_``.
+    """
+
+    name = "har"
+
+    def __init__(
+        self,
+        form: str | None = None,  # "levels", "log" or None (choose on validation QLIKE)
+        features: str | None = None,  # "cc", "cc+range" or None (choose; "cc" when har_range == har)
+        min_rows: int = 250,  # fewer training rows -> asset-class pooled fit
+        log_bias: str = "smearing",  # "smearing" or "normal"
+        log_floor: float = 0.01,  # variance floor, fraction of the asset's median 22-day RV
+        holdout_frac: float = 0.2,  # selection set when no val is given
+    ):
+        if form not in (None, "levels", "log") or features not in (None, "cc", "cc+range") or log_bias not in ("smearing", "normal"):
+            raise NimbleError(f"har: form={form!r}, features={features!r}, log_bias={log_bias!r}",
+                              fix='form in {"levels","log"}, features in {"cc","cc+range"}, log_bias in {"smearing","normal"}')
+        self.form = form
+        self.features = features
+        self.min_rows = min_rows
+        self.log_bias = log_bias
+        self.log_floor = log_floor
+        self.holdout_frac = holdout_frac
+
+    def _design(self, samples: RiskSamples, form: str, features: str) -> np.ndarray:
+        """(n, 4 or 7) [1, RV_d, RV_w, RV_m(, GK_d, GK_w, GK_m)], logged for the log form."""
+        x = samples.har if features == "cc" else np.hstack([samples.har, samples.har_range])
+        if form == "log":
+            x = np.log(np.maximum(x, self.var_floor_[samples.asset, None]))
+        return np.hstack([np.ones((len(x), 1)), x])
+
+    def _ols(self, x: np.ndarray, y: np.ndarray, form: str) -> tuple[np.ndarray, float]:
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        if form == "levels":
+            return coef, 1.0
+        resid = y - x @ coef
+        bias = float(np.mean(np.exp(resid))) if self.log_bias == "smearing" else float(np.exp(0.5 * np.var(resid)))
+        return coef, bias
+
+    def _fit_spec(self, key: tuple[str, str], samples: RiskSamples) -> _HARFit:
+        form, features = key
+        x = self._design(samples, form, features)
+        y = samples.target_variance
+        if form == "log":
+            y = np.log(np.maximum(y, self.var_floor_[samples.asset]))
+        per_asset = {int(a): self._ols(x[m], y[m], form) for a in np.unique(samples.asset)
+                     if (m := samples.asset == a).sum() >= self.min_rows}
+        per_class = {int(c): self._ols(x[m], y[m], form) for c in np.unique(samples.asset_class)
+                     if (m := samples.asset_class == c).sum() >= self.min_rows}
+        return _HARFit(form, features, per_asset, per_class, self._ols(x, y, form))
+
+    def _variance(self, fit: _HARFit, samples: RiskSamples) -> np.ndarray:
+        """(n,) h-day mean variance forecasts, floored at the asset's variance floor."""
+        x = self._design(samples, fit.form, fit.features)
+        out = np.empty(len(samples))
+        for a, c in {(int(a), int(c)) for a, c in zip(samples.asset, samples.asset_class)}:
+            rows = (samples.asset == a) & (samples.asset_class == c)
+            coef, bias = fit.asset.get(a) or fit.asset_class.get(c) or fit.pooled
+            z = x[rows] @ coef
+            out[rows] = z if fit.form == "levels" else np.exp(z) * bias
+        return np.maximum(out, self.var_floor_[samples.asset])
+
+    def _qlike(self, fit: _HARFit, samples: RiskSamples) -> float:
+        y = np.maximum(samples.target_variance, self.var_floor_[samples.asset])
+        return float(np.mean(qlike(y, self._variance(fit, samples))))
+
+    def _fit(self, train: RiskSamples, val: RiskSamples | None) -> None:
+        med = np.median(train.har[:, 2])
+        self.var_floor_ = np.full(len(train.asset_names), self.log_floor * med)
+        for a in np.unique(train.asset):
+            self.var_floor_[a] = self.log_floor * np.median(train.har[train.asset == a, 2])
+        self.var_floor_ = np.maximum(self.var_floor_, np.finfo(float).tiny)
+        forms = [self.form] if self.form else ["levels", "log"]
+        if self.features:
+            features = [self.features]
+        else:
+            features = ["cc"] if np.array_equal(train.har, train.har_range) else ["cc", "cc+range"]
+        keys = [(f, x) for f in forms for x in features]
+        self.scores_: dict[str, float] = {}
+        self.selection_ = "fixed"
+        if len(keys) == 1:
+            best, self.model_ = keys[0], self._fit_spec(keys[0], train)
+        else:
+            fit, sel, self.selection_ = _selection_split(train, val, self.holdout_frac)
+            best, models, self.scores_ = _grid_search(keys, self._fit_spec, self._qlike, fit, sel, self.name)
+            self.model_ = models[best] if self.selection_ == "val" else self._fit_spec(best, train)
+        self.form_, self.features_ = best
+        counts = np.bincount(train.asset, minlength=len(train.asset_names))
+        self.pooled_assets_ = [n for a, n in enumerate(train.asset_names) if 0 < counts[a] < self.min_rows]
+        self.coef_ = {train.asset_names[a]: coef for a, (coef, _) in self.model_.asset.items()}
+
+    def _predict(self, samples: RiskSamples) -> np.ndarray:
+        return np.sqrt(self._variance(self.model_, samples))
+
+
+# ----------------------------------------------------------------------------- registry
+
+BASELINES: dict[str, type[Baseline]] = {
+    cls.name: cls
+    for cls in (LinearBaseline, SVRBaseline, TreeBaseline, EWMABaseline, GARCHBaseline, GJRBaseline, HARBaseline)
+}
+
+
+def make_baseline(name: str, **kw: Any) -> Baseline:
+    """A baseline by registry name, e.g. ``make_baseline("garch", dist="normal")``."""
+    if name not in BASELINES:
+        raise NimbleError(f"unknown baseline {name!r}", fix=f"use one of {', '.join(sorted(BASELINES))}")
+    try:
+        return BASELINES[name](**kw)
+    except TypeError as exc:
+        raise NimbleError(f"baseline {name!r}: bad arguments {sorted(kw)} ({exc})", fix="see the class docstring for its arguments") from exc

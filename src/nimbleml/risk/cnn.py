@@ -1,0 +1,388 @@
+"""CNNForecaster: the paper's image CNN behind the estimator face (fit / predict).
+
+Images are encoded per batch from ``RiskSamples.windows`` (all images of 2M samples at
+32x32 would not fit in memory). The network learns a transform of the target:
+
+- ``log_var`` (default): MSE on log(y^2 + eps), standardised with the train mean and std.
+  exp() of a mean log forecast is biased low for E[y^2] (Jensen), so forecasts are scaled by
+  c = mean(y_val^2 / f_val^2) on the validation set: the c that minimises validation QLIKE,
+  in closed form. eps = 1e-4 x the median train variance keeps zero targets finite.
+- ``vol``: MSE on the standardised target y.
+- ``var``: MSE on the standardised variance y^2.
+
+The same calibration applies to all three (``calibrate=False`` turns it off); forecast
+variances are floored at eps. Training stops early on validation QLIKE (after calibration)
+and the best epoch's weights are restored.
+
+Subsampling: stride-1 windows overlap almost entirely, so neighbouring samples are nearly
+copies. When the training set holds more than ``max_train_samples`` rows, each epoch draws
+a fresh random subset of that size: more epochs of varied data for the same time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress, TaskID
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nimbleml.errors import NimbleError
+from nimbleml.progress import make_progress
+from nimbleml.risk.imaging import ImageEncoder, get_encoder
+from nimbleml.risk.model import RiskCNN, RiskCNNConfig
+from nimbleml.risk.samples import RiskSamples
+
+logger = logging.getLogger(__name__)
+
+TARGETS: tuple[str, ...] = ("log_var", "vol", "var")
+EPS_OF_MEDIAN_VARIANCE = 1e-4  # variance floor eps, as a fraction of the median train variance
+
+
+def qlike(target_variance: np.ndarray, forecast_variance: np.ndarray) -> float:
+    """QLIKE loss, mean(y2/f2 - log(y2/f2) - 1), on variances; 0 for a perfect forecast."""
+    ratio = target_variance / forecast_variance
+    return float(np.mean(ratio - np.log(ratio) - 1.0))
+
+
+@dataclass
+class TargetTransform:
+    """Maps the target (realised vol, daily fraction) to the network's units and back to variance."""
+
+    kind: str  # one of TARGETS
+    mean: float  # train mean of the transformed target
+    std: float  # train std of the transformed target
+    var_eps: float  # variance floor (daily variance)
+
+    @classmethod
+    def fit(cls, kind: str, target: np.ndarray) -> TargetTransform:
+        variance = target.astype(np.float64) ** 2
+        median = float(np.median(variance))
+        if median <= 0:
+            raise NimbleError(
+                "at least half the training targets are zero volatility",
+                fix="drop assets or days without price changes before building RiskSamples",
+            )
+        transform = cls(kind=kind, mean=0.0, std=1.0, var_eps=EPS_OF_MEDIAN_VARIANCE * median)
+        raw = transform._raw(target)
+        std = float(raw.std())
+        if not std > 0:
+            raise NimbleError("the training targets are all equal", fix="check the target construction")
+        return dataclasses.replace(transform, mean=float(raw.mean()), std=std)
+
+    def _raw(self, target: np.ndarray) -> np.ndarray:
+        target = target.astype(np.float64)
+        if self.kind == "log_var":
+            return np.log(target**2 + self.var_eps)
+        if self.kind == "vol":
+            return target
+        return target**2
+
+    def encode(self, target: np.ndarray) -> np.ndarray:
+        """(n,) realised vol -> (n,) float32 standardised network target."""
+        return ((self._raw(target) - self.mean) / self.std).astype(np.float32)
+
+    def variance(self, output: np.ndarray) -> np.ndarray:
+        """(n,) network output -> (n,) float64 forecast variance, floored at var_eps."""
+        raw = output.astype(np.float64) * self.std + self.mean
+        if self.kind == "log_var":
+            variance = np.exp(raw)
+        elif self.kind == "vol":
+            variance = np.maximum(raw, 0.0) ** 2
+        else:
+            variance = raw
+        return np.maximum(variance, self.var_eps)
+
+
+class CNNForecaster:
+    """Image CNN volatility forecaster: ``fit(train, val) -> self``, ``predict(samples) -> vol``.
+
+    Parameters
+    ----------
+    config : architecture and training settings; ``in_channels`` and ``image_size`` are
+        taken from the encoder at fit time (``config_`` holds the resolved copy).
+    encoder : the window-to-image encoder.
+    target : "log_var", "vol" or "var": what the network is trained on (see module docstring).
+    seed : seeds weights, dropout and batch order; same seed, data and device -> same forecasts.
+    max_train_samples : rows per epoch; a fresh random subset each epoch when the training
+        set is larger. None = all rows every epoch.
+    device : "cpu", "cuda", ...; None picks CUDA when available.
+    calibrate : scale forecast variances by the QLIKE-optimal constant on validation data.
+
+    Fitted attributes: ``model_``, ``config_``, ``transform_``, ``calibration_``,
+    ``history_`` (one dict per epoch), ``best_epoch_`` (1-based), ``fit_seconds_``.
+    """
+
+    def __init__(
+        self,
+        config: RiskCNNConfig,
+        encoder: ImageEncoder,
+        target: str = "log_var",
+        seed: int = 0,
+        max_train_samples: int | None = 200_000,
+        device: str | None = None,
+        calibrate: bool = True,
+    ):
+        if target not in TARGETS:
+            raise NimbleError(f"unknown CNN target {target!r}", fix=f"use one of {', '.join(TARGETS)}")
+        if max_train_samples is not None and max_train_samples < 1:
+            raise NimbleError(f"max_train_samples must be >= 1 or None, got {max_train_samples}")
+        self.config = config
+        self.encoder = encoder
+        self.target = target
+        self.seed = seed
+        self.max_train_samples = max_train_samples
+        self.device = device
+        self.calibrate = calibrate
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train: RiskSamples, val: RiskSamples) -> CNNForecaster:
+        """Train on ``train``, early-stop and calibrate on ``val``; returns self."""
+        started = time.perf_counter()
+        self._check(train, "train")
+        self._check(val, "val")
+        n_features, window = train.windows.shape[1:]
+        if val.windows.shape[1:] != (n_features, window):
+            raise NimbleError(
+                f"val windows are {val.windows.shape[1:]}, train windows {(n_features, window)}",
+                fix="build train and val with the same features and window",
+            )
+        self.window_shape_ = (int(n_features), int(window))
+        self.config_ = self._resolve_config(n_features)
+        self.device_ = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.transform_ = TargetTransform.fit(self.target, train.target)
+        val_variance = val.target.astype(np.float64) ** 2
+        val_variance_floored = np.maximum(val_variance, self.transform_.var_eps)
+        cfg = self.config_
+        n_train = len(train) if self.max_train_samples is None else min(len(train), self.max_train_samples)
+        n_batches = -(-n_train // cfg.batch_size)
+        logger.info(
+            "CNN fit: %d train rows (%d per epoch), %d val rows, %s encoder, target %s, device %s",
+            len(train), n_train, len(val), self.encoder.name, self.target, self.device_,
+        )
+
+        with _seeded(self.seed, self.device_):
+            rng = np.random.default_rng(self.seed)
+            self.model_ = RiskCNN(cfg).to(self.device_)
+            optimizer = torch.optim.Adam(self.model_.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            train_z = self.transform_.encode(train.target)
+            self.history_: list[dict[str, float]] = []
+            best_qlike, best_state, stale = np.inf, None, 0
+            with make_progress() as progress:
+                for epoch in range(1, cfg.max_epochs + 1):
+                    task = progress.add_task(f"epoch {epoch}/{cfg.max_epochs}", total=n_batches, info="")
+                    epoch_started = time.perf_counter()
+                    if n_train < len(train):
+                        order = rng.choice(len(train), size=n_train, replace=False)
+                    else:
+                        order = rng.permutation(len(train))
+                    loss_sum, seen = self._train_epoch(train, train_z, order, optimizer, progress, task)
+                    train_seconds = time.perf_counter() - epoch_started
+                    raw = self._predict_variance(val)
+                    calibration = float(np.mean(val_variance_floored / raw)) if self.calibrate else 1.0
+                    val_qlike = qlike(val_variance_floored, calibration * raw)
+                    record = {
+                        "epoch": epoch,
+                        "train_loss": loss_sum / seen,
+                        "val_qlike": val_qlike,
+                        "val_qlike_uncalibrated": qlike(val_variance_floored, raw),
+                        "calibration": calibration,
+                        "train_seconds": train_seconds,
+                        "samples_per_s": seen / train_seconds,
+                    }
+                    self.history_.append(record)
+                    progress.update(task, info=f"train mse {record['train_loss']:.4f}  val qlike {val_qlike:.4f}")
+                    logger.info(
+                        "epoch %d: train mse %.4f, val qlike %.4f (c=%.3f), %.0f samples/s",
+                        epoch, record["train_loss"], val_qlike, calibration, record["samples_per_s"],
+                    )
+                    if val_qlike < best_qlike:
+                        best_qlike, stale = val_qlike, 0
+                        best_state = copy.deepcopy(self.model_.state_dict())
+                        self.best_epoch_, self.calibration_ = epoch, calibration
+                    else:
+                        stale += 1
+                        if stale >= cfg.patience:
+                            logger.info("early stop after epoch %d; best epoch %d", epoch, self.best_epoch_)
+                            break
+            self.model_.load_state_dict(best_state)
+            self.model_.eval()
+        self.fit_seconds_ = time.perf_counter() - started
+        return self
+
+    def _train_epoch(
+        self,
+        train: RiskSamples,
+        train_z: np.ndarray,
+        order: np.ndarray,
+        optimizer: torch.optim.Optimizer,
+        progress: Progress,
+        task: TaskID,
+    ) -> tuple[float, int]:
+        """One pass over ``order`` in batches; returns (summed squared error, rows seen)."""
+        self.model_.train()
+        loss_fn = nn.MSELoss()
+        loss_sum, seen = 0.0, 0
+        for start in range(0, len(order), self.config_.batch_size):
+            index = np.sort(order[start : start + self.config_.batch_size])
+            if len(index) < 2 and self.config_.batch_norm:
+                continue  # BatchNorm cannot train on a batch of one
+            images, classes = self._batch(train, index)
+            target = torch.from_numpy(train_z[index]).to(self.device_)
+            loss = loss_fn(self.model_(images, classes), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(index)
+            seen += len(index)
+            progress.update(task, advance=1, info=f"train mse {loss_sum / seen:.4f}")
+        return loss_sum, seen
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, samples: RiskSamples) -> np.ndarray:
+        """(n,) float64 forecast realised volatility over the next h days (daily fraction, > 0)."""
+        if not hasattr(self, "model_"):
+            raise NimbleError("CNNForecaster is not fitted", fix="call fit(train, val) or load() first")
+        self._check(samples, "predict", need_target=False)
+        if samples.windows.shape[1:] != self.window_shape_:
+            raise NimbleError(
+                f"windows are {samples.windows.shape[1:]}, the model was fitted on {self.window_shape_}",
+                fix="build samples with the features and window used at fit time",
+            )
+        return np.sqrt(self.calibration_ * self._predict_variance(samples))
+
+    def _predict_variance(self, samples: RiskSamples) -> np.ndarray:
+        """(n,) uncalibrated forecast variance, in batches of 4 x batch_size."""
+        self.model_.eval()
+        step = 4 * self.config_.batch_size
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(samples), step):
+                index = np.arange(start, min(start + step, len(samples)))
+                images, classes = self._batch(samples, index)
+                outputs.append(self.model_(images, classes).float().cpu().numpy())
+        output = np.concatenate(outputs) if outputs else np.empty(0, np.float32)
+        return self.transform_.variance(output)
+
+    def _batch(self, samples: RiskSamples, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(self.encoder.encode(samples.windows[index])).to(self.device_)
+        classes = torch.from_numpy(samples.asset_class[index].astype(np.int64)).to(self.device_)
+        return images, classes
+
+    # ------------------------------------------------------------------ checks
+    def _resolve_config(self, n_features: int) -> RiskCNNConfig:
+        channels, size = self.encoder.channels(n_features), self.encoder.image_size
+        if (channels, size) != (self.config.in_channels, self.config.image_size):
+            logger.info(
+                "CNN input set from the %s encoder: %d channel(s) of %dx%d (config had %d of %dx%d)",
+                self.encoder.name, channels, size, size,
+                self.config.in_channels, self.config.image_size, self.config.image_size,
+            )
+        return dataclasses.replace(self.config, in_channels=channels, image_size=size)
+
+    def _check(self, samples: RiskSamples, role: str, need_target: bool = True) -> None:
+        windows = samples.windows
+        if windows.ndim != 3 or len(windows) != len(samples.asset_class):
+            raise NimbleError(
+                f"{role} samples: windows {windows.shape} and asset_class {samples.asset_class.shape} disagree",
+                fix="build samples with nimbleml.risk.samples.RiskSamples",
+            )
+        if len(samples) == 0 and role != "predict":
+            raise NimbleError(f"{role} samples are empty", fix="widen the date range or the split")
+        if not np.isfinite(windows.sum(axis=(1, 2), dtype=np.float64)).all():
+            raise NimbleError(f"{role} windows hold NaN or inf", fix="fill or drop missing feature values")
+        classes = samples.asset_class
+        if len(classes) and (classes.min() < 0 or classes.max() >= self.config.n_classes):
+            raise NimbleError(
+                f"{role} asset_class outside 0..{self.config.n_classes - 1}",
+                fix="use indices into nimbleml.risk.samples.ASSET_CLASSES",
+            )
+        if need_target:
+            target = samples.target
+            if not (np.isfinite(target).all() and (target >= 0).all()):
+                raise NimbleError(f"{role} targets must be finite and >= 0", fix="check the target construction")
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fitted network's weights."""
+        return self.model_.state_dict()
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``model.safetensors`` and ``forecaster.json`` into the folder ``path``."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(weights, str(folder / "model.safetensors"))
+        meta = {
+            "config": self.config_.to_dict(),
+            "encoder": {"name": self.encoder.name, **self.encoder.params()},
+            "target": self.target,
+            "seed": self.seed,
+            "max_train_samples": self.max_train_samples,
+            "calibrate": self.calibrate,
+            "transform": dataclasses.asdict(self.transform_),
+            "calibration": self.calibration_,
+            "window_shape": list(self.window_shape_),
+            "best_epoch": self.best_epoch_,
+            "history": self.history_,
+        }
+        (folder / "forecaster.json").write_text(json.dumps(meta, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> CNNForecaster:
+        """Rebuild a fitted forecaster written by ``save``."""
+        folder = Path(path)
+        if not (folder / "forecaster.json").exists() or not (folder / "model.safetensors").exists():
+            raise NimbleError("no saved CNN forecaster here", path=folder, fix="point at a folder written by save()")
+        meta = json.loads((folder / "forecaster.json").read_text())
+        encoder_params = dict(meta["encoder"])
+        encoder = get_encoder(encoder_params.pop("name"), **encoder_params)
+        config = RiskCNNConfig.from_dict(meta["config"])
+        forecaster = cls(config, encoder, meta["target"], meta["seed"], meta["max_train_samples"], device, meta["calibrate"])
+        forecaster.config_ = config
+        forecaster.device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        forecaster.model_ = RiskCNN(config).to(forecaster.device_)
+        forecaster.model_.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(forecaster.device_)))
+        forecaster.model_.eval()
+        forecaster.transform_ = TargetTransform(**meta["transform"])
+        forecaster.calibration_ = float(meta["calibration"])
+        forecaster.window_shape_ = tuple(meta["window_shape"])
+        forecaster.best_epoch_ = meta["best_epoch"]
+        forecaster.history_ = meta["history"]
+        return forecaster
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch (restoring the global RNG afterwards); on CUDA also force deterministic kernels.
+
+    CPU kernels used here are deterministic for a fixed thread count. On CUDA, bitwise
+    repeatability also needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment; without it
+    torch warns rather than fails (warn_only). Global flags are restored on exit.
+    """
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if device.type != "cuda":
+            yield
+            return
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        benchmark = torch.backends.cudnn.benchmark
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+            torch.backends.cudnn.benchmark = benchmark

@@ -1,0 +1,52 @@
+"""End to end through the command functions on a small synthetic Taobao log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from nimbleml.errors import NimbleError
+from nimbleml.rec import commands
+from nimbleml.rec.synthetic import write_synthetic_taobao
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    commands.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_prepare_train_evaluate(tmp_path) -> None:
+    log_path = write_synthetic_taobao(tmp_path / "log.csv", n_users=150, n_items=300, events_per_user=(8, 30))
+    data_dir, model_dir, eval_dir = tmp_path / "data", tmp_path / "model", tmp_path / "eval"
+
+    args = parse(["rec", "prepare", "--data", str(log_path), "--format", "taobao", "--out", str(data_dir)])
+    assert args.func(args) == 0
+    report = json.loads((data_dir / "prepare_report.json").read_text())
+    assert report["rows_read"] > 0 and report["n_users"] > 0
+
+    args = parse(["rec", "train", "--data", str(data_dir), "--preset", "small", "--epochs", "2",
+                  "--threads", "1", "--out", str(model_dir)])  # fmt: skip
+    assert args.func(args) == 0
+    assert {p.name for p in model_dir.iterdir()} >= {"model.safetensors", "config.json", "metrics.json"}
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert set(metrics["full"]) >= {"hr@10", "hr@50", "ndcg@10", "ndcg@50", "mrr"}
+    assert set(metrics["sampled100"]) >= {"hr@10", "ndcg@10"}
+    assert set(metrics["candidates50"]) >= {"hr@10", "ndcg@10", "mrr"}
+    for name in ("popular", "cooccurrence"):
+        assert set(metrics["baselines"][name]) == {"full", "sampled100", "candidates50"}
+    assert metrics["epochs"] == 2 and metrics["train_seconds"] > 0
+    assert 0.0 <= metrics["full"]["hr@10"] <= metrics["full"]["hr@50"] <= 1.0
+
+    args = parse(["rec", "evaluate", "--model", str(model_dir), "--data", str(data_dir), "--out", str(eval_dir)])
+    assert args.func(args) == 0
+    again = json.loads((eval_dir / "metrics.json").read_text())
+    assert again["full"] == metrics["full"] and again["candidates50"] == metrics["candidates50"]
+
+
+def test_train_on_missing_data_is_a_nimble_error(tmp_path) -> None:
+    args = parse(["rec", "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "m")])
+    with pytest.raises(NimbleError):
+        args.func(args)

@@ -1,0 +1,116 @@
+"""RiskCNN shapes and the CNNForecaster estimator on synthetic volatility data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nimbleml.errors import NimbleError
+from nimbleml.risk.cnn import CNNForecaster, qlike
+from nimbleml.risk.imaging import get_encoder
+from nimbleml.risk.model import RiskCNN, RiskCNNConfig
+from nimbleml.risk.samples import RiskSamples
+
+N_FEATURES, WINDOW = 4, 12
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core runner, 2 threads contend and run 5-25x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_samples(n: int, seed: int) -> RiskSamples:
+    """Feature 0 carries the (scaled) log vol over the window; target = vol x noise.
+
+    Each sample's true daily vol is exp(N(-4.5, 0.6)) and persists over the window, so the
+    last columns of feature 0 predict the target; the other features are noise.
+    """
+    rng = np.random.default_rng(seed)
+    log_vol = rng.normal(-4.5, 0.6, n)
+    windows = rng.random((n, N_FEATURES, WINDOW)).astype(np.float32) * 0.2
+    path = log_vol[:, None] + rng.normal(0, 0.1, (n, WINDOW))
+    windows[:, 0, :] = ((path + 7.0) / 5.0).astype(np.float32)  # roughly in [0, 1]
+    target = np.exp(log_vol) * np.sqrt(rng.chisquare(5, n) / 5)
+    har = np.repeat((np.exp(log_vol) ** 2)[:, None], 3, axis=1)
+    return RiskSamples(
+        windows=windows,
+        target=target,
+        dates=np.full(n, np.datetime64("2020-01-01", "ns")),
+        asset=np.zeros(n, np.int64),
+        asset_class=rng.integers(0, 4, n).astype(np.int64),
+        har=har,
+        har_range=har,
+        returns=[pd.Series(dtype=float)],
+        feature_names=[f"f{i}" for i in range(N_FEATURES)],
+        asset_names=["synthetic"],
+        horizon=5,
+    )
+
+
+def small_config(**overrides) -> RiskCNNConfig:
+    values = dict(image_size=16, n_conv=3, filters=8, fc=(32, 16), dropout=0.1, batch_size=128, max_epochs=6)
+    return RiskCNNConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("config", [RiskCNNConfig(), RiskCNNConfig.tuned(), RiskCNNConfig(batch_norm=True)])
+def test_forward_shapes(config: RiskCNNConfig) -> None:
+    torch.manual_seed(0)
+    model = RiskCNN(config).eval()
+    images = torch.rand(5, config.in_channels, 32, 32)
+    out = model(images, torch.tensor([0, 1, 2, 3, 0]))
+    assert out.shape == (5,) and out.dtype == torch.float32
+    assert model.feature_dim == config.filters  # pooled down to 1x1
+
+
+def test_tuned_config_is_the_papers() -> None:
+    tuned = RiskCNNConfig.tuned()
+    assert (tuned.kernel, tuned.pool, tuned.lr) == (5, 3, 5e-4)
+    assert RiskCNNConfig.from_dict(tuned.to_dict()) == tuned
+
+
+def test_forecaster_learns_and_is_deterministic(tmp_path: Path) -> None:
+    train, val, test = synthetic_samples(3000, 0), synthetic_samples(800, 1), synthetic_samples(800, 2)
+    encoder = get_encoder("heatmap", image_size=16)
+    forecaster = CNNForecaster(small_config(), encoder, seed=3, max_train_samples=2000).fit(train, val)
+
+    forecast = forecaster.predict(test)
+    assert forecast.shape == (len(test),) and (forecast > 0).all()
+    constant = np.full(len(test), np.mean(train.target**2))
+    assert qlike(test.target**2, forecast**2) < 0.8 * qlike(test.target**2, constant)
+    assert forecaster.config_.in_channels == 1 and forecaster.config_.image_size == 16
+    assert 1 <= forecaster.best_epoch_ <= len(forecaster.history_) <= 6
+    assert {"train_loss", "val_qlike", "samples_per_s"} <= set(forecaster.history_[0])
+
+    again = CNNForecaster(small_config(), encoder, seed=3, max_train_samples=2000).fit(train, val)
+    np.testing.assert_array_equal(again.predict(test), forecast)
+
+    loaded = CNNForecaster.load(forecaster.save(tmp_path / "cnn"))
+    np.testing.assert_allclose(loaded.predict(test), forecast, rtol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["vol", "var"])
+def test_other_targets_give_positive_forecasts(target: str) -> None:
+    train, val = synthetic_samples(600, 0), synthetic_samples(200, 1)
+    forecaster = CNNForecaster(small_config(max_epochs=1), get_encoder("heatmap", image_size=16), target=target)
+    forecast = forecaster.fit(train, val).predict(val)
+    assert forecast.shape == (200,) and (forecast > 0).all()
+
+
+def test_bad_inputs_raise() -> None:
+    with pytest.raises(NimbleError, match="unknown CNN target"):
+        CNNForecaster(small_config(), get_encoder("heatmap"), target="price")
+    train, val = synthetic_samples(300, 0), synthetic_samples(100, 1)
+    train.windows[7, 2, 3] = np.nan
+    forecaster = CNNForecaster(small_config(max_epochs=1), get_encoder("heatmap", image_size=16))
+    with pytest.raises(NimbleError, match="NaN"):
+        forecaster.fit(train, val)
+    with pytest.raises(NimbleError, match="not fitted"):
+        forecaster.predict(val)
