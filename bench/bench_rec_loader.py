@@ -92,6 +92,16 @@ def time_variant(name: str, run: Callable[[Path, int], int], path: Path, chunk_b
     return BenchRow(name, rows, wall, rows / wall, cpu, rows / cpu, size_mb / wall, repeats)
 
 
+def peak_rss_megabytes() -> float | None:
+    """Peak resident memory of this process so far, MB (1e6 bytes); None where unsupported."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
+    return kilobytes * 1024 / 1e6
+
+
 def environment() -> dict:
     """Hardware and library versions, so numbers can be compared across machines."""
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -148,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{row.cpu_seconds:>7.2f} {row.rows_per_cpu_second:>11,.0f} {row.megabytes_per_second:>7.1f}"
         )
     env = environment()
-    print(f"cpus usable: {env['cpus_usable']}, load average (1 min) at the end: {env['load_average_1_5_15min'][0]:.1f}")
+    print(
+        f"cpus usable: {env['cpus_usable']}, load average (1 min) at the end: {env['load_average_1_5_15min'][0]:.1f}, "
+        f"peak RSS: {peak_rss_megabytes():,.0f} MB"
+    )
 
     result = {
         "benchmark": "rec_loader",
@@ -157,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "generated_seconds": generated_seconds,
         "environment": env,
         "rows": [row.to_dict() for row in rows],
+        "peak_rss_megabytes": peak_rss_megabytes(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

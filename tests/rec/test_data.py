@@ -12,6 +12,7 @@ from nimbleml.errors import NimbleError
 from nimbleml.rec.data import (
     BEHAVIORS,
     SequenceData,
+    _dense,
     leave_last_out,
     prepare,
     read_taobao,
@@ -87,6 +88,15 @@ def test_leave_last_out_exact(tmp_path):
     np.testing.assert_array_equal(data.item_popularity("all"), [0, 3, 1, 2, 2])
 
 
+@pytest.mark.parametrize("high", [50, 10**12])  # lookup-table path, hashing path
+def test_dense_ids_match_numpy_unique(high):
+    values = np.random.default_rng(0).integers(0, high, size=2_000)
+    codes, uniques = _dense(values)
+    expected_uniques, expected_codes = np.unique(values, return_inverse=True)
+    np.testing.assert_array_equal(uniques, expected_uniques)
+    np.testing.assert_array_equal(codes, expected_codes)
+
+
 def test_item_with_two_categories_takes_its_first_events(tmp_path):
     # item 100 is filed under category 7 at t=1 and category 9 later: the earliest event decides
     log = "1,100,9,pv,5\n1,100,7,pv,1\n1,200,9,pv,3\n"
@@ -122,15 +132,18 @@ def test_k_core_cascades(tmp_path):
 
 def test_malformed_rows_counted_by_reason(tmp_path):
     bad = "abc,100,7,pv,5\n10,-3,7,pv,5\n10,100,7,click,5\n10,100,7,pv,yesterday\n10,100,7,pv,5,extra\n10,100,7,pv\n"
-    data, report = prepare(write(tmp_path, HAND_LOG + bad), "taobao")
+    not_utf8 = b"\xff\xfe,100,7,pv,5\n10,100,7,p\xffv,5\n10,100,7,pv,\xff\n"  # one bad byte spoils one row, not the file
+    path = tmp_path / "log.csv"
+    path.write_bytes((HAND_LOG + bad).encode() + not_utf8)
+    data, report = prepare(path, "taobao")
     assert report.skipped == {
-        "non_numeric_id": 2,
-        "unknown_behavior": 1,
-        "bad_timestamp": 1,
+        "non_numeric_id": 3,
+        "unknown_behavior": 2,
+        "bad_timestamp": 2,
         "extra_columns": 1,
         "truncated_row": 1,
     }
-    assert report.rows_read == 14 and report.rows_kept == 8
+    assert report.rows_read == 17 and report.rows_kept == 8
     np.testing.assert_array_equal(data.items, [2, 3, 1, 1, 1, 3, 4, 4])
 
 

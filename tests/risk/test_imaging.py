@@ -9,6 +9,9 @@ from nimbleml.errors import NimbleError
 from nimbleml.risk.imaging import ENCODERS, get_encoder, rescale_rows
 
 N, N_FEATURES, WINDOW = 16, 5, 22
+# Encoding with pyts first imports it, which compiles its numba kernels: ~25 s of CPU per process.
+PYTS = pytest.mark.slow
+ALL_ENCODERS = [name if name == "heatmap" else pytest.param(name, marks=PYTS) for name in ENCODERS]
 
 
 @pytest.fixture
@@ -16,7 +19,7 @@ def windows() -> np.ndarray:
     return np.random.default_rng(0).random((N, N_FEATURES, WINDOW)).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", list(ENCODERS))
+@pytest.mark.parametrize("name", ALL_ENCODERS)
 def test_shape_dtype_and_determinism(name: str, windows: np.ndarray) -> None:
     encoder = get_encoder(name)
     images = encoder.encode(windows)
@@ -46,6 +49,7 @@ def test_heatmap_bilinear_stays_in_range(windows: np.ndarray) -> None:
     assert (images.max(axis=(1, 2, 3)) <= recent.max(axis=(1, 2)) + 1e-6).all()
 
 
+@PYTS
 def test_value_ranges(windows: np.ndarray) -> None:
     gaf = get_encoder("gaf").encode(windows)
     assert gaf.min() >= -1 - 1e-5 and gaf.max() <= 1 + 1e-5
@@ -56,6 +60,7 @@ def test_value_ranges(windows: np.ndarray) -> None:
     np.testing.assert_allclose(recurrence[:, :, 0, 0], 0.0)  # a day is at distance 0 from itself
 
 
+@PYTS
 def test_gaf_ignores_level_heatmap_keeps_it(windows: np.ndarray) -> None:
     shifted = (0.5 * windows + 0.25).astype(np.float32)
     gaf = get_encoder("gaf")
@@ -64,12 +69,12 @@ def test_gaf_ignores_level_heatmap_keeps_it(windows: np.ndarray) -> None:
     assert not np.allclose(heatmap.encode(windows), heatmap.encode(shifted))
 
 
-def test_long_windows_and_constant_rows() -> None:
+@pytest.mark.parametrize("name", ALL_ENCODERS)
+def test_long_windows_and_constant_rows(name: str) -> None:
     windows = np.random.default_rng(1).random((4, 3, 60)).astype(np.float32)
     windows[0] = 0.3
-    for name in ENCODERS:
-        images = get_encoder(name).encode(windows)
-        assert images.shape[2:] == (32, 32) and np.isfinite(images).all()
+    images = get_encoder(name).encode(windows)
+    assert images.shape == (4, get_encoder(name).channels(3), 32, 32) and np.isfinite(images).all()
 
 
 def test_per_window_rescale(windows: np.ndarray) -> None:

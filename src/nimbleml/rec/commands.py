@@ -87,18 +87,20 @@ def evaluate_all(model: SeqRec, data: SequenceData, seed: int = 0) -> dict:
 
 
 def _metrics_table(metrics: dict) -> Table:
-    columns = [
+    """One row per protocol and metric, one column per model (test targets)."""
+    rows = [
         ("full", "hr@10"), ("full", "hr@50"), ("full", "ndcg@10"), ("full", "ndcg@50"), ("full", "mrr"),
         ("sampled100", "hr@10"), ("sampled100", "ndcg@10"),
         ("candidates50", "hr@10"), ("candidates50", "ndcg@10"), ("candidates50", "mrr"),
     ]  # fmt: skip
+    models = [("SeqRec", metrics)] + list(metrics["baselines"].items())
     table = Table(title=f"test metrics ({metrics['n_users']:,} users, {metrics['n_items']:,} items)")
-    table.add_column("model")
-    for protocol, metric in columns:
-        table.add_column(f"{protocol}\n{metric}", justify="right")
-    rows = [("SeqRec", metrics)] + [(name, m) for name, m in metrics["baselines"].items()]
-    for name, m in rows:
-        table.add_row(name, *(f"{m[protocol][metric]:.4f}" for protocol, metric in columns))
+    table.add_column("protocol")
+    table.add_column("metric")
+    for name, _ in models:
+        table.add_column(name, justify="right")
+    for protocol, metric in rows:
+        table.add_row(protocol, metric, *(f"{m[protocol][metric]:.4f}" for _, m in models))
     return table
 
 

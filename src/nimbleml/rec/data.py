@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +227,7 @@ def _open_stream(
             path,
             read_options=pacsv.ReadOptions(block_size=chunk_bytes, column_names=list(columns)),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=tally.invalid_row),
-            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False, check_utf8=False),
         )
     except (pa.ArrowInvalid, OSError) as exc:
         raise NimbleError(f"cannot read as CSV ({exc})", path=path, fix="check the file format and encoding") from exc
@@ -258,8 +258,10 @@ def _parse_int64(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 def _behavior_codes(column: pa.DictionaryArray) -> np.ndarray:
     """int8 codes 1..4 for pv/cart/fav/buy (case and surrounding spaces ignored), 0 for anything else."""
-    names = column.dictionary.to_pylist()
-    lookup = np.array([_BEHAVIOR_CODES.get(str(name).strip().lower(), 0) for name in names] or [0], dtype=np.int8)
+    names = column.dictionary.cast(pa.binary()).to_pylist()  # bytes: the reader does not check UTF-8
+    lookup = np.array(
+        [_BEHAVIOR_CODES.get(name.decode("utf-8", "replace").strip().lower(), 0) for name in names] or [0], dtype=np.int8
+    )
     return lookup[column.indices.to_numpy(zero_copy_only=False)]
 
 
@@ -370,23 +372,23 @@ def _sort_order(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
 
 
 def _dense(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dense codes 0..n-1 in ascending value order, and the sorted unique values.
+    """Dense int32 codes 0..n-1 in ascending value order, and the sorted unique values (int64).
 
     When the ids are small (below _DIRECT_TABLE_LIMIT and 8x the row count; Taobao's are
     < 6M) they go through a lookup table, a scatter and a gather, several times faster
     than hashing; otherwise they are hashed.
     """
     if len(values) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
     high = int(values.max())
     if int(values.min()) >= 0 and high < min(_DIRECT_TABLE_LIMIT, 8 * len(values)):
         present = np.zeros(high + 1, dtype=bool)
         present[values] = True
         uniques = np.flatnonzero(present)
-        lookup = np.cumsum(present, dtype=np.int64) - 1
+        lookup = np.cumsum(present, dtype=np.int32) - 1
         return lookup[values], uniques.astype(np.int64)
     codes, uniques = pd.factorize(values, sort=True)
-    return codes.astype(np.int64, copy=False), np.asarray(uniques, dtype=np.int64)
+    return codes.astype(np.int32), np.asarray(uniques, dtype=np.int64)
 
 
 def _compress(codes: np.ndarray, uniques: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -394,7 +396,7 @@ def _compress(codes: np.ndarray, uniques: np.ndarray) -> tuple[np.ndarray, np.nd
     present = np.bincount(codes, minlength=len(uniques)) > 0
     if present.all():
         return codes, uniques
-    return (np.cumsum(present) - 1)[codes], uniques[present]
+    return (np.cumsum(present, dtype=np.int32) - 1)[codes], uniques[present]
 
 
 def build_sequences(
@@ -594,10 +596,6 @@ class LeaveLastOut(Mapping):
     test_behaviors: np.ndarray  # (n_users, max_len) int64
     test_categories: np.ndarray  # (n_users, max_len) int64
     test_target: np.ndarray  # (n_users,) int64
-    _names: tuple[str, ...] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._names = tuple(f.name for f in fields(self) if f.name != "_names")
 
     @property
     def max_len(self) -> int:
@@ -605,15 +603,18 @@ class LeaveLastOut(Mapping):
         return self.valid_input.shape[1]
 
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._names:
+        if key not in _SPLIT_KEYS:
             raise KeyError(key)
         return getattr(self, key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(_SPLIT_KEYS)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(_SPLIT_KEYS)
+
+
+_SPLIT_KEYS = tuple(f.name for f in fields(LeaveLastOut))
 
 
 def leave_last_out(data: SequenceData, max_len: int = 100) -> LeaveLastOut:

@@ -11,7 +11,7 @@ Losses (``TrainConfig.loss``):
   it beats SASRec's one-negative BCE by a wide margin). The logits are computed in chunks
   of rows so the (rows, n_items) matrix stays in cache.
 - ``"sampled_softmax"``: softmax over the target and ``n_negatives`` items shared by the
-  batch, drawn by popularity, with the logQ correction (subtract log of the sampling
+  batch, drawn by popularity (or uniformly), with the logQ correction (subtract log of the sampling
   probability) so the estimate is unbiased for the full softmax.
 - ``"bce"``: SASRec's loss, one uniform negative per position, not from the user's
   training sequence.
@@ -56,6 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     loss: Literal["ce", "sampled_softmax", "bce"] = "ce"
     n_negatives: int = 2048  # shared negatives per batch for sampled_softmax
+    negatives_from: Literal["popularity", "uniform"] = "popularity"  # sampled_softmax proposal (logQ-corrected)
     ce_chunk_rows: int = 256  # rows of the (rows, n_items) logit matrix computed at once
     patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
     eval_every: int = 1  # epochs between validation evaluations
@@ -215,6 +216,8 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
         valid_users = np.sort(rng.choice(data.n_users, size=config.max_valid_users, replace=False))
     valid_behaviors = split.valid_behaviors[valid_users] if model.config.use_behavior else None
     popularity = torch.as_tensor(data.item_popularity(), dtype=torch.float64) + 1.0
+    if config.negatives_from == "uniform":
+        popularity = torch.ones_like(popularity)
     popularity[0] = 0.0
     log_q = torch.log(popularity / popularity.sum()).float().to(device)
 

@@ -241,44 +241,68 @@ class SVRBaseline(Baseline):
 
 
 class TreeBaseline(Baseline):
-    """The paper's decision tree on the flattened windows; depth and leaf size chosen by MSE of vol."""
+    """The paper's decision tree on the flattened windows; depth and leaf size chosen by MSE of vol.
+
+    Leaf sizes are fractions of the rows fitted on (scikit-learn's float ``min_samples_leaf``),
+    so a choice made on a subsample carries over to the full fit. The grid is searched on a
+    seeded subsample of at most ``grid_samples`` training rows with one tree per leaf size:
+    a greedy tree grown to depth d is the top d levels of a deeper one, so every depth in
+    ``depth_grid`` is read off the deepest tree. The winner is refitted on all training rows.
+    """
 
     name = "tree"
 
     def __init__(
         self,
         max_depth: int | None = None,  # None: choose from depth_grid
-        min_samples_leaf: int | None = None,  # None: choose from leaf_grid
-        depth_grid: Sequence[int] = (3, 5, 8, 12),
-        leaf_grid: Sequence[int] = (20, 100, 500),
+        min_samples_leaf: float | None = None,  # fraction of rows; None: choose from leaf_grid
+        depth_grid: Sequence[int] = (3, 4, 5, 6, 8, 10, 12),
+        leaf_grid: Sequence[float] = (0.0002, 0.001, 0.005),  # ~20, 100, 500 rows of 100k
+        grid_samples: int = 30_000,  # training rows the grid is searched on
         holdout_frac: float = 0.2,  # selection set when no val is given
         random_state: int = 0,
     ):
+        if any(not 0.0 < f < 0.5 for f in (*leaf_grid, *([min_samples_leaf] if min_samples_leaf else []))):
+            raise NimbleError("tree: leaf sizes are fractions of the training rows in (0, 0.5)", fix="e.g. leaf_grid=(0.001,)")
         self.max_depth = max_depth
         self.min_samples_leaf = min_samples_leaf
         self.depth_grid = tuple(depth_grid)
         self.leaf_grid = tuple(leaf_grid)
+        self.grid_samples = grid_samples
         self.holdout_frac = holdout_frac
         self.random_state = random_state
 
-    def _tree(self, key: tuple[int, int], samples: RiskSamples) -> DecisionTreeRegressor:
-        model = DecisionTreeRegressor(max_depth=key[0], min_samples_leaf=key[1], random_state=self.random_state)
+    def _tree(self, depth: int, leaf: float, samples: RiskSamples) -> DecisionTreeRegressor:
+        model = DecisionTreeRegressor(max_depth=depth, min_samples_leaf=leaf, random_state=self.random_state)
         return model.fit(samples.flat, samples.target)
+
+    @staticmethod
+    def _depth_mse(model: DecisionTreeRegressor, samples: RiskSamples, depths: Sequence[int]) -> dict[int, float]:
+        """MSE of vol of ``model`` cut at each depth (node ids ascend from root to leaf on a path)."""
+        path = model.decision_path(samples.flat)
+        last = np.diff(path.indptr) - 1
+        values = model.tree_.value[:, 0, 0]
+        return {d: float(np.mean((values[path.indices[path.indptr[:-1] + np.minimum(d, last)]] - samples.target) ** 2))
+                for d in depths}
 
     def _fit(self, train: RiskSamples, val: RiskSamples | None) -> None:
         depths = (self.max_depth,) if self.max_depth is not None else self.depth_grid
         leaves = (self.min_samples_leaf,) if self.min_samples_leaf is not None else self.leaf_grid
-        keys = [(d, m) for d in depths for m in leaves]
         self.scores_: dict[str, float] = {}
         self.selection_ = "fixed"
-        if len(keys) == 1:
-            best, self.model_ = keys[0], self._tree(keys[0], train)
-        else:
+        best = (depths[0], leaves[0])
+        if len(depths) * len(leaves) > 1:
             fit, sel, self.selection_ = _selection_split(train, val, self.holdout_frac)
-            best, models, self.scores_ = _grid_search(
-                keys, self._tree, lambda m, s: float(np.mean((m.predict(s.flat) - s.target) ** 2)), fit, sel, self.name)
-            self.model_ = models[best] if self.selection_ == "val" else self._tree(best, train)
+            if len(fit) > self.grid_samples:
+                rows = np.random.default_rng(self.random_state).choice(len(fit), size=self.grid_samples, replace=False)
+                fit = fit.subset(np.sort(rows))
+            for leaf in track(leaves, f"{self.name} selection"):
+                deep = self._tree(max(depths), leaf, fit)
+                for d, mse in self._depth_mse(deep, sel, depths).items():
+                    self.scores_[str((d, leaf))] = mse
+            best = min(((d, f) for d in depths for f in leaves), key=lambda k: self.scores_[str(k)])
         self.max_depth_, self.min_samples_leaf_ = best
+        self.model_ = self._tree(*best, train)
 
     def _predict(self, samples: RiskSamples) -> np.ndarray:
         return self.model_.predict(samples.flat)
