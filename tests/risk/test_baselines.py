@@ -224,7 +224,9 @@ def test_har_selection_and_pooled_fallback() -> None:
 def test_linear_is_exact_on_a_linear_target(panel: RiskSamples) -> None:
     w = np.random.default_rng(1).normal(0, 1e-4, panel.flat.shape[1])
     samples = replace(panel, target=0.02 + panel.flat.astype(np.float64) @ w)
-    np.testing.assert_allclose(LinearBaseline().fit(samples).predict(samples), samples.target, rtol=1e-8)
+    model = LinearBaseline().fit(samples)
+    np.testing.assert_allclose(model._predict(samples), samples.target, rtol=1e-8)
+    np.testing.assert_allclose(model.predict(samples), np.maximum(samples.target, model.floor_[samples.asset]), rtol=1e-8)
 
 
 def test_tree_depth_truncation_equals_a_shallow_fit(panel: RiskSamples) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nimbleml.errors import NimbleError
-from nimbleml.risk.cnn import CNNForecaster, qlike
+from nimbleml.risk.cnn import CNNForecaster, mean_qlike
 from nimbleml.risk.imaging import get_encoder
 from nimbleml.risk.model import RiskCNN, RiskCNNConfig
 from nimbleml.risk.samples import RiskSamples
@@ -84,7 +84,7 @@ def test_forecaster_learns_and_is_deterministic(tmp_path: Path) -> None:
     forecast = forecaster.predict(test)
     assert forecast.shape == (len(test),) and (forecast > 0).all()
     constant = np.full(len(test), np.mean(train.target**2))
-    assert qlike(test.target**2, forecast**2) < 0.8 * qlike(test.target**2, constant)
+    assert mean_qlike(test.target**2, forecast**2) < 0.8 * mean_qlike(test.target**2, constant)
     assert forecaster.config_.in_channels == 1 and forecaster.config_.image_size == 16
     assert 1 <= forecaster.best_epoch_ <= len(forecaster.history_) <= 6
     assert {"train_loss", "val_qlike", "samples_per_s"} <= set(forecaster.history_[0])

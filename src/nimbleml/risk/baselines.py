@@ -93,9 +93,12 @@ class Baseline(ABC):
     """A volatility forecaster with the scikit-learn face; subclasses fill ``_fit`` and ``_predict``.
 
     After ``fit``: ``asset_names_``, ``horizon_``, ``train_end_`` (datetime64[ns]), ``floor_``
-    (per-asset lowest positive training target, the floor every forecast is clipped to) and
-    ``fit_seconds_``.
+    (per asset, the 1st percentile of its positive training targets: every forecast is clipped
+    up to it, so a pooled paper model that goes negative on a low-vol asset gets a plausible
+    low value rather than ~0) and ``fit_seconds_``.
     """
+
+    floor_quantile: ClassVar[float] = 0.01  # quantile of an asset's training targets used as its floor
 
     name: ClassVar[str]
 
@@ -136,13 +139,13 @@ class Baseline(ABC):
 
     @staticmethod
     def _vol_floor(train: RiskSamples) -> np.ndarray:
-        """(n_assets,) lowest positive training target per asset; assets without rows get the panel's."""
+        """(n_assets,) per-asset low quantile of positive training targets; assets without rows get the panel's lowest."""
         positive = train.target > 0
         if not positive.any():
             raise NimbleError("every training target is zero", fix="check the returns feeding the target")
         floor = np.full(len(train.asset_names), train.target[positive].min())
         for a in np.unique(train.asset[positive]):
-            floor[a] = train.target[positive & (train.asset == a)].min()
+            floor[a] = np.quantile(train.target[positive & (train.asset == a)], Baseline.floor_quantile)
         return floor
 
     @abstractmethod

@@ -39,6 +39,7 @@ from torch import nn
 
 from nimbleml.errors import NimbleError
 from nimbleml.progress import make_progress
+from nimbleml.risk.evaluate import qlike_loss
 from nimbleml.risk.imaging import ImageEncoder, get_encoder
 from nimbleml.risk.model import RiskCNN, RiskCNNConfig
 from nimbleml.risk.samples import RiskSamples
@@ -49,10 +50,9 @@ TARGETS: tuple[str, ...] = ("log_var", "vol", "var")
 EPS_OF_MEDIAN_VARIANCE = 1e-4  # variance floor eps, as a fraction of the median train variance
 
 
-def qlike(target_variance: np.ndarray, forecast_variance: np.ndarray) -> float:
-    """QLIKE loss, mean(y2/f2 - log(y2/f2) - 1), on variances; 0 for a perfect forecast."""
-    ratio = target_variance / forecast_variance
-    return float(np.mean(ratio - np.log(ratio) - 1.0))
+def mean_qlike(target_variance: np.ndarray, forecast_variance: np.ndarray) -> float:
+    """Mean QLIKE on variances, the early-stopping criterion; 0 for a perfect forecast."""
+    return float(np.mean(qlike_loss(target_variance, forecast_variance)))
 
 
 @dataclass
@@ -190,12 +190,12 @@ class CNNForecaster:
                     train_seconds = time.perf_counter() - epoch_started
                     raw = self._predict_variance(val)
                     calibration = float(np.mean(val_variance_floored / raw)) if self.calibrate else 1.0
-                    val_qlike = qlike(val_variance_floored, calibration * raw)
+                    val_qlike = mean_qlike(val_variance_floored, calibration * raw)
                     record = {
                         "epoch": epoch,
                         "train_loss": loss_sum / seen,
                         "val_qlike": val_qlike,
-                        "val_qlike_uncalibrated": qlike(val_variance_floored, raw),
+                        "val_qlike_uncalibrated": mean_qlike(val_variance_floored, raw),
                         "calibration": calibration,
                         "train_seconds": train_seconds,
                         "samples_per_s": seen / train_seconds,
@@ -215,6 +215,11 @@ class CNNForecaster:
                         if stale >= cfg.patience:
                             logger.info("early stop after epoch %d; best epoch %d", epoch, self.best_epoch_)
                             break
+            if best_state is None:
+                raise NimbleError(
+                    "CNN training diverged: validation QLIKE was never finite",
+                    fix="lower lr or check the features for extreme values",
+                )
             self.model_.load_state_dict(best_state)
             self.model_.eval()
         self.fit_seconds_ = time.perf_counter() - started
