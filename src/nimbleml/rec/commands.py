@@ -35,10 +35,10 @@ REPORT_FILE = "prepare_report.json"
 # catalogue at every position costs ~10x more per epoch than the 20-minute budget allows on
 # 2 cores; pass --loss ce where a GPU is available.
 TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "small": TrainConfig(epochs=15, batch_size=64, lr=2e-3, patience=3, loss="ce", max_valid_users=2000),
+    "small": TrainConfig(epochs=8, batch_size=64, lr=2e-3, patience=3, loss="ce", max_valid_users=1000),
     "default": TrainConfig(
-        epochs=200, batch_size=128, lr=2e-3, patience=5, loss="sampled_softmax", n_negatives=2048,
-        time_limit_s=17 * 60,
+        epochs=200, batch_size=128, lr=1e-3, patience=5, loss="sampled_softmax", n_negatives=2048,
+        weight_decay=WD, time_limit_s=17 * 60,
     ),
 }
 

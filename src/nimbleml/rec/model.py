@@ -25,9 +25,8 @@ from torch import nn
 
 @dataclass
 class SeqRecConfig:
-    """Sizes and switches of :class:`SeqRec`. Defaults are the production ranker we train on
-    Amazon Video Games (31k users, 24k items): they reach the SASRec paper's sampled-protocol
-    numbers in well under 20 minutes on 2 CPU cores."""
+    """Sizes and switches of :class:`SeqRec`. Defaults are the ranker we train on Amazon Video
+    Games (31k users, 24k items) within 20 minutes on 2 CPU cores (dim 128 doubled the epoch time)."""
 
     n_items: int  # catalogue size; ids 1..n_items, 0 is padding
     n_categories: int = 0  # item categories; ids 1..n_categories, 0 = none / padding
@@ -37,7 +36,7 @@ class SeqRecConfig:
     n_blocks: int = 2  # transformer blocks (SASRec: 2)
     n_heads: int = 2  # attention heads; dim must divide by it (SASRec: 1)
     ffn_multiplier: int = 4  # feed-forward width = ffn_multiplier * dim (SASRec: 1)
-    dropout: float = 0.3  # on embeddings, attention, residual and feed-forward (SASRec: 0.5 on sparse data)
+    dropout: float = 0.5  # on embeddings, attention, residual and feed-forward (SASRec: 0.5 on sparse data; 0.3 overfit by epoch 4 on Games)
     use_behavior: bool = False  # add a behaviour-type embedding (Taobao pv/cart/fav/buy)
     use_category: bool = False  # add the item's category embedding (looked up from item_category)
 

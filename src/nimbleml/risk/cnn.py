@@ -47,6 +47,7 @@ from nimbleml.risk.samples import RiskSamples
 logger = logging.getLogger(__name__)
 
 TARGETS: tuple[str, ...] = ("log_var", "vol", "var")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32")
 EPS_OF_MEDIAN_VARIANCE = 1e-4  # variance floor eps, as a fraction of the median train variance
 
 
@@ -118,6 +119,10 @@ class CNNForecaster:
         set is larger. None = all rows every epoch.
     device : "cpu", "cuda", ...; None picks CUDA when available.
     calibrate : scale forecast variances by the QLIKE-optimal constant on validation data.
+    max_val_samples : validation rows used for early stopping and calibration (a fixed random
+        subset when larger): scoring 300k validation images every epoch would cost more than training.
+    precision : "auto" (bfloat16 autocast on CPUs with native bf16, ~1.9x faster here; float16
+        autocast on CUDA), or "fp32". Weights and the optimiser stay float32 either way.
 
     Fitted attributes: ``model_``, ``config_``, ``transform_``, ``calibration_``,
     ``history_`` (one dict per epoch), ``best_epoch_`` (1-based), ``fit_seconds_``.
@@ -132,6 +137,8 @@ class CNNForecaster:
         max_train_samples: int | None = 200_000,
         device: str | None = None,
         calibrate: bool = True,
+        max_val_samples: int | None = 50_000,
+        precision: str = "auto",
     ):
         if target not in TARGETS:
             raise NimbleError(f"unknown CNN target {target!r}", fix=f"use one of {', '.join(TARGETS)}")
@@ -144,6 +151,10 @@ class CNNForecaster:
         self.max_train_samples = max_train_samples
         self.device = device
         self.calibrate = calibrate
+        if precision not in PRECISIONS:
+            raise NimbleError(f"unknown precision {precision!r}", fix=f"use one of {', '.join(PRECISIONS)}")
+        self.max_val_samples = max_val_samples
+        self.precision = precision
 
     # ------------------------------------------------------------------ fit
     def fit(self, train: RiskSamples, val: RiskSamples) -> CNNForecaster:
@@ -161,6 +172,10 @@ class CNNForecaster:
         self.config_ = self._resolve_config(n_features)
         self.device_ = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.transform_ = TargetTransform.fit(self.target, train.target)
+        self.autocast_dtype_ = _autocast_dtype(self.device_, self.precision)
+        if self.max_val_samples is not None and len(val) > self.max_val_samples:
+            pick = np.random.default_rng(self.seed + 1).choice(len(val), self.max_val_samples, replace=False)
+            val = val.subset(np.sort(pick))
         val_variance = val.target.astype(np.float64) ** 2
         val_variance_floored = np.maximum(val_variance, self.transform_.var_eps)
         cfg = self.config_
@@ -244,7 +259,9 @@ class CNNForecaster:
                 continue  # BatchNorm cannot train on a batch of one
             images, classes = self._batch(train, index)
             target = torch.from_numpy(train_z[index]).to(self.device_)
-            loss = loss_fn(self.model_(images, classes), target)
+            with self._autocast():
+                output = self.model_(images, classes)
+            loss = loss_fn(output.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -275,9 +292,14 @@ class CNNForecaster:
             for start in range(0, len(samples), step):
                 index = np.arange(start, min(start + step, len(samples)))
                 images, classes = self._batch(samples, index)
-                outputs.append(self.model_(images, classes).float().cpu().numpy())
+                with self._autocast():
+                    outputs.append(self.model_(images, classes).float().cpu().numpy())
         output = np.concatenate(outputs) if outputs else np.empty(0, np.float32)
         return self.transform_.variance(output)
+
+    def _autocast(self) -> torch.autocast:
+        dtype = getattr(self, "autocast_dtype_", None)
+        return torch.autocast(self.device_.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def _batch(self, samples: RiskSamples, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.from_numpy(self.encoder.encode(samples.windows[index]))
@@ -336,6 +358,7 @@ class CNNForecaster:
             "seed": self.seed,
             "max_train_samples": self.max_train_samples,
             "calibrate": self.calibrate,
+            "precision": self.precision,
             "transform": dataclasses.asdict(self.transform_),
             "calibration": self.calibration_,
             "window_shape": list(self.window_shape_),
@@ -355,9 +378,13 @@ class CNNForecaster:
         encoder_params = dict(meta["encoder"])
         encoder = get_encoder(encoder_params.pop("name"), **encoder_params)
         config = RiskCNNConfig.from_dict(meta["config"])
-        forecaster = cls(config, encoder, meta["target"], meta["seed"], meta["max_train_samples"], device, meta["calibrate"])
+        forecaster = cls(
+            config, encoder, meta["target"], meta["seed"], meta["max_train_samples"], device, meta["calibrate"],
+            precision=meta.get("precision", "auto"),
+        )
         forecaster.config_ = config
         forecaster.device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        forecaster.autocast_dtype_ = _autocast_dtype(forecaster.device_, forecaster.precision)
         forecaster.model_ = RiskCNN(config).to(forecaster.device_, memory_format=torch.channels_last)
         forecaster.model_.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(forecaster.device_)))
         forecaster.model_.eval()
@@ -367,6 +394,17 @@ class CNNForecaster:
         forecaster.best_epoch_ = meta["best_epoch"]
         forecaster.history_ = meta["history"]
         return forecaster
+
+
+def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for this device, or None for plain float32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 @contextmanager

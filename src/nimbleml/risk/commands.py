@@ -25,6 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--epochs", type=int, default=30, help="CNN max epochs (early stopping on validation)")
     ev.add_argument("--cnn-target", choices=("log_var", "vol", "var"), default="log_var")
     ev.add_argument("--tuned", action="store_true", help="the paper's tuned CNN: 5x5 kernels, 3x3 pooling, lr 5e-4")
+    ev.add_argument("--no-linear-skip", action="store_true", help="the paper's CNN exactly, without our linear skip read-out")
     ev.add_argument("--max-train-samples", type=int, default=200_000, help="CNN samples drawn per epoch")
     ev.add_argument("--models", default=",".join(MODEL_NAMES), help=f"comma list from {','.join(MODEL_NAMES)}")
     ev.add_argument("--outliers", choices=("winsorize", "zscore", "none"), default="winsorize")
@@ -49,6 +50,7 @@ def config_from_args(args: argparse.Namespace) -> RiskRunConfig:
         epochs=args.epochs,
         cnn_target=args.cnn_target,
         tuned=args.tuned,
+        linear_skip=not args.no_linear_skip,
         max_train_samples=args.max_train_samples,
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
         seed=args.seed,

@@ -259,6 +259,13 @@ def _list_sources(root: Path) -> list[_Source]:
     if not root.is_dir():
         raise NimbleError("market data path is not a folder", path=root, fix=_MARKET_FIX)
     loose = sorted(p.name for p in root.glob("*.csv") if p.is_file())
+    if loose and root.name in FOLDER_CLASSES:
+        # a single asset-class folder given directly, e.g. --data ../shared/data/market/equities
+        files = sorted(p for p in root.glob("*.csv") if p.is_file())
+        return [
+            _Source(path=f, rel=f"{root.name}/{f.name}", asset=f.stem.removesuffix("-daily"), asset_class=FOLDER_CLASSES[root.name])
+            for f in files
+        ]
     if loose:
         raise NimbleError(
             f"CSV files directly in the market folder ({', '.join(loose[:3])}): "

@@ -44,6 +44,7 @@ class RiskRunConfig:
     epochs: int = 30  # CNN max epochs (early stopping on validation QLIKE)
     cnn_target: str = "log_var"  # log_var | vol | var
     tuned: bool = False  # the paper's tuned CNN (5x5 kernels, 3x3 pooling, lr 5e-4)
+    linear_skip: bool = True  # ours: linear read-out of the image added to the CNN output; False = paper's CNN
     max_train_samples: int | None = 200_000  # CNN samples drawn per epoch (overlapping windows are redundant)
     models: tuple[str, ...] = MODEL_NAMES  # which forecasters to run
     seed: int = 0
@@ -160,6 +161,7 @@ def _make_model(name: str, cfg: RiskRunConfig, n_features: int):
     cnn_cfg = RiskCNNConfig.tuned() if cfg.tuned else RiskCNNConfig()
     cnn_cfg.in_channels = encoder.channels(n_features)
     cnn_cfg.max_epochs = cfg.epochs
+    cnn_cfg.linear_skip = cfg.linear_skip
     return CNNForecaster(cnn_cfg, encoder, target=cfg.cnn_target, seed=cfg.seed, max_train_samples=cfg.max_train_samples)
 
 

@@ -4,6 +4,8 @@ Five 'same'-padded convolutions with ReLU, each followed by max pooling while th
 map is still at least 2 pixels wide; the flattened map is joined with an embedding of the
 asset class and fed through two fully connected layers (128 and 64 units, dropout) to one
 output: the forecast in the forecaster's target units (e.g. standardised log variance).
+With ``linear_skip`` (our addition, on by default) a linear read-out of the image is added
+to that output; ``linear_skip=False`` is the paper's network exactly.
 Training lives in ``nimbleml.risk.cnn``.
 """
 
@@ -35,6 +37,7 @@ class RiskCNNConfig:
     fc: tuple[int, ...] = (128, 64)  # paper: 2 fully connected layers of 128 and 64 units
     n_classes: int = len(ASSET_CLASSES)  # equity, bond, commodity, fx
     class_embedding_dim: int = 8  # ours: asset-class embedding joined to the flattened map; 0 = none
+    linear_skip: bool = True  # ours: add a linear read-out of the raw image to the output (wide & deep); False = the paper's CNN
     lr: float = 1e-3  # paper: Adam, initial learning rate 0.001
     weight_decay: float = 1e-4  # paper: "L2 regularisation" (strength not given; ours)
     batch_size: int = 256  # not given in the paper
@@ -89,9 +92,17 @@ class RiskCNN(nn.Module):
             width = units
         head.append(nn.Linear(width, 1))
         self.head = nn.Sequential(*head)
+        # The wide part: a pooled linear model of the image (for the heat map, of the window's
+        # log realised and range variances, i.e. a log-HAR with range terms). The convolutions
+        # then only have to learn what that linear forecast misses.
+        pixels = config.in_channels * config.image_size * config.image_size
+        self.skip = nn.Linear(pixels, 1) if config.linear_skip else None
 
     def forward(self, images: torch.Tensor, asset_class: torch.Tensor) -> torch.Tensor:
         x = self.features(images).flatten(1)
         if self.class_embedding is not None:
             x = torch.cat([x, self.class_embedding(asset_class)], dim=1)
-        return self.head(x).squeeze(1)
+        out = self.head(x).squeeze(1)
+        if self.skip is not None:
+            out = out + self.skip(images.flatten(1)).squeeze(1)
+        return out

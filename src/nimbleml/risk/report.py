@@ -29,14 +29,14 @@ def comparison_table(metrics: dict) -> Table:
         f"Volatility forecasts, h={metrics['horizon']}, protocol={metrics['protocol']}{leaky}\n"
         f"{metrics['n_assets']} assets, test {metrics['test_start']} .. {metrics['test_end']}, {metrics['n_test_samples']} samples"
     )
-    table = Table(title=title)
+    table = Table(title=title, caption="best QLIKE in green; paper RMSE/R² are its claimed random-split figures")
     classes = list(metrics["by_asset_class"])
     for col in ["model", "RMSE", "R²", "QLIKE", "MAE", "fit s", "pred ms"] + [f"QLIKE {c}" for c in classes] + ["paper RMSE/R²"]:
         table.add_column(col, justify="left" if col == "model" else "right")
     best = min(m["qlike"] for m in metrics["models"].values())
     for name, m in metrics["models"].items():
         paper = PAPER_CLAIMS.get(name)
-        q = f"{m['qlike']:.4f}" + (" *" if m["qlike"] == best else "")
+        q = f"[bold green]{m['qlike']:.4f}[/]" if m["qlike"] == best else f"{m['qlike']:.4f}"
         table.add_row(
             name,
             f"{m['rmse']:.5f}",
@@ -117,4 +117,8 @@ def write_report(result: RiskRunResult, out: Path) -> dict:
 
 
 def print_table(metrics: dict, console: Console | None = None) -> None:
-    (console or Console()).print(comparison_table(metrics))
+    """Print the comparison; off a terminal (logs, CI) use a wide page instead of 80 columns."""
+    console = console or Console()
+    if not console.is_terminal:
+        console = Console(width=180)
+    console.print(comparison_table(metrics))
