@@ -81,3 +81,14 @@ def test_onnx_export_dynamic_batch(model: SeqRec, tmp_path) -> None:
         dynamic_axes={"history": {0: "batch"}, "candidates": {0: "batch"}, "scores": {0: "batch"}},
     )
     assert path.stat().st_size > 0
+
+
+def test_serving_forward_exports_with_dynamic_batch(model: SeqRec) -> None:
+    """torch.export (what the ONNX exporter traces) with a symbolic batch: no data-dependent branches."""
+    from torch.export import Dim, export
+
+    batch = Dim("batch", min=1, max=4096)
+    example = (torch.randint(0, N_ITEMS + 1, (2, 100)), torch.randint(1, N_ITEMS + 1, (2, 50)))
+    exported = export(model, example, dynamic_shapes=({0: batch}, {0: batch}))
+    history, candidates = torch.randint(0, N_ITEMS + 1, (7, 100)), torch.randint(1, N_ITEMS + 1, (7, 50))
+    torch.testing.assert_close(exported.module()(history, candidates), model(history, candidates))

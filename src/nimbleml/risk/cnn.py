@@ -7,6 +7,9 @@ Images are encoded per batch from ``RiskSamples.windows`` (all images of 2M samp
   exp() of a mean log forecast is biased low for E[y^2] (Jensen), so forecasts are scaled by
   c = mean(y_val^2 / f_val^2) on the validation set: the c that minimises validation QLIKE,
   in closed form. eps = 1e-4 x the median train variance keeps zero targets finite.
+- ``qlike``: the network outputs a standardised log variance, as for ``log_var``, but is
+  trained on the QLIKE loss itself, y^2/f - log(y^2/f) - 1: the evaluation's loss, whose
+  minimiser is the conditional mean of y^2, so it needs no Jensen correction.
 - ``vol``: MSE on the standardised target y.
 - ``var``: MSE on the standardised variance y^2.
 
@@ -46,7 +49,7 @@ from nimbleml.risk.samples import RiskSamples
 
 logger = logging.getLogger(__name__)
 
-TARGETS: tuple[str, ...] = ("log_var", "vol", "var")
+TARGETS: tuple[str, ...] = ("log_var", "qlike", "vol", "var")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32")
 EPS_OF_MEDIAN_VARIANCE = 1e-4  # variance floor eps, as a fraction of the median train variance
 
@@ -83,7 +86,7 @@ class TargetTransform:
 
     def _raw(self, target: np.ndarray) -> np.ndarray:
         target = target.astype(np.float64)
-        if self.kind == "log_var":
+        if self.kind in ("log_var", "qlike"):
             return np.log(target**2 + self.var_eps)
         if self.kind == "vol":
             return target
@@ -96,7 +99,7 @@ class TargetTransform:
     def variance(self, output: np.ndarray) -> np.ndarray:
         """(n,) network output -> (n,) float64 forecast variance, floored at var_eps."""
         raw = output.astype(np.float64) * self.std + self.mean
-        if self.kind == "log_var":
+        if self.kind in ("log_var", "qlike"):
             variance = np.exp(raw)
         elif self.kind == "vol":
             variance = np.maximum(raw, 0.0) ** 2
@@ -216,9 +219,9 @@ class CNNForecaster:
                         "samples_per_s": seen / train_seconds,
                     }
                     self.history_.append(record)
-                    progress.update(task, info=f"train mse {record['train_loss']:.4f}  val qlike {val_qlike:.4f}")
+                    progress.update(task, info=f"train loss {record['train_loss']:.4f}  val qlike {val_qlike:.4f}")
                     logger.info(
-                        "epoch %d: train mse %.4f, val qlike %.4f (c=%.3f), %.0f samples/s",
+                        "epoch %d: train loss %.4f, val qlike %.4f (c=%.3f), %.0f samples/s",
                         epoch, record["train_loss"], val_qlike, calibration, record["samples_per_s"],
                     )
                     if val_qlike < best_qlike:
@@ -251,7 +254,7 @@ class CNNForecaster:
     ) -> tuple[float, int]:
         """One pass over ``order`` in batches; returns (summed squared error, rows seen)."""
         self.model_.train()
-        loss_fn = nn.MSELoss()
+        loss_fn = self._qlike_loss if self.target == "qlike" else nn.MSELoss()
         loss_sum, seen = 0.0, 0
         for start in range(0, len(order), self.config_.batch_size):
             index = np.sort(order[start : start + self.config_.batch_size])
@@ -267,8 +270,13 @@ class CNNForecaster:
             optimizer.step()
             loss_sum += loss.item() * len(index)
             seen += len(index)
-            progress.update(task, advance=1, info=f"train mse {loss_sum / seen:.4f}")
+            progress.update(task, advance=1, info=f"train loss {loss_sum / seen:.4f}")
         return loss_sum, seen
+
+    def _qlike_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean QLIKE between standardised log variances: exp(y - f) - (y - f) - 1, in raw units."""
+        gap = (target - output) * self.transform_.std
+        return (torch.exp(gap.clamp(max=30.0)) - gap - 1.0).mean()
 
     # ------------------------------------------------------------------ predict
     def predict(self, samples: RiskSamples) -> np.ndarray:

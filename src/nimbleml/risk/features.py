@@ -27,10 +27,14 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_rv1",  # log squared return of day t
     "log_rv5",  # log mean squared return over the last 5 days
     "log_rv22",  # log mean squared return over the last 22 days
+    "log_rv66",  # log mean squared return over the last 66 days (a quarter: slow mean reversion)
+    "log_rv252",  # log mean squared return over the last 252 days (the asset's long-run level)
     "log_parkinson",  # log Parkinson range variance (squared return where there is no OHLC)
     "log_gk",  # log Garman-Klass variance (squared return where there is no OHLC)
+    "log_gk22",  # log mean Garman-Klass variance over the last 22 days
     "log_volume_ratio",  # log(volume / its 22-day mean); 0 where there is no volume
 )
+LONGEST_LOOKBACK = 252  # trading days of returns the slowest feature needs before day t
 _EPS_VAR = 1e-12  # floor on daily variances before taking logs (a zero-return day)
 _LN2 = np.log(2.0)
 
@@ -160,8 +164,11 @@ def _asset_features(frame: pd.DataFrame, name: str, asset_class: str, config: Fe
             np.log(r2 + _EPS_VAR),
             np.log(har[:, 1] + _EPS_VAR),
             np.log(har[:, 2] + _EPS_VAR),
+            np.log(_rolling_mean(r2, 66) + _EPS_VAR),
+            np.log(_rolling_mean(r2, LONGEST_LOOKBACK) + _EPS_VAR),
             np.log(parkinson + _EPS_VAR),
             np.log(gk + _EPS_VAR),
+            np.log(har_range[:, 2] + _EPS_VAR),
             volume_ratio,
         ]
     )
@@ -190,17 +197,17 @@ def _common_span(assets: list[AssetFeatures]) -> tuple[np.datetime64, np.datetim
 def compute_features(panel, config: FeatureConfig) -> FeaturePanel:
     """Per-asset causal features and targets for a cleaned ``MarketPanel``; lists the sample candidates.
 
-    A candidate (asset, t) has ``window`` complete feature rows ending at t (the 22-day
-    realised variance needs 22 returns first) and a target over t+1..t+h.
+    A candidate (asset, t) has ``window`` complete feature rows ending at t (the 252-day
+    realised variance needs 252 returns first) and a target over t+1..t+h.
     """
-    need = config.window + 22 + config.horizon
+    need = config.window + LONGEST_LOOKBACK + config.horizon
     assets: list[AssetFeatures] = []
     for name, frame in panel.frame.groupby("asset", sort=True):
         asset_class = str(frame["asset_class"].iloc[0])
         if len(frame) < need:
             raise NimbleError(
                 f"asset {name} has {len(frame)} usable days, fewer than the {need} that a "
-                f"{config.window}-day window, 22-day volatility and {config.horizon}-day horizon need",
+                f"{config.window}-day window, {LONGEST_LOOKBACK}-day volatility and {config.horizon}-day horizon need",
                 path=panel.source,
                 fix="use a shorter --horizon, or drop this asset / give it more history",
             )
