@@ -169,6 +169,8 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None) ->
     """Fit and score every configured model under the configured protocol."""
     panel = panel if panel is not None else load_panel(cfg.data, cfg.assets)
     fp = compute_features(panel, cfg.features)
+    for name, why in fp.excluded.items():
+        log.warning("asset %s left out: %s", name, why)
     splits = make_splits(cfg.protocol, fp.sample_date, fp.sample_target_end, cfg.seed)
     fit_s = dict.fromkeys(cfg.models, 0.0)
     pred_s = dict.fromkeys(cfg.models, 0.0)
@@ -211,7 +213,7 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None) ->
     extras["portfolio"] = portfolio_section(predictions, [a.returns for a in fp.assets], cfg)
     return RiskRunResult(
         config=cfg,
-        data_report=panel.report.to_dict(),
+        data_report={**panel.report.to_dict(), "excluded_assets": fp.excluded},
         splits=split_info,
         predictions=predictions,
         fit_seconds=fit_s,

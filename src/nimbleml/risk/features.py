@@ -34,7 +34,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_gk22",  # log mean Garman-Klass variance over the last 22 days
     "log_volume_ratio",  # log(volume / its 22-day mean); 0 where there is no volume
 )
-LONGEST_LOOKBACK = 252  # trading days of returns the slowest feature needs before day t
+LONG_RUN_DAYS = 252  # window of the long-run variance feature (expanding until it is full)
+MIN_LOOKBACK = 66  # trading days of returns needed before day t's features are all defined
 _EPS_VAR = 1e-12  # floor on daily variances before taking logs (a zero-return day)
 _LN2 = np.log(2.0)
 
@@ -92,6 +93,7 @@ class FeaturePanel:
     assets: list[AssetFeatures]
     config: FeatureConfig
     feature_names: list[str] = field(default_factory=lambda: list(FEATURE_NAMES))
+    excluded: dict[str, str] = field(default_factory=dict)  # asset -> why it has no samples
     # candidate samples, one row per (asset, t) with a complete window and target:
     sample_asset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     sample_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # row t in that asset's arrays
@@ -121,9 +123,9 @@ def _bond_maturity(name: str) -> float:
     return float(_MATURITY_YEARS.get(key, 10.0))
 
 
-def _rolling_mean(x: np.ndarray, n: int) -> np.ndarray:
-    """Trailing mean over n rows ending at each row (NaN until n values exist)."""
-    return pd.Series(x).rolling(n, min_periods=n).mean().to_numpy()
+def _rolling_mean(x: np.ndarray, n: int, min_periods: int | None = None) -> np.ndarray:
+    """Trailing mean over n rows ending at each row (NaN until min_periods, default n, values exist)."""
+    return pd.Series(x).rolling(n, min_periods=min_periods or n).mean().to_numpy()
 
 
 def _asset_features(frame: pd.DataFrame, name: str, asset_class: str, config: FeatureConfig) -> AssetFeatures:
@@ -165,7 +167,7 @@ def _asset_features(frame: pd.DataFrame, name: str, asset_class: str, config: Fe
             np.log(har[:, 1] + _EPS_VAR),
             np.log(har[:, 2] + _EPS_VAR),
             np.log(_rolling_mean(r2, 66) + _EPS_VAR),
-            np.log(_rolling_mean(r2, LONGEST_LOOKBACK) + _EPS_VAR),
+            np.log(_rolling_mean(r2, LONG_RUN_DAYS, MIN_LOOKBACK) + _EPS_VAR),
             np.log(parkinson + _EPS_VAR),
             np.log(gk + _EPS_VAR),
             np.log(har_range[:, 2] + _EPS_VAR),
@@ -197,21 +199,31 @@ def _common_span(assets: list[AssetFeatures]) -> tuple[np.datetime64, np.datetim
 def compute_features(panel, config: FeatureConfig) -> FeaturePanel:
     """Per-asset causal features and targets for a cleaned ``MarketPanel``; lists the sample candidates.
 
-    A candidate (asset, t) has ``window`` complete feature rows ending at t (the 252-day
-    realised variance needs 252 returns first) and a target over t+1..t+h.
+    A candidate (asset, t) has ``window`` complete feature rows ending at t (the 66-day
+    realised variance needs 66 returns first) and a target over t+1..t+h. An asset without a
+    single candidate (too short a history, or outside the common span) is left out and named
+    in ``excluded`` with the reason, which the run's data report shows; if none is left, it
+    is an error.
     """
-    need = config.window + LONGEST_LOOKBACK + config.horizon
+    need = config.window + MIN_LOOKBACK + config.horizon
     assets: list[AssetFeatures] = []
+    excluded: dict[str, str] = {}
     for name, frame in panel.frame.groupby("asset", sort=True):
         asset_class = str(frame["asset_class"].iloc[0])
         if len(frame) < need:
-            raise NimbleError(
-                f"asset {name} has {len(frame)} usable days, fewer than the {need} that a "
-                f"{config.window}-day window, {LONGEST_LOOKBACK}-day volatility and {config.horizon}-day horizon need",
-                path=panel.source,
-                fix="use a shorter --horizon, or drop this asset / give it more history",
+            excluded[str(name)] = (
+                f"{len(frame)} usable days, fewer than the {need} that a {config.window}-day window, "
+                f"{MIN_LOOKBACK}-day volatility and {config.horizon}-day horizon need"
             )
+            continue
         assets.append(_asset_features(frame.reset_index(drop=True), str(name), asset_class, config))
+    if not assets:
+        first = next(iter(excluded.items()))
+        raise NimbleError(
+            f"no asset has enough history (e.g. {first[0]}: {first[1]})",
+            path=panel.source,
+            fix="use a shorter --horizon or load longer histories",
+        )
 
     span = _common_span(assets) if config.span == "common" else None
     if span is not None and span[0] >= span[1]:
@@ -232,18 +244,18 @@ def compute_features(panel, config: FeatureConfig) -> FeaturePanel:
             ok &= (a.dates >= span[0]) & (a.target_end <= span[1])
         rows = np.flatnonzero(ok)
         if len(rows) == 0:
-            raise NimbleError(
-                f"asset {a.name} has no complete window with a target in the sample span",
-                path=panel.source,
-                fix="use --span all or a shorter --horizon",
-            )
+            excluded[a.name] = "no complete window with a target inside the common span (try --span all)"
+            continue
         sample_asset.append(np.full(len(rows), i, np.int64))
         sample_row.append(rows)
         sample_date.append(a.dates[rows])
         sample_end.append(a.target_end[rows])
+    if not sample_row:
+        raise NimbleError("no asset has a complete window with a target", path=panel.source, fix="use --span all or a shorter --horizon")
     fp = FeaturePanel(
         assets=assets,
         config=config,
+        excluded=excluded,
         sample_asset=np.concatenate(sample_asset),
         sample_row=np.concatenate(sample_row),
         sample_date=np.concatenate(sample_date),

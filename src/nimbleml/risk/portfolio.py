@@ -128,7 +128,7 @@ def equal_weight_portfolio(
     # an asset's market may be closed on a date the others trade: carry its last forecast a few days
     wide = {m: predictions.pivot_table(index="date", columns="asset", values=m).reindex(columns=assets).ffill(limit=5) for m in models}
     by_name = {r.name: r for r in returns}
-    rets = pd.concat({a: by_name[a] for a in assets}, axis=1)
+    rets = pd.concat({a: by_name[a] for a in assets}, axis=1, sort=True)
     complete = np.logical_and.reduce([w.notna().all(axis=1).to_numpy() for w in wide.values()])
     origins = wide[models[0]].index[complete][::horizon]
     z = stats.norm.ppf(1 - level)
