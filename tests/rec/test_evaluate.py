@@ -75,6 +75,20 @@ def test_sampled_negatives_avoid_history_and_target() -> None:
         evaluate_sampled(scorer, history, targets, 50, n_negatives=100)
 
 
+def test_sampled_negatives_avoid_the_whole_history() -> None:
+    """Items seen before the model's input window (``seen``) are never negatives either (SASRec)."""
+    n_items = 130
+    weights = np.zeros(n_items + 1)
+    weights[1:31] = 1.0  # items 1..30 score as high as the target
+    scorer = FixedScorer(weights)
+    window = np.tile(np.arange(21, 30), (20, 1))  # the input row holds only items 21..29
+    seen = [np.arange(1, 30)] * 20  # but the user saw 1..29
+    targets = np.full(20, 30)
+    only_window = evaluate_sampled(scorer, window, targets, n_items, seed=3)
+    assert only_window["hr@10"] < 1.0  # most of 1..20 are drawn and tie the target
+    assert evaluate_sampled(scorer, window, targets, n_items, seed=3, seen=seen)["hr@10"] == 1.0
+
+
 def test_candidates_sampled_by_popularity() -> None:
     n_items = 200
     popularity = np.zeros(n_items + 1)

@@ -92,3 +92,22 @@ def test_serving_forward_exports_with_dynamic_batch(model: SeqRec) -> None:
     exported = export(model, example, dynamic_shapes=({0: batch}, {0: batch}))
     history, candidates = torch.randint(0, N_ITEMS + 1, (7, 100)), torch.randint(1, N_ITEMS + 1, (7, 50))
     torch.testing.assert_close(exported.module()(history, candidates), model(history, candidates))
+
+
+def test_exclude_history_ranks_seen_items_last() -> None:
+    torch.manual_seed(0)
+    model = SeqRec(SeqRecConfig.small(N_ITEMS, max_len=12, exclude_history=True)).eval()
+    history = torch.tensor([[0, 0, 0, 5, 9, 3], [0, 0, 0, 0, 0, 7]])
+    scores = model.score_all(history)
+    assert torch.isinf(scores[0, [5, 9, 3]]).all() and torch.isinf(scores[1, 7])
+    assert torch.isfinite(scores[0, [1, 2, 7]]).all() and torch.isfinite(scores[:, 0]).all()  # padding is no item
+    candidates = torch.tensor([[9, 1, 3], [7, 5, 0]])
+    out = model(history, candidates)
+    torch.testing.assert_close(out, torch.take_along_dim(scores, candidates, dim=1))
+    from torch.export import Dim, export
+
+    batch = Dim("batch", min=1, max=4096)
+    example = (torch.randint(0, N_ITEMS + 1, (2, 100)), torch.randint(1, N_ITEMS + 1, (2, 50)))
+    exported = export(model, example, dynamic_shapes=({0: batch}, {0: batch}))
+    history, candidates = torch.randint(0, N_ITEMS + 1, (5, 100)), torch.randint(1, N_ITEMS + 1, (5, 50))
+    torch.testing.assert_close(exported.module()(history, candidates), model(history, candidates))

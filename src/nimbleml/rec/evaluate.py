@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import numpy as np
@@ -208,14 +209,15 @@ def evaluate_full(
 
 def _sample_negatives(
     rng: np.random.Generator,
-    exclude_rows: np.ndarray,
+    exclude_rows: np.ndarray | Sequence[np.ndarray],
     targets: np.ndarray,
     n_negatives: int,
     n_items: int,
     popularity: np.ndarray | None,
 ) -> np.ndarray:
     """(U, n_negatives) distinct negatives per user, none in that user's row of exclude_rows
-    nor equal to its target; uniform over 1..n_items, or proportional to popularity."""
+    (a (U, W) 0-padded array, or one 1-D array of item ids per user) nor equal to its target;
+    uniform over 1..n_items, or proportional to popularity."""
     if popularity is not None:
         weights = np.asarray(popularity, dtype=np.float64).copy()
         weights[0] = 0.0
@@ -226,7 +228,8 @@ def _sample_negatives(
         n_available = n_items
     out = np.empty((len(targets), n_negatives), dtype=np.int64)
     for u in range(len(targets)):
-        banned = np.union1d(exclude_rows[u][exclude_rows[u] > 0], targets[u : u + 1])
+        seen = np.asarray(exclude_rows[u])
+        banned = np.union1d(seen[seen > 0], targets[u : u + 1])
         if n_available - len(banned) < n_negatives:
             raise NimbleError(
                 f"user row {u}: only {n_available - len(banned)} items are left to sample "
@@ -283,19 +286,23 @@ def evaluate_sampled(
     max_users: int | None = 10_000,
     seed: int = 0,
     ks: tuple[int, ...] = (10,),
+    seen: Sequence[np.ndarray] | None = None,
 ) -> RankingResult:
-    """SASRec's protocol: target + ``n_negatives`` items drawn uniformly from items not in the
-    user's history row (and not the target), on a random subset of at most ``max_users`` users.
+    """SASRec's protocol: target + ``n_negatives`` items drawn uniformly from items the user
+    has not interacted with (and not the target), on a random subset of at most ``max_users`` users.
 
-    As in SASRec the draw is uniform, not popularity-weighted; unlike SASRec's sampler the
-    negatives of one user are distinct. The history row (the model's input window) stands
-    in for "items the user interacted with".
+    seen: per user, every item id interacted with before the target (SASRec excludes the
+    whole history, not only the model's input window); None uses the input rows, which
+    misses the older events of users with more than L of them. As in SASRec the draw is
+    uniform, not popularity-weighted; unlike SASRec's sampler the negatives of one user are
+    distinct.
     """
     rng = np.random.default_rng(seed)
     inputs = np.asarray(inputs, dtype=np.int64)
     targets = np.asarray(targets, dtype=np.int64)
     users = _user_subset(len(targets), max_users, rng)
-    negatives = _sample_negatives(rng, inputs[users], targets[users], n_negatives, n_items, None)
+    exclude = inputs[users] if seen is None else [seen[u] for u in users]
+    negatives = _sample_negatives(rng, exclude, targets[users], n_negatives, n_items, None)
     return _evaluate_on_candidates(
         scorer, f"sampled{n_negatives}", inputs[users], targets[users], negatives,
         None if behaviors is None else behaviors[users], ks,
@@ -312,17 +319,20 @@ def evaluate_candidates(
     max_users: int | None = None,
     seed: int = 0,
     ks: tuple[int, ...] = (10,),
+    seen: Sequence[np.ndarray] | None = None,
 ) -> RankingResult:
     """The serving task: re-rank ``n_candidates`` items, the target plus ``n_candidates - 1``
     negatives drawn in proportion to ``popularity`` ((n_items + 1,) training counts), never
-    the target nor an item of the user's history row. Reports HR@k, NDCG@k and MRR."""
+    the target nor an item the user has seen (``seen`` as in :func:`evaluate_sampled`; None =
+    the history row). Reports HR@k, NDCG@k and MRR."""
     rng = np.random.default_rng(seed)
     inputs = np.asarray(inputs, dtype=np.int64)
     targets = np.asarray(targets, dtype=np.int64)
     users = _user_subset(len(targets), max_users, rng)
     popularity = np.asarray(popularity)
+    exclude = inputs[users] if seen is None else [seen[u] for u in users]
     negatives = _sample_negatives(
-        rng, inputs[users], targets[users], n_candidates - 1, len(popularity) - 1, popularity
+        rng, exclude, targets[users], n_candidates - 1, len(popularity) - 1, popularity
     )
     return _evaluate_on_candidates(
         scorer, f"candidates{n_candidates}", inputs[users], targets[users], negatives,
@@ -337,12 +347,14 @@ def evaluate_protocols(
     popularity: np.ndarray,
     behaviors: np.ndarray | None = None,
     seed: int = 0,
+    seen: Sequence[np.ndarray] | None = None,
 ) -> dict[str, RankingResult]:
     """All three protocols on one set of targets: {"full", "sampled100", "candidates50"}.
-    The same seed gives every scorer the same sampled negatives."""
+    The same seed gives every scorer the same sampled negatives; ``seen`` (per user, every
+    item before the target) keeps the sampled negatives out of the whole history."""
     n_items = len(popularity) - 1
     return {
         "full": evaluate_full(scorer, inputs, targets, behaviors),
-        "sampled100": evaluate_sampled(scorer, inputs, targets, n_items, behaviors, seed=seed),
-        "candidates50": evaluate_candidates(scorer, inputs, targets, popularity, behaviors, seed=seed),
+        "sampled100": evaluate_sampled(scorer, inputs, targets, n_items, behaviors, seed=seed, seen=seen),
+        "candidates50": evaluate_candidates(scorer, inputs, targets, popularity, behaviors, seed=seed, seen=seen),
     }

@@ -39,6 +39,10 @@ class SeqRecConfig:
     dropout: float = 0.5  # on embeddings, attention, residual and feed-forward (SASRec: 0.5 on sparse data; 0.3 overfit by epoch 4 on Games)
     use_behavior: bool = False  # add a behaviour-type embedding (Taobao pv/cart/fav/buy)
     use_category: bool = False  # add the item's category embedding (looked up from item_category)
+    # score items already in the input history at -inf: for catalogues where users do not
+    # re-consume (Amazon Games: 0 repeats), a tied-embedding model otherwise puts ~1.2 history
+    # items (mostly its own inputs) in its top 10. Off where repeats happen (Taobao views).
+    exclude_history: bool = False
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -186,8 +190,17 @@ class SeqRec(nn.Module):
         """Serving forward. history: (B, L) int64, e.g. (B, 100); candidates: (B, C) int64.
         Returns (B, C) scores (higher = more likely next); no data-dependent control flow."""
         state = self.last_state(history, behaviors)
-        return torch.einsum("bd,bcd->bc", state, self.item_emb(candidates))
+        scores = torch.einsum("bd,bcd->bc", state, self.item_emb(candidates))
+        if self.config.exclude_history:
+            seen = ((candidates.unsqueeze(-1) == history.unsqueeze(1)) & (history != 0).unsqueeze(1)).any(-1)
+            scores = scores.masked_fill(seen, float("-inf"))
+        return scores
 
     def score_all(self, history: torch.Tensor, behaviors: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) history -> (B, n_items + 1) scores over the whole catalogue (column 0 = padding)."""
-        return self.last_state(history, behaviors) @ self.item_emb.weight.T
+        scores = self.last_state(history, behaviors) @ self.item_emb.weight.T
+        if self.config.exclude_history:
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, history, True)
+            seen[:, 0] = False
+            scores = scores.masked_fill(seen, float("-inf"))
+        return scores

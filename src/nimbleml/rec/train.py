@@ -56,7 +56,10 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     loss: Literal["ce", "sampled_softmax", "bce"] = "ce"
     n_negatives: int = 2048  # shared negatives per batch for sampled_softmax
-    negatives_from: Literal["popularity", "uniform"] = "popularity"  # sampled_softmax proposal (logQ-corrected)
+    # sampled_softmax proposal (logQ-corrected): "popularity" (training counts + 1), "uniform", or
+    # "mixed" = half of each. Popularity negatives are the hard ones for full-catalogue ranking;
+    # uniform ones keep pushing the long tail down, which is what sampled-negative metrics measure.
+    negatives_from: Literal["popularity", "uniform", "mixed"] = "popularity"
     ce_chunk_rows: int = 256  # rows of the (rows, n_items) logit matrix computed at once
     patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
     eval_every: int = 1  # epochs between validation evaluations
@@ -154,6 +157,19 @@ def _ce_loss(model: SeqRec, states: torch.Tensor, targets: torch.Tensor, chunk_r
     return total
 
 
+def _proposal_log_q(popularity: np.ndarray, negatives_from: str) -> torch.Tensor:
+    """(n_items + 1,) float32 log-probability of drawing each item as a sampled-softmax negative
+    (-inf for the padding id 0). popularity: (n_items + 1,) training counts."""
+    counts = torch.as_tensor(popularity, dtype=torch.float64) + 1.0
+    counts[0] = 0.0
+    uniform = (counts > 0).double()
+    by_popularity, by_uniform = counts / counts.sum(), uniform / uniform.sum()
+    q = {"popularity": by_popularity, "uniform": by_uniform, "mixed": 0.5 * (by_popularity + by_uniform)}
+    if negatives_from not in q:
+        raise NimbleError(f"unknown negatives_from {negatives_from!r}", fix=f"use one of {', '.join(q)}")
+    return torch.log(q[negatives_from]).float()
+
+
 def _sampled_softmax_loss(
     model: SeqRec, states: torch.Tensor, targets: torch.Tensor, n_negatives: int, log_q: torch.Tensor,
     generator: torch.Generator,
@@ -215,11 +231,7 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
     if config.max_valid_users is not None and data.n_users > config.max_valid_users:
         valid_users = np.sort(rng.choice(data.n_users, size=config.max_valid_users, replace=False))
     valid_behaviors = split.valid_behaviors[valid_users] if model.config.use_behavior else None
-    popularity = torch.as_tensor(data.item_popularity(), dtype=torch.float64) + 1.0
-    if config.negatives_from == "uniform":
-        popularity = torch.ones_like(popularity)
-    popularity[0] = 0.0
-    log_q = torch.log(popularity / popularity.sum()).float().to(device)
+    log_q = _proposal_log_q(data.item_popularity(), config.negatives_from).to(device)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scorer = SeqRecScorer(model, device=device)
