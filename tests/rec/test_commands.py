@@ -10,6 +10,7 @@ import pytest
 from nimbleml.errors import NimbleError
 from nimbleml.rec import commands
 from nimbleml.rec.synthetic import write_synthetic_taobao
+from tests.rec.test_train import make_data
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -50,3 +51,14 @@ def test_train_on_missing_data_is_a_nimble_error(tmp_path) -> None:
     args = parse(["rec", "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "m")])
     with pytest.raises(NimbleError):
         args.func(args)
+
+
+def test_history_exclusion_follows_the_repeat_share() -> None:
+    data = make_data()  # walks i, i+1, ...: shorter than the catalogue, so no user repeats an item
+    assert commands.repeat_share(data) == 0.0
+    assert commands.model_config("small", data).exclude_history
+    data.items[data.offsets[0] + 1] = data.items[data.offsets[0]]  # one repeat among the training events
+    for u in range(1, data.n_users):
+        data.items[data.offsets[u] + 1] = data.items[data.offsets[u]]
+    assert commands.repeat_share(data) > 0.05
+    assert not commands.model_config("small", data).exclude_history

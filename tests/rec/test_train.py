@@ -9,7 +9,14 @@ import torch
 from nimbleml.errors import NimbleError
 from nimbleml.rec.data import SequenceData, leave_last_out
 from nimbleml.rec.model import SeqRec, SeqRecConfig
-from nimbleml.rec.train import TrainConfig, TrainingWindows, load_checkpoint, save_checkpoint, train
+from nimbleml.rec.train import (
+    TrainConfig,
+    TrainingWindows,
+    _proposal_log_q,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 
 def make_data(n_users: int = 60, n_items: int = 30, seed: int = 0) -> SequenceData:
@@ -45,10 +52,27 @@ def test_training_windows_hold_no_held_out_items() -> None:
         assert list(row_out[row_in != 0]) == list(train_part[1:])
 
 
-@pytest.mark.parametrize("loss", ["ce", "sampled_softmax", "bce"])
-def test_train_is_deterministic_and_learns(loss: str) -> None:
+def test_proposal_log_q() -> None:
+    counts = np.array([0, 3, 1, 0])  # padding, then items with 3, 1 and 0 training events
+    popularity = _proposal_log_q(counts, "popularity").exp()
+    uniform = _proposal_log_q(counts, "uniform").exp()
+    mixed = _proposal_log_q(counts, "mixed").exp()
+    torch.testing.assert_close(popularity, torch.tensor([0.0, 4 / 7, 2 / 7, 1 / 7]))  # add-one counts
+    torch.testing.assert_close(uniform, torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]))
+    torch.testing.assert_close(mixed, (popularity + uniform) / 2)
+    with pytest.raises(NimbleError, match="negatives_from"):
+        _proposal_log_q(counts, "hard")
+
+
+@pytest.mark.parametrize(
+    ("loss", "negatives_from"), [("ce", "popularity"), ("sampled_softmax", "mixed"), ("bce", "popularity")]
+)
+def test_train_is_deterministic_and_learns(loss: str, negatives_from: str) -> None:
     data = make_data()
-    config = TrainConfig(epochs=4, batch_size=16, lr=5e-3, loss=loss, n_negatives=10, patience=10, threads=1)
+    config = TrainConfig(
+        epochs=4, batch_size=16, lr=5e-3, loss=loss, n_negatives=10, negatives_from=negatives_from,
+        patience=10, threads=1,
+    )  # fmt: skip
     results = []
     for _ in range(2):
         torch.manual_seed(123)  # model init

@@ -26,8 +26,8 @@ baselines in ``rec.baselines`` directly.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
