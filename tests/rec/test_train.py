@@ -65,13 +65,15 @@ def test_proposal_log_q() -> None:
 
 
 @pytest.mark.parametrize(
-    ("loss", "negatives_from"), [("ce", "popularity"), ("sampled_softmax", "mixed"), ("bce", "popularity")]
-)
-def test_train_is_deterministic_and_learns(loss: str, negatives_from: str) -> None:
+    ("loss", "negatives_from", "bce_weight"),
+    [("ce", "popularity", 0.0), ("sampled_softmax", "mixed", 0.0), ("bce", "popularity", 0.0),
+     ("ce", "popularity", 0.5), ("sampled_softmax", "mixed", 0.5)],
+)  # fmt: skip
+def test_train_is_deterministic_and_learns(loss: str, negatives_from: str, bce_weight: float) -> None:
     data = make_data()
     config = TrainConfig(
         epochs=4, batch_size=16, lr=5e-3, loss=loss, n_negatives=10, negatives_from=negatives_from,
-        patience=10, threads=1,
+        bce_weight=bce_weight, patience=10, threads=1,
     )  # fmt: skip
     results = []
     for _ in range(2):
@@ -104,3 +106,13 @@ def test_load_checkpoint_missing(tmp_path) -> None:
 def test_train_rejects_mismatched_model() -> None:
     with pytest.raises(NimbleError, match="items"):
         train(SeqRec(SeqRecConfig.small(5)), make_data(), TrainConfig(epochs=1))
+
+
+def test_sampled_validation_metrics_are_logged_on_a_large_catalogue() -> None:
+    data = make_data(n_users=40, n_items=300)
+    config = TrainConfig(epochs=1, batch_size=16, loss="ce", patience=5, threads=1)
+    torch.manual_seed(0)
+    result = train(SeqRec(SeqRecConfig.small(data.n_items, max_len=20)), data, config)
+    row = result.history[0]
+    assert 0.0 <= row["valid_sampled100_ndcg@10"] <= row["valid_sampled100_hr@10"] <= 1.0
+    assert row["valid_sampled100_hr@10"] >= row["valid_hr@10"]  # 100 negatives are easier than all items

@@ -360,3 +360,57 @@ def test_bad_assets_count(tmp_path, assets):
     write(tmp_path, "equities/A.csv", OHLCV_HEADER + "2020-01-02,1,2,0.5,1.5,10\n")
     raises("assets must be", load_market, tmp_path, assets=assets)
     raises("assets must be", load_arch, assets=assets)
+
+
+# --- bad prints and unadjusted splits ------------------------------------------------------
+
+
+def _link(shared_data: Path, root: Path, *rels: str) -> Path:
+    for rel in rels:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(shared_data / "market" / rel)
+    return root
+
+
+def test_real_bad_prints_are_dropped(shared_data, tmp_path):
+    panel = load_market(_link(shared_data, tmp_path, "equities/MNST.csv"))
+    assert panel.report.per_asset["MNST"]["bad_print"] == 2  # 0.086 -> 7.095 -> 0.086, twice
+    assert not has_date(panel, "MNST", "2002-01-31") and not has_date(panel, "MNST", "2003-01-31")
+    assert has_date(panel, "MNST", "2002-02-01")
+    r = np.diff(np.log(panel.frame["close"].to_numpy()))
+    assert np.abs(r).max() < 1.0  # the genuine 2008 moves (up to +0.76) stay
+
+
+def test_real_unadjusted_split_is_back_adjusted(shared_data, tmp_path):
+    panel = load_market(_link(shared_data, tmp_path, "equities/JCI.csv"))
+    assert panel.report.per_asset["JCI"]["unadjusted_split"] == 1  # 40.375 -> 13.45 on 2002-01-02
+    before, after = row(panel, "JCI", "2001-12-31"), row(panel, "JCI", "2002-01-02")
+    assert after["close"] == pytest.approx(13.45)  # later prices untouched
+    assert before["close"] == pytest.approx(13.45)  # 40.375 / (40.375 / 13.45)
+    assert before["volume"] == pytest.approx(440200 * 40.375 / 13.45)
+
+
+def _bars(closes: list[float], opens: list[float] | None = None) -> str:
+    days = pd.bdate_range("2020-01-01", periods=len(closes))
+    opens = opens or closes
+    lines = [f"{d:%Y-%m-%d},{o},{max(o, c) * 1.01},{min(o, c) * 0.99},{c},1000" for d, o, c in zip(days, opens, closes)]
+    return OHLCV_HEADER + "\n".join(lines) + "\n"
+
+
+def test_spike_that_reverts_is_a_bad_print_but_a_crash_is_not(tmp_path):
+    write(tmp_path, "equities/X.csv", _bars([10, 10.1, 10.0, 30.0, 10.05, 10.1, 6.0, 6.1, 6.2]))
+    panel = load_market(tmp_path)
+    assert panel.report.per_asset["X"] == {"bad_print": 1}
+    assert list(panel.frame["close"]) == [10, 10.1, 10.0, 10.05, 10.1, 6.0, 6.1, 6.2]  # the -40% day stays
+
+
+def test_quiet_split_day_is_adjusted_but_a_volatile_one_is_not(tmp_path):
+    closes = [100.0, 101.0, 50.5, 50.6, 50.4]
+    write(tmp_path, "equities/S.csv", _bars(closes))  # opens at the close: the 2:1 drop was overnight
+    write(tmp_path, "equities/V.csv", _bars(closes, opens=[100.0, 101.0, 60.0, 50.6, 50.4]))  # fell during the day
+    panel = load_market(tmp_path)
+    assert panel.report.per_asset["S"] == {"unadjusted_split": 1}
+    s = panel.frame[panel.frame["asset"] == "S"]
+    np.testing.assert_allclose(s["close"], [50.0, 50.5, 50.5, 50.6, 50.4])
+    np.testing.assert_allclose(s["volume"], [2000, 2000, 1000, 1000, 1000])
+    assert panel.report.per_asset["V"] == {}

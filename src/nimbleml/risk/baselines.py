@@ -429,7 +429,7 @@ class GARCHBaseline(_RecursionBaseline):
     demeaned). Defaults: zero mean (the target is the raw second moment and a daily mean
     estimate is noise), Student t errors (fat tails make Gaussian QMLE less efficient), a
     2500-day (~10 year) window: ample for 4 parameters, bounded fit cost, and it follows slow
-    regime changes. A failed fit (too few returns, no convergence, non-stationary estimate) is
+    regime changes. A failed fit (too few returns, no convergence, persistence above ``max_persistence``) is
     logged and the asset falls back to EWMA; see ``fallbacks_`` / ``fallback_assets_``.
     """
 
@@ -443,6 +443,9 @@ class GARCHBaseline(_RecursionBaseline):
         dist: str = "t",  # arch error distribution: "t" or "normal"
         min_obs: int = 500,  # fewer returns before train end -> EWMA fallback
         fallback_lam: float = 0.94,  # EWMA decay of the fallback
+        # largest persistence kept; arch's constraint allows exactly 1 (an IGARCH-like fit with
+        # omega > 0), which is what a team running arch would forecast with
+        max_persistence: float = 1.0,
     ):
         if mean not in ("Zero", "Constant") or dist not in ("t", "normal"):
             raise NimbleError(f"{self.name}: mean={mean!r}, dist={dist!r}", fix='use mean "Zero"/"Constant" and dist "t"/"normal"')
@@ -451,6 +454,7 @@ class GARCHBaseline(_RecursionBaseline):
         self.dist = dist
         self.min_obs = min_obs
         self.fallback_lam = fallback_lam
+        self.max_persistence = max_persistence
 
     def _fit_one(self, r: np.ndarray) -> tuple[VarianceRecursion | None, pd.Series | None, str]:
         """(recursion, arch params in scaled units, "") or (None, None, why it failed)."""
@@ -471,7 +475,7 @@ class GARCHBaseline(_RecursionBaseline):
         p = res.params
         rec = VarianceRecursion(omega=float(p["omega"]), alpha=float(p["alpha[1]"]), gamma=float(p.get("gamma[1]", 0.0)),
                                 beta=float(p["beta[1]"]), mu=float(p.get("mu", 0.0)), scale=1.0 / sd)
-        if not (np.isfinite(p.to_numpy()).all() and rec.omega > 0 and rec.persistence < 1.0):
+        if not (np.isfinite(p.to_numpy()).all() and rec.omega > 0 and rec.persistence <= self.max_persistence + 1e-9):
             return None, None, f"non-stationary or invalid estimate (persistence {rec.persistence:.4f})"
         return rec, p, ""
 

@@ -47,6 +47,8 @@ RULES: dict[str, str] = {
     "nonpositive_price": "rows dropped (close <= 0; not applied to bond yields)",
     "unsorted": "rows found earlier than the row before them (all rows sorted by date)",
     "duplicate_date": "rows dropped (repeated date; the last row in the file is kept)",
+    "bad_print": "rows dropped: close jumps > 50% and the next close undoes it (a bad tick; not bonds)",
+    "unadjusted_split": "split-ratio close jumps with no intraday move: earlier prices back-adjusted (needs OHLC)",
     "nan_ohlc": "open/high/low cells NaN or infinite in the source (kept as NaN)",
     "nonpositive_ohlc": "open/high/low cells <= 0 set to NaN (not applied to bond yields)",
     "nonpositive_volume": "volume cells <= 0 set to NaN",
@@ -61,7 +63,18 @@ ROW_DROPPING_RULES: tuple[str, ...] = (
     "nan_close",
     "nonpositive_price",
     "duplicate_date",
+    "bad_print",
 )
+
+# A one-day close move beyond this (log) that the next close reverses is a bad print.
+BAD_PRINT_LOG_JUMP = float(np.log(1.5))
+BAD_PRINT_REVERSAL = 0.25  # |r_t + r_{t+1}| below this share of |r_t| counts as a reversal
+# Close-to-close ratios (old / new) that a forward or reverse split leaves when the source
+# forgot to adjust the history, and how close (relative) the observed ratio must be. Only
+# integer splits: at 3:2 (a 33% move) real crashes (DXCM 2017-09-28, HES 2020-03-09) match too.
+SPLIT_RATIOS = (2.0, 3.0, 4.0, 5.0, 10.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 10)
+SPLIT_TOLERANCE = 0.005
+SPLIT_MAX_INTRADAY = 0.02  # |log(close/open)| on the split day: the jump happened overnight
 
 DATE_FORMAT = "%Y-%m-%d"  # ISO dates, as every source writes them
 ARCH_SOURCE = "arch"
@@ -216,6 +229,9 @@ def _clean(raw: _Bars, asset_class: str) -> tuple[_Bars, dict[str, int]]:
     duplicated[:-1] = dates[:-1] == dates[1:]  # sorted: a row equal to the next is not the last
     counts["duplicate_date"] = int(duplicated.sum())
     dates, values = dates[~duplicated], values[~duplicated].copy()
+    if not is_bond:
+        dates, values = _drop_bad_prints(dates, values, counts)
+        _adjust_splits(values, counts)
 
     ohlc = values[:, :3]
     if raw.has_ohlc:
@@ -240,6 +256,46 @@ def _clean(raw: _Bars, asset_class: str) -> tuple[_Bars, dict[str, int]]:
     clear_range("close_outside_range", (values[:, i_close] > high) | (values[:, i_close] < low))
     clear_range("open_outside_range", (values[:, i_open] > high) | (values[:, i_open] < low))
     return _Bars(dates=dates, values=values, has_ohlc=raw.has_ohlc), counts
+
+
+def _drop_bad_prints(dates: np.ndarray, values: np.ndarray, counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Drop single-day spikes: a close > 50% away from its neighbours on both sides (MNST's
+    shared file jumps from 0.086 to 7.095 and back the next day). Real crashes rarely undo
+    themselves within one day; a bad print does, and one such day is a QLIKE disaster."""
+    i_close = VALUE_COLUMNS.index("close")
+    r = np.diff(np.log(values[:, i_close]))  # closes are > 0 here (non-bond rows)
+    jump, back = r[:-1], r[1:]  # into row t and out of it, for t = 1 .. n-2
+    bad = np.zeros(len(dates), dtype=bool)
+    bad[1:-1] = (
+        (np.abs(jump) > BAD_PRINT_LOG_JUMP)
+        & (np.sign(jump) != np.sign(back))
+        & (np.abs(jump + back) < BAD_PRINT_REVERSAL * np.abs(jump))
+    )
+    counts["bad_print"] = int(bad.sum())
+    return dates[~bad], values[~bad]
+
+
+def _adjust_splits(values: np.ndarray, counts: dict[str, int]) -> None:
+    """Back-adjust unadjusted splits in place: where the close-to-close ratio is within 0.5%
+    of an integer split ratio and the day itself barely moved (close near open), earlier prices are
+    divided by the ratio and earlier volumes multiplied by it, as a split-adjusted source
+    would have them (JCI's shared file falls 3.00x on 2002-01-02 with a 0.1% intraday range).
+    A price move of exactly such a ratio overnight with a quiet day after it is not a market
+    event a volatility model should learn from."""
+    i_open, i_close, i_volume = (VALUE_COLUMNS.index(c) for c in ("open", "close", "volume"))
+    close = values[:, i_close]
+    ratio = close[:-1] / close[1:]  # old / new at each day t = 1 .. n-1
+    near = np.zeros(len(ratio), dtype=bool)
+    for split in SPLIT_RATIOS:
+        near |= np.abs(ratio / split - 1.0) < SPLIT_TOLERANCE
+    with np.errstate(invalid="ignore", divide="ignore"):  # open <= 0 or NaN: not a split day
+        intraday = np.abs(np.log(close[1:] / values[1:, i_open]))
+    near &= intraday <= SPLIT_MAX_INTRADAY  # no open (Date,Price files): never adjusted
+    counts["unadjusted_split"] = int(near.sum())
+    for t in np.flatnonzero(near) + 1:  # rows before t are in the old units
+        factor = close[t - 1] / close[t]
+        values[:t, [0, 1, 2, i_close]] /= factor
+        values[:t, i_volume] *= factor
 
 
 def _check_assets(assets: int | None) -> None:
