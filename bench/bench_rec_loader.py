@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -31,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 import nimbleml
+from nimbleml.environment import environment as base_environment
 from nimbleml.rec.data import prepare, read_events, read_taobao
 from nimbleml.rec.synthetic import write_taobao_rows
 
@@ -103,22 +101,8 @@ def peak_rss_megabytes() -> float | None:
 
 
 def environment() -> dict:
-    """Hardware and library versions, so numbers can be compared across machines."""
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "pyarrow_cpu_count": pa.cpu_count(),
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "pyarrow": pa.__version__,
-        "nimbleml": nimbleml.__version__,
-        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
+    """nimbleml's environment block plus pyarrow's own thread pool size."""
+    return {**base_environment(), "pyarrow_cpu_count": pa.cpu_count()}
 
 
 def main(argv: list[str] | None = None) -> int:

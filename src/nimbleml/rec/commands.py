@@ -19,6 +19,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
 from nimbleml.rec.baselines import BASELINES
 from nimbleml.rec.data import FORMATS, PrepareReport, SequenceData, leave_last_out, prepare
@@ -186,7 +187,7 @@ def train_and_evaluate(
     save_checkpoint(model, {"preset": preset, "train": config.to_dict(), "result": result.to_dict()}, out)
     metrics = evaluate_all(model, data, seed=seed)
     metrics.update(epochs=result.epochs_run, best_epoch=result.best_epoch, train_seconds=result.train_seconds,
-                   loss=config.loss, preset=preset)
+                   loss=config.loss, preset=preset, environment=environment())
     _write_json(out / METRICS_FILE, metrics)
     return metrics, result
 
@@ -217,7 +218,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
     metrics = evaluate_all(model, data, seed=args.seed)
     saved = json.loads((Path(args.model) / "config.json").read_text()).get("result", {})
-    metrics.update(epochs=saved.get("epochs_run"), train_seconds=saved.get("train_seconds"))
+    metrics.update(epochs=saved.get("epochs_run"), train_seconds=saved.get("train_seconds"), environment=environment())
     _write_json(Path(args.out) / METRICS_FILE, metrics)
     Console().print(_metrics_table(metrics))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from nimbleml.environment import environment
 from nimbleml.risk.experiment import MODEL_NAMES, RiskRunConfig, run_risk_evaluation
 from nimbleml.risk.features import FeatureConfig
 from nimbleml.risk.protocol import PROTOCOLS
@@ -66,6 +67,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = run_risk_evaluation(cfg)
     result.extras["wall_seconds"] = time.perf_counter() - t0
+    result.extras["environment"] = environment()
     metrics = write_report(result, args.out)
     print_table(metrics)
     return 0
