@@ -52,3 +52,22 @@ def test_equal_weight_portfolio_uses_non_overlapping_origins():
     # highly correlated assets: the paper's formula understates portfolio risk
     assert np.all(corr.forecast_vol > paper.forecast_vol)
     assert abs(corr.forecast_vol.mean() / corr.realised_vol.mean() - 1) < 0.3
+
+
+def test_portfolio_holds_the_assets_forecast_at_each_origin():
+    rng = np.random.default_rng(2)
+    dates = pd.bdate_range("2015-01-01", periods=600)
+    returns = [pd.Series(rng.normal(0, 0.01, 600), index=dates, name=f"A{k}") for k in range(3)]
+    test_dates = dates[400:590]
+    rows = [(d, f"A{k}", 0.01, 0.02) for d in test_dates for k in range(3)]
+    preds = pd.DataFrame(rows, columns=["date", "asset", "m", "n"])
+    late = (preds["asset"] == "A2") & (preds["date"] < dates[500])  # A2 listed later: no forecast yet
+    preds = preds[~late]
+    preds.loc[(preds["asset"] == "A1") & (preds["date"] == dates[450]), "n"] = np.nan  # one model misses a day
+    out = equal_weight_portfolio(preds, returns, ["m", "n"], horizon=5, aggregation="paper")
+    assert len(out["m"].dates) == len(test_dates) // 5  # gaps no longer cost origins
+    assert list(out["m"].dates) == list(out["n"].dates)
+    before = out["m"].dates < dates[500]
+    # paper formula, equal weights over the held assets: sqrt(n * (vol / n)^2) = vol / sqrt(n)
+    np.testing.assert_allclose(out["m"].forecast_vol[before & (out["m"].dates != dates[450])], 0.01 / np.sqrt(2))
+    np.testing.assert_allclose(out["m"].forecast_vol[~before], 0.01 / np.sqrt(3))

@@ -38,7 +38,8 @@ def shrunk_correlation(returns: np.ndarray) -> np.ndarray:
         raise NimbleError("need at least 2 days of returns to estimate a correlation", fix="use a longer lookback")
     cov = LedoitWolf().fit(returns).covariance_
     sd = np.sqrt(np.diag(cov))
-    corr = cov / np.outer(sd, sd)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.nan_to_num(cov / np.outer(sd, sd))  # a column without moves: uncorrelated
     np.fill_diagonal(corr, 1.0)
     return corr
 
@@ -119,7 +120,8 @@ def equal_weight_portfolio(
 
     predictions : rows (date, asset, <model>...) from a risk run; returns : per-asset daily returns.
     Origins are taken every h trading days so the h-day outcomes do not overlap (the backtests
-    assume independent trials). Correlations use the ``lookback`` days up to each origin only,
+    assume independent trials); at each the portfolio is equal-weighted over the assets that
+    every model has a forecast for. Correlations use the ``lookback`` days up to each origin only,
     and are shared by all models so they differ only in their volatility forecasts.
     """
     if aggregation not in AGGREGATIONS:
@@ -129,21 +131,27 @@ def equal_weight_portfolio(
     wide = {m: predictions.pivot_table(index="date", columns="asset", values=m).reindex(columns=assets).ffill(limit=5) for m in models}
     by_name = {r.name: r for r in returns}
     rets = pd.concat({a: by_name[a] for a in assets}, axis=1, sort=True)
-    complete = np.logical_and.reduce([w.notna().all(axis=1).to_numpy() for w in wide.values()])
-    origins = wide[models[0]].index[complete][::horizon]
+    # the portfolio at each origin holds the assets every model has a forecast for (equal weights
+    # over those): requiring all assets at once would keep only the few dates on which none of
+    # 447 series has a gap or is not listed yet
+    available = np.logical_and.reduce([w.notna().to_numpy() for w in wide.values()])  # (dates, assets)
+    dates = wide[models[0]].index
+    origins = np.flatnonzero(available.sum(axis=1) >= 2)[::horizon]
     z = stats.norm.ppf(1 - level)
-    weights = np.full(len(assets), 1.0 / len(assets))
     keys = ("dates", "forecast_vol", "realised_vol", "var", "es", "hday_return")
     out = {m: {k: [] for k in keys} for m in models}
-    for t in origins:
-        past = rets.loc[:t].iloc[-lookback:].fillna(0.0)
-        future = rets.loc[t:].iloc[1 : horizon + 1].fillna(0.0)
+    for i in origins:
+        t, held = dates[i], available[i]
+        past = rets.loc[:t].iloc[-lookback:].to_numpy()[:, held]
+        future = rets.loc[t:].iloc[1 : horizon + 1].to_numpy()[:, held]
         if len(future) < horizon or len(past) < 30:
             continue
-        corr = shrunk_correlation(past.to_numpy()) if aggregation == "correlated" else None
-        port = future.to_numpy() @ weights
+        past, future = np.nan_to_num(past), np.nan_to_num(future)  # a closed market: no move that day
+        weights = np.full(int(held.sum()), 1.0 / held.sum())
+        corr = shrunk_correlation(past) if aggregation == "correlated" else None
+        port = future @ weights
         for m in models:
-            vol = portfolio_vol(weights, wide[m].loc[t].to_numpy(), corr)
+            vol = portfolio_vol(weights, wide[m].iloc[i].to_numpy()[held], corr)
             o = out[m]
             o["dates"].append(t)
             o["forecast_vol"].append(vol)
