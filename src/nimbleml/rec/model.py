@@ -31,7 +31,7 @@ class SeqRecConfig:
     n_items: int  # catalogue size; ids 1..n_items, 0 is padding
     n_categories: int = 0  # item categories; ids 1..n_categories, 0 = none / padding
     n_behaviors: int = 5  # behaviour codes 0..4: padding, pv, cart, fav, buy
-    max_len: int = 50  # history window in events (SASRec: 50 on Games); longer inputs keep the last max_len
+    max_len: int = 100  # history window in events: the serving contract's last 100 behaviours (SASRec: 50 on Games); longer inputs keep the last max_len
     dim: int = 64  # embedding and hidden width (SASRec: 50)
     n_blocks: int = 2  # transformer blocks (SASRec: 2)
     n_heads: int = 2  # attention heads; dim must divide by it (SASRec: 1)
