@@ -7,6 +7,7 @@ and exit code 2, so scripts can tell a user error from a crash.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -18,18 +19,23 @@ from nimbleml.logs import configure_logging
 log = logging.getLogger("nimbleml")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from nimbleml import demo
-    from nimbleml.rec import commands as rec_commands
-    from nimbleml.risk import commands as risk_commands
+# Every module here has `add_parser(subparsers)`; adding a command is one line.
+# Workload commands live beside their workload (`risk`, `rec`); commands that tie the
+# domain-agnostic core (compress, runtime, serve, bench) to a workload live in `nimbleml.commands`.
+COMMAND_MODULES = (
+    "nimbleml.risk.commands",
+    "nimbleml.rec.commands",
+    "nimbleml.demo",
+)
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nimbleml", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nimbleml {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    risk_commands.add_parser(sub)
-    rec_commands.add_parser(sub)
-    demo.add_parser(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 

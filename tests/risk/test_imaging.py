@@ -57,16 +57,21 @@ def test_value_ranges(windows: np.ndarray) -> None:
     assert mtf.min() >= 0 and mtf.max() <= 1 + 1e-6
     recurrence = get_encoder("recurrence").encode(windows)
     assert recurrence.min() >= 0
-    np.testing.assert_allclose(recurrence[:, :, 0, 0], 0.0)  # a day is at distance 0 from itself
+    np.testing.assert_allclose(recurrence[:, :-1, 0, 0], 0.0)  # a day is at distance 0 from itself
 
 
 @PYTS
 def test_gaf_ignores_level_heatmap_keeps_it(windows: np.ndarray) -> None:
     shifted = (0.5 * windows + 0.25).astype(np.float32)
-    gaf = get_encoder("gaf")
+    gaf = get_encoder("gaf", level_channel=False)
     np.testing.assert_allclose(gaf.encode(windows), gaf.encode(shifted), atol=1e-5)
     heatmap = get_encoder("heatmap")
     assert not np.allclose(heatmap.encode(windows), heatmap.encode(shifted))
+    # the default level channel is the heat map itself, appended after the per-feature GAFs
+    with_level = get_encoder("gaf").encode(windows)
+    assert with_level.shape[1] == N_FEATURES + 1
+    np.testing.assert_allclose(with_level[:, :-1], gaf.encode(windows), atol=1e-6)
+    np.testing.assert_allclose(with_level[:, -1:], get_encoder("heatmap", days=None).encode(windows), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ALL_ENCODERS)

@@ -14,7 +14,8 @@ Level versus shape: the volatility level is what we forecast, so by default wind
 encoded as they are (already min-max scaled on the training period). ``gaf`` and ``mtf``
 are invariant to each window's level and scale by construction (GAF rescales each row to
 [-1, 1]; MTF bins each row at its own quantiles), and ``recurrence`` to its level: those
-images carry the shape of the recent path, not how volatile the asset is.
+images carry the shape of the recent path, not how volatile the asset is, so by default
+they get the window itself as one more (heat-map) channel (``level_channel``).
 ``per_window_rescale=True`` min-max scales every window row to [0, 1] before any encoder.
 
 Adding an encoder is one subclass and one line in ``ENCODERS``.
@@ -155,15 +156,22 @@ class HeatmapEncoder(ImageEncoder):
         return self._to_size(windows[:, None, :, :])
 
 
+@dataclass(kw_only=True)
 class _PytsEncoder(ImageEncoder):
-    """One pyts image per feature row, computed on the (n * F, days) stack in one call.
+    """One pyts image per feature row, computed on the (n * F, days) stack in one call, plus
+    (``level_channel``) the window itself as a last heat-map channel.
 
-    pyts is imported on first use: importing it compiles its numba kernels (about 25 s of
-    CPU per process, not cached), which heat-map users should not pay.
+    The level channel is there because these images are blind to the level: on the first 30
+    assets of the shared market, GAF alone gave the CNN a test QLIKE of 1.36 (worse than every
+    baseline; heat map 0.55), since a calm and a turbulent fortnight of the same shape give the
+    same picture. pyts is imported on first use: importing it compiles its numba kernels
+    (about 25 s of CPU per process, not cached), which heat-map users should not pay.
     """
 
+    level_channel: bool = True  # append the (scaled) window as one more channel, as the heat map
+
     def channels(self, n_features: int) -> int:
-        return n_features
+        return n_features + int(self.level_channel)
 
     @abstractmethod
     def _transformer(self, length: int) -> Any:
@@ -174,7 +182,11 @@ class _PytsEncoder(ImageEncoder):
         rows = windows.reshape(n * n_features, length).astype(np.float64)
         images = self._transformer(length).transform(rows)
         side = images.shape[-1]
-        return self._to_size(images.reshape(n, n_features, side, side))
+        images = self._to_size(images.reshape(n, n_features, side, side))
+        if self.level_channel:
+            recent = windows[:, None, :, -self.image_size :]  # a heat map holds at most image_size days
+            images = np.concatenate([images, self._to_size(recent)], axis=1)
+        return images
 
 
 @dataclass(kw_only=True)
