@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "nimbleml.risk.commands",
     "nimbleml.rec.commands",
     "nimbleml.demo",
+    "nimbleml.commands.bench",
 )
 
 
