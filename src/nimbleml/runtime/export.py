@@ -1,0 +1,136 @@
+"""ONNX export of any ``torch.nn.Module`` with a dynamic batch axis, and a parity check.
+
+We use torch's own exporter (``torch.onnx.export(dynamo=True)``: torch.export + onnxscript).
+The legacy TorchScript exporter writes an ``EyeLike`` on booleans for our attention mask,
+which ONNX Runtime has no kernel for; the dynamo exporter emits plain ops.
+
+Exported graphs name their inputs after the keys of ``example_inputs`` (in order), so one
+``dict[str, ndarray]`` feeds every backend. Model files are ONNX (or safetensors), never pickles.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from nimbleml.errors import NimbleError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18  # ONNX Runtime, OpenVINO and TensorRT all read opset 18
+
+
+def export_onnx(
+    module: nn.Module,
+    example_inputs: dict[str, torch.Tensor],
+    path: str | Path,
+    output_names: list[str] | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Write ``module`` as an ONNX graph with a dynamic batch axis (dim 0) on every input and output.
+
+    example_inputs: name -> tensor, in the order of ``module.forward``'s positional arguments;
+    use a batch of at least 2 so the exporter does not specialise the batch to 1.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    output_names = output_names or ["scores"]
+    if any(t.shape[0] < 2 for t in example_inputs.values()):
+        raise ValueError("export with a batch of at least 2 so the batch axis stays dynamic")
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    dynamic_shapes = {name: {0: batch} for name in example_inputs}
+    was_training = module.training
+    module.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not ours
+            program = torch.onnx.export(
+                module,
+                tuple(example_inputs.values()),
+                input_names=list(example_inputs),
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+        program.save(str(path))
+    finally:
+        module.train(was_training)
+    log.info("exported %s -> %s (%.2f MB)", type(module).__name__, path, path.stat().st_size / 2**20)
+    return path
+
+
+def check_onnx_file(path: str | Path) -> Path:
+    """One clear error for a missing or corrupt ONNX file (instead of a protobuf traceback)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise NimbleError("ONNX model file not found", path=path, fix="export it with `nimbleml export`")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises several unrelated types for a broken file
+        raise NimbleError(f"not a valid ONNX model ({exc.__class__.__name__}: {str(exc)[:200]})", path=path,
+                          fix="re-export the model with `nimbleml export`") from exc
+    return path
+
+
+def topk_overlap(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:
+    """Mean share of each row's top-k (by ``reference``) that ``other`` also puts in its top-k."""
+    k = min(k, reference.shape[1])
+    top_ref = np.argsort(-reference, axis=1, kind="stable")[:, :k]
+    top_other = np.argsort(-other, axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_ref, top_other)]))
+
+
+@dataclass
+class ParityReport:
+    """How far a runtime's outputs are from PyTorch eager FP32 on the same inputs."""
+
+    backend: str
+    max_abs_diff: float  # in output units (scores)
+    top10_overlap: float  # 1.0 = the same top 10 per row
+    n_rows: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parity(
+    module: nn.Module,
+    onnx_path: str | Path,
+    inputs: dict[str, torch.Tensor],
+    backend: str = "onnxruntime",
+) -> ParityReport:
+    """Run ``module`` (eager, eval) and the ONNX file on ``backend`` on the same inputs and compare.
+
+    Scores of -inf (masked candidates) must be -inf in both; they are left out of the difference.
+    """
+    from nimbleml.runtime.backends import get_backend
+
+    module.eval()
+    with torch.no_grad():
+        reference = module(*inputs.values()).float().numpy()
+    runner = get_backend(backend).load(Path(onnx_path))
+    other = runner.predict({name: t.numpy() for name, t in inputs.items()}).astype(np.float32)
+    if other.shape != reference.shape:
+        raise NimbleError(f"{backend} returned shape {other.shape}, torch {reference.shape}", path=onnx_path,
+                          fix="re-export the model")
+    finite = np.isfinite(reference)
+    if not np.array_equal(finite, np.isfinite(other)):
+        raise NimbleError(f"{backend} and torch disagree on which scores are finite", path=onnx_path,
+                          fix="re-export; check the masking ops")
+    diff = float(np.max(np.abs(reference[finite] - other[finite]))) if finite.any() else 0.0
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        overlap = topk_overlap(np.where(finite, reference, -np.inf), np.where(finite, other, -np.inf))
+    else:
+        overlap = 1.0
+    return ParityReport(backend=backend, max_abs_diff=diff, top10_overlap=overlap, n_rows=int(reference.shape[0]))
