@@ -43,3 +43,50 @@ def test_unknown_protocol():
     dates, ends = _dates(300)
     with pytest.raises(NimbleError, match="protocol"):
         make_splits("random", dates, ends)
+
+
+def _long_dates(h=5, n_assets=2):
+    days = pd.bdate_range("2001-01-02", "2021-01-04").to_numpy()
+    return np.tile(days[:-h], n_assets), np.tile(days[h:], n_assets)
+
+
+def test_walk_forward_test_start_puts_both_crises_out_of_sample():
+    dates, ends = _long_dates()
+    splits = make_splits("walk-forward", dates, ends, test_start="2007-01-01")
+    tested = np.concatenate([dates[s.test] for s in splits])
+    assert tested.min() >= np.datetime64("2007-01-01")
+    for crisis in ("2008-10-15", "2020-03-16"):
+        assert np.datetime64(crisis) in set(tested)
+    assert len(splits) == 14  # yearly 2007 .. 2020
+
+
+@pytest.mark.parametrize("refit_months", [12, 3])
+def test_every_fold_trains_on_all_past_data_and_never_on_its_own_test_dates(refit_months):
+    dates, ends = _long_dates(h=22)
+    splits = walk_forward_splits(dates, ends, test_start="2007-01-01", test_end="2012-01-01", refit_months=refit_months)
+    assert len(splits) == 5 * 12 // refit_months
+    for s in splits:
+        first_test = dates[s.test].min()
+        # invariant: no training or validation target reaches the fold's test dates
+        assert ends[s.train].max() < first_test and ends[s.val].max() < first_test
+        assert ends[s.train].max() < dates[s.val].min()
+        # all data before the fold is used: every sample whose target ends before the
+        # validation slice trains, and the validation slice is the most recent year
+        past = (ends < dates[s.val].min())
+        assert len(s.train) == past.sum()
+        assert (first_test - dates[s.val].max()) < np.timedelta64(40, "D")
+    assert dates[splits[-1].test].max() < np.datetime64("2012-01-01")
+
+
+def test_chronological_test_start_and_end():
+    dates, ends = _long_dates()
+    s = chronological_split(dates, ends, test_start="2008-01-01", test_end="2010-01-01")
+    assert dates[s.test].min() >= np.datetime64("2008-01-01") and dates[s.test].max() < np.datetime64("2010-01-01")
+    assert ends[s.val].max() < np.datetime64("2008-01-01")
+
+
+@pytest.mark.parametrize("bad", [{"test_start": "2030-01-01"}, {"test_start": "yesterday-ish"}, {"test_start": "2010-01-01", "test_end": "2009-01-01"}])
+def test_bad_test_dates_are_one_clear_error(bad):
+    dates, ends = _long_dates()
+    with pytest.raises(NimbleError, match="test|date"):
+        make_splits("walk-forward", dates, ends, **bad)

@@ -162,8 +162,14 @@ class CNNForecaster:
         self.precision = precision
 
     # ------------------------------------------------------------------ fit
-    def fit(self, train: RiskSamples, val: RiskSamples) -> CNNForecaster:
-        """Train on ``train``, early-stop and calibrate on ``val``; returns self."""
+    def fit(self, train: RiskSamples, val: RiskSamples, warm_start: CNNForecaster | None = None) -> CNNForecaster:
+        """Train on ``train``, early-stop and calibrate on ``val``; returns self.
+
+        ``warm_start``: a fitted forecaster with the same architecture (e.g. the previous
+        walk-forward fold's) whose weights start the training instead of a random init; the
+        target transform is still fitted on this ``train``. Walk-forward folds use it so a
+        refit needs a few epochs rather than a full training run on CPU.
+        """
         started = time.perf_counter()
         self._check(train, "train")
         self._check(val, "val")
@@ -194,6 +200,11 @@ class CNNForecaster:
         with _seeded(self.seed, self.device_):
             rng = np.random.default_rng(self.seed)
             self.model_ = RiskCNN(cfg).to(self.device_, memory_format=torch.channels_last)
+            if warm_start is not None:
+                if warm_start.config_ != cfg:
+                    raise NimbleError("warm start from a CNN with another architecture", fix="warm-start from a fold of the same run")
+                self.model_.load_state_dict(warm_start.state_dict())
+            self.warm_started_ = warm_start is not None
             optimizer = torch.optim.Adam(self.model_.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             train_z = self.transform_.encode(train.target)
             self.history_: list[dict[str, float]] = []

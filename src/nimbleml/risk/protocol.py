@@ -3,7 +3,8 @@
 - ``chronological`` (default): 70/15/15 by date with a gap: a sample belongs to a period only
   if its whole target (t+1..t+h) ends before the next period starts, so no training target
   overlaps a validation or test day.
-- ``walk-forward``: expanding window, one refit per calendar year of the test period.
+- ``walk-forward``: expanding window, one refit every ``refit_months`` (default 12) from the test
+  start, each on all data before its fold (the last year of it for early stopping).
 - ``paper-random``: the paper's random 70/15/15 split of samples. It leaks the future
   (neighbouring, overlapping windows land on both sides) and every output labels it leaky.
 """
@@ -52,47 +53,88 @@ def _check_nonempty(split: Split, hint: str) -> Split:
     return split
 
 
+def _day(value: str | np.datetime64 | None) -> np.datetime64 | None:
+    """An ISO date (or None) as datetime64[ns]; a bad string is a user error."""
+    if value is None:
+        return None
+    try:
+        return np.datetime64(pd.Timestamp(value).normalize().to_datetime64(), "ns")
+    except (ValueError, TypeError) as exc:
+        raise NimbleError(f"not a date: {value!r}", fix="write dates as YYYY-MM-DD") from exc
+
+
+def _test_bounds(calendar: np.ndarray, test_start, test_end, default_fraction: float) -> tuple[np.datetime64, np.datetime64]:
+    """[start, end) of the test period: the given dates, else ``default_fraction`` of the calendar .. its end."""
+    start = _day(test_start) if test_start is not None else calendar[int(round(default_fraction * len(calendar)))]
+    end = _day(test_end) if test_end is not None else calendar[-1] + np.timedelta64(1, "D")
+    if not start < end:
+        raise NimbleError(f"test start {pd.Timestamp(start).date()} is not before test end {pd.Timestamp(end).date()}",
+                          fix="pass --test-start earlier than --test-end")
+    if start <= calendar[0] or start > calendar[-1]:
+        raise NimbleError(f"test start {pd.Timestamp(start).date()} is outside the data "
+                          f"({pd.Timestamp(calendar[0]).date()} .. {pd.Timestamp(calendar[-1]).date()})",
+                          fix="pass a --test-start inside the loaded history, after enough training data")
+    return start, end
+
+
 def chronological_split(
-    dates: np.ndarray, target_end: np.ndarray, fractions: tuple[float, float] = (0.70, 0.15)
+    dates: np.ndarray,
+    target_end: np.ndarray,
+    fractions: tuple[float, float] = (0.70, 0.15),
+    test_start: str | None = None,
+    test_end: str | None = None,
 ) -> Split:
     """70/15/15 by the calendar of sample dates, with gaps so no target crosses into a later period.
 
     dates, target_end : (n,) datetime64, each sample's origin t and the date of day t+h.
+    With ``test_start`` (ISO date) the test period starts there (and ends before ``test_end``),
+    and the days before it are split train/validation in the ratio fractions[0] : fractions[1].
     """
     calendar = np.unique(dates)
-    n = len(calendar)
-    val_start = calendar[int(round(fractions[0] * n))]
-    test_start = calendar[int(round((fractions[0] + fractions[1]) * n))]
+    start, end = _test_bounds(calendar, test_start, test_end, fractions[0] + fractions[1])
+    past = calendar[calendar < start]
+    val_start = past[min(int(round(fractions[0] / (fractions[0] + fractions[1]) * len(past))), len(past) - 1)]
     train = np.flatnonzero((dates < val_start) & (target_end < val_start))
-    val = np.flatnonzero((dates >= val_start) & (dates < test_start) & (target_end < test_start))
-    test = np.flatnonzero(dates >= test_start)
+    val = np.flatnonzero((dates >= val_start) & (dates < start) & (target_end < start))
+    test = np.flatnonzero((dates >= start) & (dates < end))
     return _check_nonempty(Split("chronological", train, val, test), "the chronological split")
 
 
 def walk_forward_splits(
-    dates: np.ndarray, target_end: np.ndarray, initial_fraction: float = 0.70, val_fraction: float = 0.15
+    dates: np.ndarray,
+    target_end: np.ndarray,
+    initial_fraction: float = 0.70,
+    val_days: int = 252,
+    test_start: str | None = None,
+    test_end: str | None = None,
+    refit_months: int = 12,
 ) -> list[Split]:
-    """Expanding-window refits, one per calendar year after the initial training span.
+    """Expanding-window refits every ``refit_months`` from the test start (default: 70% of the calendar).
 
-    Fold k tests on year Y_k; it trains on everything whose target ends before the
-    validation block, which is the last ``val_fraction`` of the dates before Y_k.
+    Each fold tests on [fold start, next refit) and is fitted on **all** samples before the
+    fold: training rows are those whose target ends before the validation slice, and the
+    validation slice (early stopping, model choice) is the most recent ``val_days`` trading
+    days before the fold whose targets end before it. No fold trains on its own test dates.
     """
+    if refit_months < 1:
+        raise NimbleError(f"refit cadence {refit_months} months < 1", fix="pass --refit-months 12 (yearly) or 3 (quarterly)")
     calendar = np.unique(dates)
-    first_test = calendar[int(round(initial_fraction * len(calendar)))]
-    years = sorted({pd.Timestamp(d).year for d in calendar if d >= first_test})
+    first, stop = _test_bounds(calendar, test_start, test_end, initial_fraction)
     splits = []
-    for k, year in enumerate(years):
-        start = max(np.datetime64(f"{year}-01-01", "ns"), first_test) if k == 0 else np.datetime64(f"{year}-01-01", "ns")
-        end = np.datetime64(f"{year + 1}-01-01", "ns")
+    start = first
+    while start < stop and start <= calendar[-1]:
+        end = min(np.datetime64(pd.Timestamp(start) + pd.DateOffset(months=refit_months), "ns"), stop)
         past = calendar[calendar < start]
-        val_start = past[int(round((1.0 - val_fraction) * len(past)))]
+        val_start = past[max(len(past) - val_days, len(past) // 2)]  # at least half the past trains
         train = np.flatnonzero((dates < val_start) & (target_end < val_start))
         val = np.flatnonzero((dates >= val_start) & (dates < start) & (target_end < start))
         test = np.flatnonzero((dates >= start) & (dates < end))
         if len(test):
-            splits.append(_check_nonempty(Split(f"walk-forward {year}", train, val, test), "walk-forward"))
+            name = f"walk-forward {pd.Timestamp(start).date()}"
+            splits.append(_check_nonempty(Split(name, train, val, test), "walk-forward"))
+        start = end
     if not splits:
-        raise NimbleError("walk-forward found no test year", fix="load more history")
+        raise NimbleError("walk-forward found no test dates", fix="load more history or move --test-start")
     return splits
 
 
@@ -104,12 +146,20 @@ def paper_random_split(n: int, seed: int = 0, fractions: tuple[float, float] = (
     return _check_nonempty(split, "paper-random")
 
 
-def make_splits(protocol: str, dates: np.ndarray, target_end: np.ndarray, seed: int = 0) -> list[Split]:
-    """The splits of a named protocol."""
+def make_splits(
+    protocol: str,
+    dates: np.ndarray,
+    target_end: np.ndarray,
+    seed: int = 0,
+    test_start: str | None = None,
+    test_end: str | None = None,
+    refit_months: int = 12,
+) -> list[Split]:
+    """The splits of a named protocol; ``test_start``/``test_end`` (ISO dates) bound the test period."""
     if protocol == "chronological":
-        return [chronological_split(dates, target_end)]
+        return [chronological_split(dates, target_end, test_start=test_start, test_end=test_end)]
     if protocol == "walk-forward":
-        return walk_forward_splits(dates, target_end)
+        return walk_forward_splits(dates, target_end, test_start=test_start, test_end=test_end, refit_months=refit_months)
     if protocol == "paper-random":
         return [paper_random_split(len(dates), seed)]
     raise NimbleError(f"unknown protocol {protocol!r}", fix=f"use one of {', '.join(PROTOCOLS)}")

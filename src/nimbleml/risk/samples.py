@@ -77,3 +77,22 @@ class RiskSamples:
             leaky=self.leaky,
             meta=dict(self.meta),
         )
+
+
+def concat_samples(first: RiskSamples, second: RiskSamples) -> RiskSamples:
+    """Rows of ``first`` then ``second`` (same panel, e.g. train + validation for a refit on all past data)."""
+    return RiskSamples(
+        windows=np.concatenate([first.windows, second.windows]),
+        target=np.concatenate([first.target, second.target]),
+        dates=np.concatenate([first.dates, second.dates]),
+        asset=np.concatenate([first.asset, second.asset]),
+        asset_class=np.concatenate([first.asset_class, second.asset_class]),
+        har=np.concatenate([first.har, second.har]),
+        har_range=np.concatenate([first.har_range, second.har_range]),
+        returns=first.returns,
+        feature_names=first.feature_names,
+        asset_names=first.asset_names,
+        horizon=first.horizon,
+        leaky=first.leaky or second.leaky,
+        meta=dict(first.meta),
+    )

@@ -61,7 +61,8 @@ class DieboldMariano(_Result):
     n: int
     horizon: int
     hln: bool
-    variance: str  # "acf" (rectangular, h-1 lags) or "bartlett" when the acf estimate was <= 0
+    variance: str  # "newey-west" (Bartlett, data-driven lag), "acf" (rectangular, h-1 lags) or "bartlett" (acf fallback)
+    lags: int  # HAC lags used in the long-run variance
 
 
 @dataclass
@@ -109,40 +110,58 @@ def paired_t_test(loss_a: np.ndarray, loss_b: np.ndarray) -> PairedTTest:
     return PairedTTest(float(res.statistic), float(res.pvalue), float(np.mean(a - b)), int(a.size))
 
 
-def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, horizon: int, hln: bool = True) -> DieboldMariano:
+def newey_west_lags(n: int, horizon: int = 1) -> int:
+    """Data-driven HAC lag: max(h - 1, floor(4 (n/100)^(2/9))) (Newey and West 1994's rule of thumb).
+
+    h-step forecast errors are MA(h-1) under the null, so fewer than h-1 lags is never enough;
+    the rule-of-thumb term grows with the sample for the extra autocorrelation of real losses.
+    """
+    return int(max(horizon - 1, int(np.floor(4.0 * (n / 100.0) ** (2.0 / 9.0)))))
+
+
+def diebold_mariano(
+    loss_a: np.ndarray, loss_b: np.ndarray, horizon: int, hln: bool = True, lags: int | None = None, variance: str = "newey-west"
+) -> DieboldMariano:
     """Diebold-Mariano (1995) test with the Harvey-Leybourne-Newbold (1997) correction.
 
-    d = loss_a - loss_b in time order; long-run variance from autocovariances at lags 0..h-1
-    (h-step forecasts overlap, so d is MA(h-1) under H0); falls back to Bartlett weights if
-    that estimate is not positive. HLN scales the statistic by
-    sqrt((n + 1 - 2h + h(h-1)/n) / n) and uses Student t(n-1). Same numbers as the
-    ``dieboldmariano`` package's ``dm_test`` (checked in the tests); written in numpy because
-    that package loops in Python and raises where we fall back.
+    d = loss_a - loss_b in time order. ``variance="newey-west"`` (default): long-run variance
+    with Bartlett weights over ``lags`` lags (None: ``newey_west_lags(n, h)``), always positive.
+    ``variance="acf"``: the original rectangular window over lags 0..h-1 (d is MA(h-1) under H0),
+    falling back to Bartlett weights if that estimate is not positive; this is what the
+    ``dieboldmariano`` package computes (checked in the tests). HLN scales the statistic by
+    sqrt((n + 1 - 2h + h(h-1)/n) / n) and uses Student t(n-1). Written in numpy because that
+    package loops in Python and raises where we fall back. The lag used is in ``lags``.
     """
     a, b = _pair(loss_a, loss_b, "Diebold-Mariano", min_n=3)
     n = a.size
     if not 1 <= horizon < n:
         raise NimbleError(f"Diebold-Mariano: horizon {horizon} not in [1, {n})", fix="pass the forecast horizon in days")
+    if variance not in ("newey-west", "acf"):
+        raise NimbleError(f"Diebold-Mariano: unknown variance {variance!r}", fix="use newey-west or acf")
     d = a - b
     dbar = float(d.mean())
     c = d - dbar
-    gamma = np.array([c[k:] @ c[: n - k] / n for k in range(horizon)])
+    n_lags = (newey_west_lags(n, horizon) if lags is None else int(lags)) if variance == "newey-west" else horizon - 1
+    n_lags = min(n_lags, n - 1)
+    gamma = np.array([c[k:] @ c[: n - k] / n for k in range(n_lags + 1)])
     if not gamma[0] > 0:
         raise NimbleError("Diebold-Mariano: the loss differential has zero variance", fix="the two forecasts are identical; drop the comparison")
-    variance = "acf"
-    lrv = gamma[0] + 2.0 * gamma[1:].sum()
-    if lrv <= 0:
-        weights = 1.0 - np.arange(1, horizon) / horizon
-        lrv = gamma[0] + 2.0 * (weights * gamma[1:]).sum()
-        variance = "bartlett"
-        log.info("Diebold-Mariano: acf long-run variance <= 0, used Bartlett weights")
+    bartlett = 1.0 - np.arange(1, n_lags + 1) / (n_lags + 1)
+    if variance == "newey-west":
+        lrv = gamma[0] + 2.0 * (bartlett * gamma[1:]).sum()
+    else:
+        lrv = gamma[0] + 2.0 * gamma[1:].sum()
+        if lrv <= 0:
+            lrv = gamma[0] + 2.0 * ((1.0 - np.arange(1, horizon) / horizon) * gamma[1:]).sum()
+            variance = "bartlett"
+            log.info("Diebold-Mariano: acf long-run variance <= 0, used Bartlett weights")
     stat = dbar / np.sqrt(lrv / n)
     if hln:
         stat *= np.sqrt((n + 1 - 2 * horizon + horizon * (horizon - 1) / n) / n)
         pvalue = 2.0 * sps.t.sf(abs(stat), df=n - 1)
     else:
         pvalue = 2.0 * sps.norm.sf(abs(stat))
-    return DieboldMariano(float(stat), float(pvalue), dbar, int(n), int(horizon), hln, variance)
+    return DieboldMariano(float(stat), float(pvalue), dbar, int(n), int(horizon), hln, variance, int(n_lags))
 
 
 def mincer_zarnowitz(realised: np.ndarray, forecast: np.ndarray, hac_lags: int) -> MincerZarnowitz:
