@@ -1,0 +1,131 @@
+"""Hybrid rate limiting: a token bucket per tier plus load shedding by queue depth and recent p99.
+
+The buckets cap what each tier may send on average (with a burst); the shedder protects
+latency when the machine is saturated anyway: it refuses the lowest tiers first (HTTP 429 /
+gRPC RESOURCE_EXHAUSTED with a Retry-After), so premium and priority traffic keeps its p99.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; one request takes one token."""
+
+    def __init__(self, rate: float, burst: float):
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"token bucket needs rate > 0 and burst >= 1, got {rate}, {burst}")
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()  # the gRPC front end takes tokens from its own threads
+
+    def take(self, now: float | None = None) -> float:
+        """Take a token: 0.0 when granted, else the seconds until one will be there (Retry-After)."""
+        with self._lock:
+            now = time.monotonic() if now is None else now
+            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return 0.0
+            return (1.0 - self._tokens) / self.rate
+
+
+@dataclass
+class TierPolicy:
+    """What one tier may do. Lower ``shed_rank`` is shed first under load."""
+
+    rate_rps: float  # sustained requests per second for the whole tier
+    burst: int  # requests allowed above the rate in a burst
+    priority: int  # batcher lane: 0 bypasses the batch queue
+    shed_rank: int  # 0 = shed at the first sign of overload, 1 = under heavy overload, 2+ = never shed
+
+
+def default_tiers() -> dict[str, TierPolicy]:
+    """free / standard / premium: free is shed first and premium rides the priority lane."""
+    return {
+        "free": TierPolicy(rate_rps=500.0, burst=100, priority=2, shed_rank=0),
+        "standard": TierPolicy(rate_rps=5000.0, burst=500, priority=1, shed_rank=1),
+        "premium": TierPolicy(rate_rps=20000.0, burst=2000, priority=0, shed_rank=2),
+    }
+
+
+@dataclass
+class ShedConfig:
+    """When the server counts as overloaded."""
+
+    target_p99_ms: float = 50.0  # the latency objective; p99 above it sheds rank 0 (free)
+    soft_queue_depth: int = 64  # queued requests past which rank 0 is shed
+    hard_queue_depth: int = 256  # queued requests past which rank 1 is shed too
+    window_s: float = 1.0  # how far back "recent p99" looks, seconds
+    retry_after_s: float = 1.0  # Retry-After given to shed requests, seconds
+
+
+@dataclass
+class Decision:
+    """Admit or refuse; ``reason`` is 'rate' (the tier's bucket) or 'overload' (shedding)."""
+
+    admitted: bool
+    retry_after_s: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class LatencyWindow:
+    """Recent request latencies (ms) with their times, for the shedder's rolling p99."""
+
+    window_s: float = 1.0
+    _items: deque = field(default_factory=lambda: deque(maxlen=20000))
+    _cached: tuple[float, float] = (0.0, 0.0)  # (computed at, p99)
+
+    def add(self, latency_ms: float, now: float | None = None) -> None:
+        self._items.append((time.monotonic() if now is None else now, latency_ms))
+
+    def p99(self, now: float | None = None) -> float:
+        """p99 of the last window in ms (0 when empty); recomputed at most every 50 ms."""
+        now = time.monotonic() if now is None else now
+        if now - self._cached[0] < 0.05:
+            return self._cached[1]
+        while self._items and self._items[0][0] < now - self.window_s:
+            self._items.popleft()
+        value = float(np.percentile([ms for _, ms in self._items], 99)) if self._items else 0.0
+        self._cached = (now, value)
+        return value
+
+
+class AdmissionController:
+    """Token buckets per tier + load shedding: ``admit(tier, queue_depth)``."""
+
+    def __init__(self, tiers: dict[str, TierPolicy] | None = None, shed: ShedConfig | None = None):
+        self.tiers = tiers or default_tiers()
+        self.shed = shed or ShedConfig()
+        self.buckets = {name: TokenBucket(p.rate_rps, p.burst) for name, p in self.tiers.items()}
+        self.latency = LatencyWindow(self.shed.window_s)
+
+    def overload_level(self, queue_depth: int, now: float | None = None) -> int:
+        """0 = fine, 1 = shed rank 0, 2 = shed ranks 0 and 1."""
+        if queue_depth >= self.shed.hard_queue_depth:
+            return 2
+        p99 = self.latency.p99(now)
+        if p99 > 2 * self.shed.target_p99_ms:
+            return 2
+        if queue_depth >= self.shed.soft_queue_depth or p99 > self.shed.target_p99_ms:
+            return 1
+        return 0
+
+    def admit(self, tier: str, queue_depth: int, now: float | None = None) -> Decision:
+        policy = self.tiers[tier]
+        if policy.shed_rank < self.overload_level(queue_depth, now):
+            return Decision(False, self.shed.retry_after_s, "overload")
+        wait = self.buckets[tier].take(now)
+        if wait > 0:
+            return Decision(False, wait, "rate")
+        return Decision(True)

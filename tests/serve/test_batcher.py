@@ -1,0 +1,147 @@
+"""DynamicBatcher: batching by size and delay, the priority lane, bounded queues, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nimbleml.serve.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, QueueFull
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_batches_form_by_size_and_each_caller_gets_its_own_result():
+    sizes: list[int] = []
+
+    async def double(items):
+        sizes.append(len(items))
+        return [2 * x for x in items]
+
+    async def main():
+        batcher = DynamicBatcher(double, BatcherConfig(max_batch_size=4, max_queue_delay_ms=200))
+        results = await asyncio.gather(*(batcher.submit(i, priority=1) for i in range(8)))
+        await batcher.close()
+        return results
+
+    assert run(main()) == [2 * i for i in range(8)]
+    assert sizes == [4, 4]  # full batches leave without waiting out the 200 ms delay
+
+
+def test_a_lone_request_leaves_after_the_delay():
+    async def echo(items):
+        return items
+
+    async def main():
+        batcher = DynamicBatcher(echo, BatcherConfig(max_batch_size=64, max_queue_delay_ms=1))
+        value = await asyncio.wait_for(batcher.submit("x"), 2.0)
+        await batcher.close()
+        return value, batcher.stats.batches
+
+    assert run(main()) == ("x", 1)
+
+
+def test_preferred_sizes_cut_batches():
+    sizes: list[int] = []
+
+    async def echo(items):
+        sizes.append(len(items))
+        return items
+
+    async def main():
+        cfg = BatcherConfig(max_batch_size=8, max_queue_delay_ms=50, preferred_batch_sizes=(2, 4))
+        batcher = DynamicBatcher(echo, cfg)
+        await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+        await batcher.close()
+
+    run(main())
+    assert sizes[0] == 4 and sum(sizes) == 6 and set(sizes) <= {2, 4}
+
+
+def test_priority_lane_bypasses_a_busy_batcher():
+    order: list[str] = []
+    release = None
+
+    async def slow(items):
+        if items[0].startswith("low"):
+            await release.wait()
+        order.extend(items)
+        return items
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        cfg = BatcherConfig(max_batch_size=2, max_queue_delay_ms=1, max_inflight_batches=1)
+        batcher = DynamicBatcher(slow, cfg)
+        lows = [asyncio.ensure_future(batcher.submit(f"low{i}", priority=2)) for i in range(6)]
+        await asyncio.sleep(0.05)  # the first low batch holds the only slot; the rest queue
+        high = await asyncio.wait_for(batcher.submit("high", priority=0), 2.0)
+        release.set()
+        await asyncio.gather(*lows)
+        await batcher.close()
+        return high
+
+    assert run(main()) == "high"
+    assert order[0] == "high"  # answered while the low-priority batches were stuck
+
+
+def test_full_lane_rejects_at_once():
+    async def never(items):
+        await asyncio.Event().wait()
+
+    async def main():
+        cfg = BatcherConfig(max_batch_size=1, max_queue_size=2, max_inflight_batches=1, max_queue_delay_ms=0)
+        batcher = DynamicBatcher(never, cfg)
+        waiting = [asyncio.ensure_future(batcher.submit(0))]
+        await asyncio.sleep(0.05)  # it runs (and never ends) ...
+        waiting += [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.05)  # ... so these two fill the lane
+        with pytest.raises(QueueFull):
+            await batcher.submit(99)
+        for task in waiting:
+            task.cancel()
+        for task in list(batcher._tasks):
+            task.cancel()
+        await batcher.close()
+        return batcher.stats.rejected_full
+
+    assert run(main()) == 1
+
+
+def test_deadline_rejects_instead_of_answering_late():
+    async def slow(items):
+        await asyncio.sleep(0.3)
+        return items
+
+    async def main():
+        cfg = BatcherConfig(max_batch_size=1, max_inflight_batches=1, max_queue_delay_ms=0)
+        batcher = DynamicBatcher(slow, cfg)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0.01)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit("b", timeout_s=0.05)
+        assert await first == "a"
+        await batcher.close()
+
+    run(main())
+
+
+def test_a_failing_batch_fails_every_caller():
+    async def boom(items):
+        raise RuntimeError("worker died")
+
+    async def main():
+        batcher = DynamicBatcher(boom, BatcherConfig(max_batch_size=4, max_queue_delay_ms=5))
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = run(main())
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_config_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        BatcherConfig(max_batch_size=4, preferred_batch_sizes=(8,))

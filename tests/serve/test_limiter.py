@@ -1,0 +1,40 @@
+"""Token buckets and load shedding: free tier goes first, premium keeps going."""
+
+from __future__ import annotations
+
+from nimbleml.serve.limiter import AdmissionController, ShedConfig, TierPolicy, TokenBucket
+
+
+def test_bucket_grants_burst_then_refills_at_rate():
+    bucket = TokenBucket(rate=10.0, burst=3)
+    t = 100.0
+    assert [bucket.take(t) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = bucket.take(t)
+    assert 0.09 < wait <= 0.1  # one token per 100 ms
+    assert bucket.take(t + 0.11) == 0.0
+
+
+def test_tier_bucket_refuses_with_retry_after():
+    tiers = {"free": TierPolicy(rate_rps=1.0, burst=1, priority=2, shed_rank=0)}
+    ctl = AdmissionController(tiers)
+    assert ctl.admit("free", 0, now=5.0).admitted
+    decision = ctl.admit("free", 0, now=5.0)
+    assert not decision.admitted and decision.reason == "rate" and decision.retry_after_s > 0
+
+
+def test_shedding_by_queue_depth_goes_up_the_tiers():
+    ctl = AdmissionController(shed=ShedConfig(soft_queue_depth=10, hard_queue_depth=20))
+    assert ctl.admit("free", 5).admitted
+    assert not ctl.admit("free", 10).admitted and ctl.admit("free", 10).reason == "overload"
+    assert ctl.admit("standard", 10).admitted
+    assert not ctl.admit("standard", 25).admitted
+    assert ctl.admit("premium", 1000).admitted
+
+
+def test_shedding_by_recent_p99():
+    ctl = AdmissionController(shed=ShedConfig(target_p99_ms=50, window_s=1.0))
+    for _ in range(100):
+        ctl.latency.add(80.0, now=10.0)
+    assert ctl.overload_level(0, now=10.1) == 1
+    assert not ctl.admit("free", 0, now=10.1).admitted
+    assert ctl.overload_level(0, now=12.0) == 0  # the slow requests aged out of the window
