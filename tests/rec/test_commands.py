@@ -36,8 +36,13 @@ def test_prepare_train_evaluate(tmp_path) -> None:
     assert set(metrics["full"]) >= {"hr@10", "hr@50", "ndcg@10", "ndcg@50", "mrr"}
     assert set(metrics["sampled100"]) >= {"hr@10", "ndcg@10"}
     assert set(metrics["candidates50"]) >= {"hr@10", "ndcg@10", "mrr"}
-    for name in ("popular", "cooccurrence"):
-        assert set(metrics["baselines"][name]) == {"full", "sampled100", "candidates50"}
+    protocols = {"full", "sampled100", "candidates50", "candidates50_novel"}
+    assert set(metrics["candidates50_novel"]) >= {"hr@10", "ndcg@10", "mrr"}
+    for name in ("popular", "cooccurrence", "itemknn", "ease"):
+        assert set(metrics["baselines"][name]) == protocols | {"selected"}
+    assert metrics["baselines"]["itemknn"]["selected"]["params"]["neighbours"] > 0
+    # the synthetic log repeats items, so history is kept for the model and for every baseline
+    assert metrics["exclude_history"] is False and 0.0 < metrics["repeat_target_share"] < 1.0
     assert metrics["epochs"] == 2 and metrics["train_seconds"] > 0
     assert 0.0 <= metrics["full"]["hr@10"] <= metrics["full"]["hr@50"] <= 1.0
 

@@ -147,6 +147,19 @@ def test_malformed_rows_counted_by_reason(tmp_path):
     np.testing.assert_array_equal(data.items, [2, 3, 1, 1, 1, 3, 4, 4])
 
 
+@pytest.mark.parametrize("fmt", ["taobao", "sasrec"])
+def test_truncated_non_utf8_row_is_counted_not_fatal(tmp_path, fmt):
+    """pyarrow decodes a malformed row strictly before our handler sees it: `\\xff\\xfe,,` once
+    aborted the whole prepare with a UnicodeDecodeError."""
+    good = HAND_LOG if fmt == "taobao" else "1 5\n1 6\n1 7\n1 8\n2 5\n2 6\n2 7\n"
+    bad = b"\xff\xfe,,\n" if fmt == "taobao" else b"\xff\n"
+    path = tmp_path / "log.txt"
+    path.write_bytes(good.encode() + bad + "é\n".encode())  # valid multi-byte text stays a row of its own
+    data, report = prepare(path, fmt)
+    assert report.skipped == {"truncated_row": 2}
+    assert report.rows_kept == len(good.splitlines()) == data.n_events
+
+
 def test_small_blocks_stream_the_same(tmp_path):
     path = write_synthetic_taobao(tmp_path / "syn.csv", n_users=60, n_items=300, n_categories=12, seed=3)
     skipped: Counter = Counter()

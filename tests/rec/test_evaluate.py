@@ -11,10 +11,12 @@ from nimbleml.errors import NimbleError
 from nimbleml.rec.evaluate import (
     evaluate_candidates,
     evaluate_full,
+    evaluate_protocols,
     evaluate_sampled,
     hit_rate,
     mrr,
     ndcg,
+    repeat_targets,
     validate_history,
 )
 
@@ -50,9 +52,67 @@ def test_full_protocol_ranks_and_pessimistic_ties() -> None:
     assert result["hr@1"] == pytest.approx(1 / 3)
     assert result["hr@3"] == pytest.approx(2 / 3)
     assert result["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 5) / 3)
-    # history items are not excluded by default; excluding them lifts user 2's target
-    excluded = evaluate_full(scorer, history, targets, exclude="history", ks=(1,))
-    assert excluded["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
+    # history items are not excluded by default; excluding them lifts users 2 and 3's targets
+    # and makes user 1's repeat target (item 1, in the history) a miss ranked last (6 columns)
+    excluded = evaluate_full(scorer, history, targets, exclude_history=True, ks=(1,))
+    assert excluded["mrr"] == pytest.approx((1 / 7 + 1 / 2 + 1 / 4) / 3)
+
+
+class NaNScorer(FixedScorer):
+    """A broken model: NaN for every user's first candidate / item 1."""
+
+    def score_all(self, history: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
+        scores = super().score_all(history)
+        scores[:, 1] = np.nan
+        return scores
+
+    def score(self, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
+        scores = super().score(history, candidates)
+        scores[:, 0] = np.nan  # column 0 is the target
+        return scores
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_target_scores_raise(bad: float) -> None:
+    weights = np.linspace(1.0, 0.0, 201)
+    with pytest.raises(NimbleError, match="NaN"):
+        evaluate_full(NaNScorer(weights), np.zeros((3, 2), np.int64), np.array([1, 1, 1]))
+    with pytest.raises(NimbleError, match="NaN"):
+        evaluate_sampled(NaNScorer(weights), np.zeros((3, 2), np.int64), np.array([5, 6, 7]), 200)
+    weights[1] = bad
+    with pytest.raises(NimbleError, match=r"\+inf" if bad > 0 else "NaN"):
+        evaluate_candidates(FixedScorer(weights), np.zeros((3, 2), np.int64), np.array([1, 1, 1]), np.ones(201))
+
+
+def test_history_mask_is_applied_by_the_evaluation_to_any_scorer() -> None:
+    """A scorer that knows nothing of masks gets the same -inf on seen items as the model."""
+    n_items = 200
+    weights = np.zeros(n_items + 1)
+    weights[1:6] = 10.0  # items 1..5 beat every negative, and users 0..3 have seen them
+    history = np.tile(np.array([[0, 1, 2, 3, 4, 5]]), (4, 1))
+    targets = np.array([6, 7, 8, 9])  # score 0, tied with every negative: pessimistic rank 100 / 49
+    scorer = FixedScorer(weights)
+    plain = evaluate_sampled(scorer, history, targets, n_items, seed=0)
+    masked = evaluate_sampled(scorer, history, targets, n_items, seed=0, exclude_history=True)
+    assert plain["hr@10"] == masked["hr@10"] == 0.0  # history items are never sampled negatives
+    full_plain = evaluate_full(scorer, history, targets, ks=(10,))
+    full_masked = evaluate_full(scorer, history, targets, exclude_history=True, ks=(10,))
+    assert full_plain["mrr"] < full_masked["mrr"]
+    # the masked full ranking is exactly the ranking with items 1..5 removed from the catalogue
+    assert full_masked["mrr"] == pytest.approx(1 / (n_items - 5))
+    repeat = evaluate_candidates(scorer, history, np.array([1, 2, 3, 4]), np.ones(n_items + 1), exclude_history=True)
+    assert repeat["hr@10"] == 0.0  # seen targets are masked too: a repeat is a miss
+
+
+def test_protocols_split_repeat_targets() -> None:
+    n_items = 200
+    scorer = FixedScorer(np.linspace(1.0, 0.0, n_items + 1))
+    history = np.array([[0, 3], [0, 4], [0, 5], [0, 6]])
+    seen = [np.array([3, 10]), np.array([4]), np.array([5]), np.array([6])]
+    targets = np.array([10, 4, 50, 60])  # users 0 and 1 repeat an item
+    np.testing.assert_array_equal(repeat_targets(targets, seen), [True, True, False, False])
+    results = evaluate_protocols(scorer, history, targets, np.ones(n_items + 1), seen=seen)
+    assert results["candidates50"].n_users == 4 and results["candidates50_novel"].n_users == 2
 
 
 def test_constant_scores_get_no_credit() -> None:

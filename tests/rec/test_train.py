@@ -19,15 +19,12 @@ from nimbleml.rec.train import (
 )
 
 
-def make_data(n_users: int = 60, n_items: int = 30, seed: int = 0) -> SequenceData:
-    """Hand-built sequences with a learnable pattern: each user walks items i, i+1, i+2, ..."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, 12, size=n_users)
-    starts = rng.integers(1, n_items + 1, size=n_users)
-    items = np.concatenate([(s - 1 + np.arange(n)) % n_items + 1 for s, n in zip(starts, lengths)]).astype(np.int32)
+def sequences(rows: list[list[int]] | list[np.ndarray], n_items: int) -> SequenceData:
+    """SequenceData from per-user item lists (time order), one behaviour, no categories."""
+    items = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows])
     n = len(items)
     return SequenceData(
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        offsets=np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64),
         items=items,
         behaviors=np.ones(n, dtype=np.int8),
         categories=np.zeros(n, dtype=np.int32),
@@ -35,9 +32,17 @@ def make_data(n_users: int = 60, n_items: int = 30, seed: int = 0) -> SequenceDa
         n_items=n_items,
         n_categories=0,
         item_ids=np.arange(-1, n_items, dtype=np.int64),
-        user_ids=np.arange(n_users, dtype=np.int64),
+        user_ids=np.arange(len(rows), dtype=np.int64),
         item_category=np.zeros(n_items + 1, dtype=np.int32),
     )
+
+
+def make_data(n_users: int = 60, n_items: int = 30, seed: int = 0) -> SequenceData:
+    """Hand-built sequences with a learnable pattern: each user walks items i, i+1, i+2, ..."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, 12, size=n_users)
+    starts = rng.integers(1, n_items + 1, size=n_users)
+    return sequences([(s - 1 + np.arange(n)) % n_items + 1 for s, n in zip(starts, lengths)], n_items)
 
 
 def test_training_windows_hold_no_held_out_items() -> None:

@@ -1,10 +1,13 @@
 """`nimbleml rec prepare | train | evaluate`, and the recommendation part of the demo.
 
 Every metric is computed on the TEST targets (each user's last event) after early stopping
-on the validation targets, for the model and for both baselines under all three protocols
-(see ``rec.evaluate``). metrics.json keys: ``full.{hr@10,hr@50,ndcg@10,ndcg@50,mrr}``,
-``sampled100.{hr@10,ndcg@10,mrr}``, ``candidates50.{hr@10,ndcg@10,mrr}``,
-``baselines.<name>.<protocol>.{...}``, ``n_users``, ``n_items``, ``epochs``, ``train_seconds``.
+on the validation targets, for the model and for every baseline under every protocol, with
+the same history mask for all (see ``rec.evaluate``). metrics.json keys:
+``full.{hr@10,hr@50,ndcg@10,ndcg@50,mrr}``, ``sampled100.{hr@10,ndcg@10,mrr}``,
+``candidates50.{hr@10,ndcg@10,mrr}``, ``candidates50_novel.{...}`` (users whose target is not
+a repeat), ``baselines.<name>.<protocol>.{...}``, ``baselines.<name>.selected`` (validation
+choice), ``baselines_skipped.<name>`` (why), ``exclude_history``, ``repeat_target_share``,
+``n_users``, ``n_items``, ``epochs``, ``train_seconds``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from rich.table import Table
 
 from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
-from nimbleml.rec.baselines import BASELINES
+from nimbleml.rec.baselines import BASELINES, fit_on_validation
 from nimbleml.rec.data import FORMATS, PrepareReport, SequenceData, leave_last_out, prepare
-from nimbleml.rec.evaluate import SeqRecScorer, evaluate_protocols
+from nimbleml.rec.evaluate import SeqRecScorer, evaluate_protocols, repeat_targets
 from nimbleml.rec.model import SeqRec, SeqRecConfig
 from nimbleml.rec.train import TrainConfig, TrainResult, load_checkpoint, save_checkpoint, train
 
@@ -88,28 +91,47 @@ def build_model(preset: str, data: SequenceData) -> SeqRec:
 
 
 def evaluate_all(model: SeqRec, data: SequenceData, seed: int = 0) -> dict:
-    """Model and baselines under all three protocols on the test targets -> metrics dict."""
+    """Model and baselines under every protocol on the test targets -> metrics dict.
+
+    Every scorer gets the same inputs, the same sampled negatives and the same history mask
+    (on when the model was built with ``exclude_history``); baseline hyperparameters are
+    chosen on the validation targets."""
     split = leave_last_out(data, max_len=model.config.max_len)
     popularity = data.item_popularity()
     behaviors = split.test_behaviors if model.config.use_behavior else None
+    exclude_history = model.config.exclude_history
     # every item before the test target (validation item included), not only the input window
     seen = [data.items[start : end - 1] for start, end in zip(data.offsets[:-1], data.offsets[1:])]
     results = evaluate_protocols(
-        SeqRecScorer(model), split.test_input, split.test_target, popularity, behaviors, seed, seen
+        SeqRecScorer(model), split.test_input, split.test_target, popularity, behaviors, seed, seen, exclude_history
     )
     metrics: dict = {name: result.to_dict() for name, result in results.items()}
-    metrics["baselines"] = {}
-    for name, baseline_type in BASELINES.items():
-        baseline = baseline_type().fit(data)
-        results = evaluate_protocols(baseline, split.test_input, split.test_target, popularity, None, seed, seen)
+    metrics["baselines"], metrics["baselines_skipped"] = {}, {}
+    for name in BASELINES:
+        try:
+            baseline, selection = fit_on_validation(name, data, exclude_history, seed=seed)
+        except NimbleError as exc:
+            log.warning("baseline %s skipped: %s", name, exc)
+            metrics["baselines_skipped"][name] = str(exc)
+            continue
+        results = evaluate_protocols(
+            baseline, split.test_input, split.test_target, popularity, None, seed, seen, exclude_history
+        )
         metrics["baselines"][name] = {protocol: result.to_dict() for protocol, result in results.items()}
+        metrics["baselines"][name]["selected"] = selection.to_dict()
+    metrics["exclude_history"] = exclude_history
+    metrics["repeat_target_share"] = float(repeat_targets(split.test_target, seen).mean())
     metrics["n_users"] = data.n_users
     metrics["n_items"] = data.n_items
     metrics["protocol_notes"] = {
         "targets": "test = each user's last event; early stopping on the second-to-last",
-        "full": "rank among all items but padding; history items are NOT excluded; ties pessimistic",
+        "full": "rank among all items but padding; ties pessimistic",
+        "exclude_history": "when true, every scorer's input-window items score -inf (a repeat target is a miss)",
         "sampled100": "SASRec protocol: target + 100 uniform negatives not in the whole history, <= 10,000 users",
         "candidates50": "target + 49 popularity-sampled negatives not in the whole history (serving re-rank task)",
+        "candidates50_novel": "candidates50 on the users whose test target is not in their history",
+        "repeat_target_share": "share of test targets the user had interacted with before",
+        "baselines": "hyperparameters chosen on validation full NDCG@10 (baselines.<name>.selected)",
     }
     return metrics
 
@@ -120,9 +142,14 @@ def _metrics_table(metrics: dict) -> Table:
         ("full", "hr@10"), ("full", "hr@50"), ("full", "ndcg@10"), ("full", "ndcg@50"), ("full", "mrr"),
         ("sampled100", "hr@10"), ("sampled100", "ndcg@10"),
         ("candidates50", "hr@10"), ("candidates50", "ndcg@10"), ("candidates50", "mrr"),
+        ("candidates50_novel", "hr@10"), ("candidates50_novel", "ndcg@10"), ("candidates50_novel", "mrr"),
     ]  # fmt: skip
+    rows = [(protocol, metric) for protocol, metric in rows if protocol in metrics]
     models = [("SeqRec", metrics)] + list(metrics["baselines"].items())
-    table = Table(title=f"test metrics ({metrics['n_users']:,} users, {metrics['n_items']:,} items)")
+    table = Table(
+        title=f"test metrics ({metrics['n_users']:,} users, {metrics['n_items']:,} items; "
+        f"repeat targets {metrics['repeat_target_share']:.1%}; history excluded: {metrics['exclude_history']})"
+    )
     table.add_column("protocol")
     table.add_column("metric")
     for name, _ in models:

@@ -15,6 +15,8 @@ start at 1; 0 is padding everywhere.
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import logging
 import threading
@@ -218,13 +220,48 @@ class _Tally:
         return "skip"
 
 
+class _Utf8Repairing(io.RawIOBase):
+    """A binary file whose bytes that are not valid UTF-8 come out as U+FFFD.
+
+    Why: pyarrow decodes a malformed row's text strictly before calling the invalid-row
+    handler, so one truncated row of non-UTF-8 bytes (``\\xff\\xfe,,``) would abort the whole
+    read instead of being counted and skipped. Valid input passes through unchanged; an
+    incremental decoder keeps characters split across reads intact.
+    """
+
+    def __init__(self, path: Path):
+        self._raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        while len(self._pending) < len(buffer):
+            block = self._raw.read(max(len(buffer), 1 << 16))
+            self._pending += self._decoder.decode(block, final=not block).encode("utf-8")
+            if not block:
+                break
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        del self._pending[:n]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _open_stream(
     path: Path, columns: tuple[str, ...], types: dict, delimiter: str, chunk_bytes: int, tally: _Tally
 ) -> pacsv.CSVStreamingReader:
-    """A pyarrow streaming CSV reader with explicit names and types; unquoted, no header."""
+    """A pyarrow streaming CSV reader with explicit names and types; unquoted, no header.
+    Bytes that are not UTF-8 are replaced (see :class:`_Utf8Repairing`), so a row made of
+    them is counted by the usual reasons instead of stopping the read."""
     try:
         return pacsv.open_csv(
-            path,
+            io.BufferedReader(_Utf8Repairing(path), buffer_size=1 << 20),
             read_options=pacsv.ReadOptions(block_size=chunk_bytes, column_names=list(columns)),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=tally.invalid_row),
             convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False, check_utf8=False),

@@ -8,8 +8,7 @@ ranking cannot profit from ties).
 Protocols, all on leave-last-out targets (``rec.data.leave_last_out``):
 
 - :func:`evaluate_full` — rank the target against the whole catalogue (every item but the
-  padding id 0). Items already in the user's history are *not* removed: users do re-consume
-  items, and removing them flatters the model. This is the number we quote.
+  padding id 0). This is the number we quote.
 - :func:`evaluate_sampled` — the SASRec paper's protocol: the target plus 100 negatives drawn
   uniformly from items the user has not interacted with (at most 10,000 users, as in SASRec).
   Kept to compare with published numbers; it overstates quality, since random negatives are
@@ -21,6 +20,12 @@ Protocols, all on leave-last-out targets (``rec.data.leave_last_out``):
 Anything with ``score_all(history, behaviors)`` and ``score(history, candidates, behaviors)``
 returning numpy arrays can be evaluated: the model through :class:`SeqRecScorer`, the
 baselines in ``rec.baselines`` directly.
+
+Every protocol takes ``exclude_history``: when True, every item in the user's input window
+is scored -inf by :func:`mask_seen` *here*, for every scorer alike (a repeat target is then a
+miss, as it is for a model that never recommends seen items); when False nothing is removed,
+since users do re-consume items. A score of -inf means "never recommended" and ranks last;
+NaN or +inf scores are a broken scorer and raise (a NaN target would otherwise rank first).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -97,8 +102,40 @@ class RankingResult:
         return {**self.metrics, "n_users": self.n_users}
 
 
+def checked_scores(scores: np.ndarray) -> np.ndarray:
+    """A scorer's output as float64, or NimbleError if any score is NaN or +inf.
+
+    NaN compares false against everything, so a NaN target would rank first and score
+    perfect metrics; +inf ties to the top. -inf is allowed: it is how an item is excluded."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n_nan, n_inf = int(np.isnan(scores).sum()), int(np.isposinf(scores).sum())
+    if n_nan or n_inf:
+        raise NimbleError(
+            f"scorer returned {n_nan} NaN and {n_inf} +inf scores out of {scores.size}; ranks would be meaningless",
+            fix="check the model's weights and inputs (a diverged run or a broken quantised/pruned variant?)",
+        )
+    return scores
+
+
+def mask_seen(scores: np.ndarray, history: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
+    """Set to -inf, in place, the score of every item in the user's history row.
+
+    scores: (B, n_items + 1) when candidates is None, else (B, C) for the (B, C) candidate ids;
+    history: (B, L) left-padded ids (0 = padding, never an item). The one mask every scorer gets."""
+    history = np.asarray(history, dtype=np.int64)
+    if candidates is None:
+        rows = np.repeat(np.arange(len(history)), history.shape[1])
+        keep = history.ravel() > 0
+        scores[rows[keep], history.ravel()[keep]] = -np.inf
+    else:
+        seen = ((candidates[:, :, None] == history[:, None, :]) & (history[:, None, :] > 0)).any(axis=2)
+        scores[seen] = -np.inf
+    return scores
+
+
 def _ranks_of_first(scores: np.ndarray) -> np.ndarray:
     """(B, C) scores with the target in column 0 -> (B,) pessimistic 0-based ranks."""
+    scores = checked_scores(scores)
     target = scores[:, :1]
     return (scores[:, 1:] >= target).sum(axis=1)
 
@@ -176,31 +213,26 @@ def evaluate_full(
     inputs: np.ndarray,
     targets: np.ndarray,
     behaviors: np.ndarray | None = None,
-    exclude: Literal["padding", "history"] = "padding",
+    exclude_history: bool = False,
     ks: tuple[int, ...] = (10, 50),
     batch_size: int = 1024,
 ) -> RankingResult:
-    """Rank each target against the full catalogue.
+    """Rank each target against the full catalogue (every item but the padding id 0).
 
-    inputs: (U, L) left-padded histories; targets: (U,) held-out item ids (1..n_items).
-    exclude="padding" (the default, the honest protocol) removes only item 0;
-    exclude="history" also removes the user's history items (other than the target), the
-    optimistic variant some papers use — label it if you report it.
+    inputs: (U, L) left-padded histories; targets: (U,) held-out item ids (1..n_items);
+    exclude_history: score the input window's items -inf (:func:`mask_seen`).
     """
     inputs = np.asarray(inputs, dtype=np.int64)
     targets = np.asarray(targets, dtype=np.int64)
     ranks = np.empty(len(targets), dtype=np.int64)
     for start in range(0, len(targets), batch_size):
         rows = slice(start, start + batch_size)
-        scores = np.asarray(
-            scorer.score_all(inputs[rows], None if behaviors is None else behaviors[rows]), dtype=np.float64
-        )
+        scores = checked_scores(scorer.score_all(inputs[rows], None if behaviors is None else behaviors[rows]))
+        if exclude_history:
+            mask_seen(scores, inputs[rows])
         target = targets[rows]
         target_score = scores[np.arange(len(target)), target].copy()
         scores[:, 0] = -np.inf
-        if exclude == "history":
-            history = inputs[rows]
-            scores[np.repeat(np.arange(len(history)), history.shape[1]), history.ravel()] = -np.inf
         scores[np.arange(len(target)), target] = -np.inf
         # pessimistic ties: every other item scoring >= the target ranks above it
         ranks[rows] = (scores >= target_score[:, None]).sum(axis=1)
@@ -259,14 +291,19 @@ def _evaluate_on_candidates(
     negatives: np.ndarray,
     behaviors: np.ndarray | None,
     ks: tuple[int, ...],
+    exclude_history: bool,
     batch_size: int = 1024,
 ) -> RankingResult:
     candidates = np.concatenate([targets[:, None], negatives], axis=1)
     ranks = np.empty(len(targets), dtype=np.int64)
     for start in range(0, len(targets), batch_size):
         rows = slice(start, start + batch_size)
-        scores = scorer.score(inputs[rows], candidates[rows], None if behaviors is None else behaviors[rows])
-        ranks[rows] = _ranks_of_first(np.asarray(scores, dtype=np.float64))
+        scores = checked_scores(
+            scorer.score(inputs[rows], candidates[rows], None if behaviors is None else behaviors[rows])
+        )
+        if exclude_history:
+            mask_seen(scores, inputs[rows], candidates[rows])
+        ranks[rows] = _ranks_of_first(scores)
     return RankingResult.from_ranks(protocol, ranks, ks)
 
 
@@ -287,6 +324,7 @@ def evaluate_sampled(
     seed: int = 0,
     ks: tuple[int, ...] = (10,),
     seen: Sequence[np.ndarray] | None = None,
+    exclude_history: bool = False,
 ) -> RankingResult:
     """SASRec's protocol: target + ``n_negatives`` items drawn uniformly from items the user
     has not interacted with (and not the target), on a random subset of at most ``max_users`` users.
@@ -305,7 +343,7 @@ def evaluate_sampled(
     negatives = _sample_negatives(rng, exclude, targets[users], n_negatives, n_items, None)
     return _evaluate_on_candidates(
         scorer, f"sampled{n_negatives}", inputs[users], targets[users], negatives,
-        None if behaviors is None else behaviors[users], ks,
+        None if behaviors is None else behaviors[users], ks, exclude_history,
     )
 
 
@@ -320,11 +358,14 @@ def evaluate_candidates(
     seed: int = 0,
     ks: tuple[int, ...] = (10,),
     seen: Sequence[np.ndarray] | None = None,
+    exclude_history: bool = False,
+    name: str | None = None,
 ) -> RankingResult:
     """The serving task: re-rank ``n_candidates`` items, the target plus ``n_candidates - 1``
     negatives drawn in proportion to ``popularity`` ((n_items + 1,) training counts), never
     the target nor an item the user has seen (``seen`` as in :func:`evaluate_sampled`; None =
-    the history row). Reports HR@k, NDCG@k and MRR."""
+    the history row). Reports HR@k, NDCG@k and MRR under protocol ``name`` (default
+``candidates{n_candidates}``)."""
     rng = np.random.default_rng(seed)
     inputs = np.asarray(inputs, dtype=np.int64)
     targets = np.asarray(targets, dtype=np.int64)
@@ -335,9 +376,14 @@ def evaluate_candidates(
         rng, exclude, targets[users], n_candidates - 1, len(popularity) - 1, popularity
     )
     return _evaluate_on_candidates(
-        scorer, f"candidates{n_candidates}", inputs[users], targets[users], negatives,
-        None if behaviors is None else behaviors[users], ks,
+        scorer, name or f"candidates{n_candidates}", inputs[users], targets[users], negatives,
+        None if behaviors is None else behaviors[users], ks, exclude_history,
     )
+
+
+def repeat_targets(targets: np.ndarray, seen: Sequence[np.ndarray]) -> np.ndarray:
+    """(U,) bool: True where the user had already interacted with the target item before it."""
+    return np.array([bool(np.isin(t, s).item()) for t, s in zip(targets, seen)], dtype=bool)
 
 
 def evaluate_protocols(
@@ -348,13 +394,31 @@ def evaluate_protocols(
     behaviors: np.ndarray | None = None,
     seed: int = 0,
     seen: Sequence[np.ndarray] | None = None,
+    exclude_history: bool = False,
 ) -> dict[str, RankingResult]:
-    """All three protocols on one set of targets: {"full", "sampled100", "candidates50"}.
+    """Every protocol on one set of targets: {"full", "sampled100", "candidates50",
+    "candidates50_novel"}. The last is the 50-candidate task on the users whose target is
+    not a repeat (not in ``seen``), since repeat targets inflate it on repeat-heavy data.
     The same seed gives every scorer the same sampled negatives; ``seen`` (per user, every
-    item before the target) keeps the sampled negatives out of the whole history."""
+    item before the target; None = the input rows) keeps the sampled negatives out of the
+    whole history; ``exclude_history`` masks the input window for every scorer alike."""
     n_items = len(popularity) - 1
-    return {
-        "full": evaluate_full(scorer, inputs, targets, behaviors),
-        "sampled100": evaluate_sampled(scorer, inputs, targets, n_items, behaviors, seed=seed, seen=seen),
-        "candidates50": evaluate_candidates(scorer, inputs, targets, popularity, behaviors, seed=seed, seen=seen),
+    inputs = np.asarray(inputs, dtype=np.int64)
+    targets = np.asarray(targets, dtype=np.int64)
+    seen = list(inputs) if seen is None else seen
+    novel = np.flatnonzero(~repeat_targets(targets, seen))
+    results = {
+        "full": evaluate_full(scorer, inputs, targets, behaviors, exclude_history),
+        "sampled100": evaluate_sampled(
+            scorer, inputs, targets, n_items, behaviors, seed=seed, seen=seen, exclude_history=exclude_history
+        ),
+        "candidates50": evaluate_candidates(
+            scorer, inputs, targets, popularity, behaviors, seed=seed, seen=seen, exclude_history=exclude_history
+        ),
     }
+    if len(novel):
+        results["candidates50_novel"] = evaluate_candidates(
+            scorer, inputs[novel], targets[novel], popularity, None if behaviors is None else behaviors[novel],
+            seed=seed, seen=[seen[u] for u in novel], exclude_history=exclude_history, name="candidates50_novel",
+        )
+    return results

@@ -298,13 +298,15 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
             if epoch % config.eval_every and epoch != config.epochs and not out_of_time:
                 continue
             valid = evaluate_full(
-                scorer, split.valid_input[valid_users], split.valid_target[valid_users], valid_behaviors, ks=(10,)
+                scorer, split.valid_input[valid_users], split.valid_target[valid_users], valid_behaviors,
+                exclude_history=model.config.exclude_history, ks=(10,),
             ).to_dict()
             sampled: dict = {"hr@10": None, "ndcg@10": None}  # catalogue too small for 100 negatives
             if track_sampled:
                 sampled = evaluate_sampled(
                     scorer, split.valid_input[valid_users], split.valid_target[valid_users], data.n_items,
                     valid_behaviors, max_users=None, seed=config.seed, seen=valid_seen,
+                    exclude_history=model.config.exclude_history,
                 ).to_dict()
             row = {"epoch": epoch, "loss": epoch_loss / max(epoch_rows, 1), "seconds": time.perf_counter() - start}
             row.update({f"valid_{k}": v for k, v in valid.items() if k != "n_users"})

@@ -1,0 +1,60 @@
+"""Item-KNN and EASE against hand-computed answers on a toy matrix; validation selection."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from nimbleml.errors import NimbleError
+from nimbleml.rec.baselines import EASE, ItemKNN, fit_on_validation, training_matrix
+from tests.rec.test_train import sequences
+
+
+# training parts (all but the last two events): {1, 2}, {2, 3}, {1, 2, 3}, {4}
+TOY = sequences([[1, 2, 4, 4], [2, 3, 4, 4], [1, 2, 3, 2, 4, 4], [4, 1, 1]], n_items=4)
+
+
+def test_training_matrix_is_binary_over_the_training_part() -> None:
+    expected = [[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 1, 1, 1, 0], [0, 0, 0, 0, 1]]
+    np.testing.assert_array_equal(training_matrix(TOY).toarray(), expected)
+
+
+def test_item_knn_cosine_by_hand() -> None:
+    # users per item: 1 -> 2, 2 -> 3, 3 -> 2; co-occurrences (1,2)=2, (1,3)=1, (2,3)=2; item 4 alone
+    s12, s13, s23 = 2 / math.sqrt(6), 1 / 2, 2 / math.sqrt(6)
+    knn = ItemKNN(neighbours=2).fit(TOY)
+    scores = knn.score_all(np.array([[0, 1], [1, 3]]))
+    assert scores[0, 2] == pytest.approx(s12) and scores[0, 3] == pytest.approx(s13)
+    assert scores[1, 2] == pytest.approx(s12 + s23)  # summed over distinct history items
+    assert scores[0, 1] < 0 and scores[0, 4] < 0  # nothing points to them: below every neighbour
+    # one neighbour per item: item 1 keeps item 2 (0.816 > 0.5), so item 3 falls to the fallback
+    pruned = ItemKNN(neighbours=1).fit(TOY).score_all(np.array([[0, 1]]))
+    assert pruned[0, 2] == pytest.approx(s12) and pruned[0, 3] < 0
+
+
+def test_ease_closed_form_by_hand() -> None:
+    l2 = 0.5
+    x = training_matrix(TOY).toarray()[:, 1:]
+    p = np.linalg.inv(x.T @ x + l2 * np.eye(4))
+    b = np.eye(4) - p / np.diag(p)  # B_ij = -P_ij / P_jj off the diagonal, 0 on it
+    ease = EASE(l2=l2).fit(TOY)
+    np.testing.assert_allclose(ease.weights_, b, atol=1e-5)
+    assert np.all(np.diag(ease.weights_) == 0.0)
+    scores = ease.score_all(np.array([[0, 1, 3], [0, 0, 2]]))
+    np.testing.assert_allclose(scores[:, 1:], [b[0] + b[2], b[1]], atol=1e-5)
+
+
+def test_ease_refuses_a_catalogue_too_big_for_its_gram() -> None:
+    with pytest.raises(NimbleError, match="dense"):
+        EASE(max_items=3).fit(TOY)
+
+
+def test_selection_uses_validation_targets_only() -> None:
+    knn, selection = fit_on_validation("itemknn", TOY)
+    assert selection.params["neighbours"] in ItemKNN.grid["neighbours"]
+    assert set(selection.valid_ndcg10) == {str(v) for v in ItemKNN.grid["neighbours"]}
+    assert isinstance(knn, ItemKNN) and knn.neighbours == selection.params["neighbours"]
+    _, none = fit_on_validation("popular", TOY)
+    assert none.params == {}
