@@ -1,4 +1,5 @@
-"""SeqRec: shapes, causal and padding masks, bad ids at the boundary, ONNX export."""
+"""SeqRec: shapes, causal and padding masks, bad ids at the boundary, ONNX export, the
+lightweight-attention switches, structured sizes and the serving-shaped forward."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from nimbleml.errors import NimbleError
 from nimbleml.rec.evaluate import SeqRecScorer
-from nimbleml.rec.model import SeqRec, SeqRecConfig
+from nimbleml.rec.model import SeqRec, SeqRecConfig, ServingRanker
+from nimbleml.rec.train import load_checkpoint, save_checkpoint
 
 N_ITEMS = 40
 
@@ -18,7 +20,7 @@ N_ITEMS = 40
 @pytest.fixture
 def model() -> SeqRec:
     torch.manual_seed(0)
-    config = SeqRecConfig.small(N_ITEMS, max_len=12, n_blocks=2, use_behavior=True, use_category=True, n_categories=5)
+    config = SeqRecConfig.small(N_ITEMS, max_len=12, n_blocks=2, use_category=True, n_categories=5)
     model = SeqRec(config)
     model.set_item_category(torch.arange(N_ITEMS + 1) % 6)
     return model.eval()
@@ -111,3 +113,135 @@ def test_exclude_history_ranks_seen_items_last() -> None:
     exported = export(model, example, dynamic_shapes=({0: batch}, {0: batch}))
     history, candidates = torch.randint(0, N_ITEMS + 1, (5, 100)), torch.randint(1, N_ITEMS + 1, (5, 50))
     torch.testing.assert_close(exported.module()(history, candidates), model(history, candidates))
+
+
+# ---------------------------------------------------------------- behaviours, serving forward, variants
+
+VARIANTS = {
+    "dense": {},
+    "grouped": {"qkv_groups": 2},
+    "lowrank": {"head_rank": 4},
+    "local": {"attention_window": 3, "n_global": 2},
+    "structured": {"block_heads": [1, 2], "block_ffn": [7, 20]},
+    "behaviour": {"use_behavior": True},
+}
+
+
+def _variant(name: str) -> SeqRec:
+    torch.manual_seed(0)
+    config = SeqRecConfig.small(N_ITEMS, max_len=12, n_blocks=2, exclude_history=True, **VARIANTS[name])
+    return SeqRec(config).eval()
+
+
+def _inputs(batch: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    history = torch.randint(1, N_ITEMS + 1, (batch, length), generator=generator)
+    history[0, :5] = 0  # left padding
+    history[1, :-1] = 0  # a single event
+    return {
+        "history": history,
+        "candidates": torch.randint(1, N_ITEMS + 1, (batch, 9), generator=generator),
+        "behaviors": torch.randint(1, 5, (batch, length), generator=generator) * (history != 0),
+    }
+
+
+def test_behaviour_model_requires_behaviours() -> None:
+    model = _variant("behaviour")
+    inputs = _inputs()
+    with pytest.raises(NimbleError, match="behaviors"):
+        model(inputs["history"], inputs["candidates"])
+    with pytest.raises(NimbleError, match="behaviors"):
+        ServingRanker(model)(inputs["history"], inputs["candidates"])
+    changed = inputs["behaviors"].clone()
+    changed[:, -1] = changed[:, -1] % 4 + 1
+    assert not torch.allclose(model(**inputs), model(inputs["history"], inputs["candidates"], changed))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_serving_ranker_equals_full_forward(name: str) -> None:
+    model = _variant(name)
+    inputs = _inputs()
+    if not model.config.use_behavior:
+        inputs.pop("behaviors")
+    with torch.no_grad():
+        full, serving = model(**inputs), ServingRanker(model)(**inputs)
+    assert torch.equal(torch.isinf(full), torch.isinf(serving))
+    torch.testing.assert_close(serving, full, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(model.encode(inputs["history"], inputs.get("behaviors"))).all()
+
+
+def test_lightweight_switches_shrink_the_projections() -> None:
+    dense, grouped, lowrank = (sum(p.numel() for p in _variant(n).blocks.parameters()) for n in ("dense", "grouped", "lowrank"))
+    assert grouped < dense and lowrank < dense
+    structured = _variant("structured")
+    assert structured.blocks[0].attn.q.weight.shape == (16, 32)  # 1 head of 16
+    assert structured.blocks[1].ffn[0].weight.shape == (20, 32)
+
+
+def test_local_window_hides_old_events_but_not_global_ones() -> None:
+    torch.manual_seed(0)
+    model = SeqRec(SeqRecConfig.small(N_ITEMS, max_len=12, n_blocks=1, attention_window=3, n_global=1)).eval()
+    history = torch.randint(1, N_ITEMS + 1, (1, 12))
+    reference = model.last_state(history)
+    middle = history.clone()
+    middle[0, 5] = middle[0, 5] % N_ITEMS + 1  # neither in the last 3 nor the first event
+    torch.testing.assert_close(model.last_state(middle), reference)
+    first = history.clone()
+    first[0, 0] = first[0, 0] % N_ITEMS + 1  # the global event
+    assert not torch.allclose(model.last_state(first), reference)
+
+
+def test_attention_maps_are_distributions_over_allowed_keys() -> None:
+    model = _variant("local")
+    history = _inputs()["history"]
+    hidden, maps = model.encode_with_attention(history)
+    torch.testing.assert_close(hidden, model.encode(history))
+    _, allowed = model.embed(history)
+    for weights in maps:
+        assert weights.shape == (4, 2, 12, 12)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(4, 2, 12))
+        assert (weights.masked_select(~allowed.expand_as(weights)) == 0).all()
+
+
+def test_structured_model_rebuilds_from_its_folder(tmp_path) -> None:
+    model = _variant("structured")
+    save_checkpoint(model, {}, tmp_path)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.config.block_heads == [1, 2] and loaded.config.block_ffn == [7, 20]
+    inputs = _inputs()
+    inputs.pop("behaviors")
+    torch.testing.assert_close(loaded(**inputs), model(**inputs))
+
+
+def test_packed_qkv_checkpoint_loads() -> None:
+    model = _variant("dense")
+    state = model.state_dict()
+    for block in range(2):
+        prefix = f"blocks.{block}.attn."
+        for kind in ("weight", "bias"):
+            state[f"{prefix}qkv.{kind}"] = torch.cat([state.pop(f"{prefix}{n}.{kind}") for n in "qkv"])
+    rebuilt = SeqRec(model.config).eval()
+    rebuilt.load_state_dict(state)
+    inputs = _inputs()
+    inputs.pop("behaviors")
+    torch.testing.assert_close(rebuilt(**inputs), model(**inputs))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
+def test_serving_ranker_exports_behaviours_as_an_onnx_input(tmp_path) -> None:
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    model = _variant("behaviour")
+    inputs = _inputs(2, 12)
+    batch = Dim("batch", min=1, max=4096)
+    path = tmp_path / "ranker.onnx"
+    torch.onnx.export(
+        ServingRanker(model), tuple(inputs.values()), str(path), input_names=list(inputs), output_names=["scores"],
+        dynamic_shapes={name: {0: batch} for name in inputs}, dynamo=True,
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["history", "candidates", "behaviors"]
+    larger = _inputs(4, 12)
+    (scores,) = session.run(None, {k: v.numpy() for k, v in larger.items()})
+    np.testing.assert_allclose(scores, model(**larger).detach().numpy(), atol=1e-4)

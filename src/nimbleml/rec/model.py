@@ -10,6 +10,11 @@ Positions count back from the most recent event: with left padding the last even
 sits at column ``max_len - 1``, so a shorter window of L columns uses positions
 ``max_len - L .. max_len - 1`` (SASRec's layout, which lets training trim padding columns).
 
+Lightweight attention is a set of config switches of the block (grouped or low-rank Q/K/V
+projections, a local window with a few global events), structured sizes (heads and FFN width
+per block) let a physically pruned model rebuild from ``config.json``, and
+:class:`ServingRanker` is the serving-shaped forward (the last block for the last query only).
+
 This file holds the model and its config only; training is in ``train.py``, metrics in
 ``evaluate.py``.
 """
@@ -21,6 +26,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nimbleml.errors import NimbleError
 
 
 @dataclass
@@ -44,14 +51,50 @@ class SeqRecConfig:
     # ~1.2 history items in its top 10 (test full NDCG@10 0.039 -> 0.050 with it on). Off where
     # repeats happen (Taobao views); `rec.commands.model_config` decides from the training data.
     exclude_history: bool = False
+    # lightweight attention (the compression recipes of `rec.compression`); defaults = the dense baseline
+    qkv_groups: int = 1  # grouped Q/K/V and output projections: k block-diagonal groups, k times fewer weights (1 = dense)
+    head_rank: int = 0  # low-rank per-head Q/K/V projections: each head's (dim -> head_dim) map is rank r (0 = full)
+    attention_window: int = 0  # local attention: a query sees its last w events only (0 = every earlier event)
+    n_global: int = 0  # with a window: the user's first n_global events stay visible to every later query
+    # structured sizes, written by structured pruning so a shrunk model rebuilds from config.json
+    head_dim: int | None = None  # width of one attention head; None = dim // n_heads
+    block_heads: list[int] | None = None  # attention heads per block; None = n_heads in every block
+    block_ffn: list[int] | None = None  # feed-forward width per block; None = ffn_multiplier * dim in every block
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
             raise ValueError(f"n_items must be >= 1, got {self.n_items}")
-        if self.dim % self.n_heads:
+        if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.use_category and self.n_categories < 1:
             raise ValueError("use_category needs n_categories >= 1")
+        for name in ("block_heads", "block_ffn"):
+            sizes = getattr(self, name)
+            if sizes is not None and (len(sizes) != self.n_blocks or min(sizes) < 1):
+                raise ValueError(f"{name} needs {self.n_blocks} sizes >= 1, got {sizes}")
+        if self.qkv_groups < 1 or self.dim % self.qkv_groups or any(
+            self.heads(b) * self.head_width % self.qkv_groups for b in range(self.n_blocks)
+        ):
+            raise ValueError(f"qkv_groups {self.qkv_groups} must divide dim {self.dim} and every block's head width")
+        if self.qkv_groups > 1 and self.head_rank:
+            raise ValueError("choose grouped (qkv_groups) or low-rank (head_rank) projections, not both")
+        if not 0 <= self.head_rank <= self.head_width:
+            raise ValueError(f"head_rank must be in 0..{self.head_width}, got {self.head_rank}")
+        if self.attention_window < 0 or self.n_global < 0 or (self.n_global and not self.attention_window):
+            raise ValueError("attention_window and n_global must be >= 0; n_global needs a window")
+
+    @property
+    def head_width(self) -> int:
+        """Width of one attention head (features)."""
+        return self.dim // self.n_heads if self.head_dim is None else self.head_dim
+
+    def heads(self, block: int) -> int:
+        """Attention heads of block ``block`` (0-based)."""
+        return self.n_heads if self.block_heads is None else self.block_heads[block]
+
+    def ffn_width(self, block: int) -> int:
+        """Feed-forward hidden width of block ``block`` (0-based)."""
+        return self.ffn_multiplier * self.dim if self.block_ffn is None else self.block_ffn[block]
 
     @classmethod
     def small(cls, n_items: int, **overrides: object) -> SeqRecConfig:
@@ -66,53 +109,133 @@ class SeqRecConfig:
         return asdict(self)
 
 
+class GroupedLinear(nn.Module):
+    """A block-diagonal linear map: the input splits into ``groups`` slices and each slice feeds
+    its own ``out_features / groups`` outputs, so weights and FLOPs are ``groups`` times fewer.
+    Computed as one batched matmul over the groups (ONNX: Transpose + MatMul, dynamic batch)."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True):
+        super().__init__()
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups {groups} must divide {in_features} and {out_features}")
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.weight = nn.Parameter(torch.empty(groups, in_features // groups, out_features // groups))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features)."""
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.groups, self.in_features // self.groups).transpose(0, 1)  # (g, N, in/g)
+        y = torch.bmm(x, self.weight).transpose(0, 1).reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class LowRankLinear(nn.Module):
+    """Per-head low-rank projection: each head's ``in -> out/heads`` map is ``U_h V_h`` of rank r.
+    ``down`` (in -> heads*r, all heads' V stacked) then ``up`` (block-diagonal, each head's U):
+    ``in*heads*r + out*r`` weights instead of ``in*out``."""
+
+    def __init__(self, in_features: int, out_features: int, heads: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(in_features, heads * rank, bias=False)
+        self.up = GroupedLinear(heads * rank, out_features, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+def _projection(config: SeqRecConfig, in_features: int, out_features: int, heads: int) -> nn.Module:
+    """One Q, K or V projection of the kind the config asks for (dense, grouped or low-rank)."""
+    if config.head_rank:
+        return LowRankLinear(in_features, out_features, heads, config.head_rank)
+    if config.qkv_groups > 1:
+        return GroupedLinear(in_features, out_features, config.qkv_groups)
+    return nn.Linear(in_features, out_features)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where position t sees positions <= t that are not padding.
+    """Multi-head self-attention where position t sees positions <= t that are not padding
+    (and, with a window, only the last ``attention_window`` of them plus the global ones).
 
     The mask is built from tensors only (no Python branching on data), so the module traces
     and exports to ONNX. Every query also sees itself, so a fully padded row never has an
-    all-masked softmax row and never produces NaN.
+    all-masked softmax row and never produces NaN. Q, K and V are separate projections so the
+    serving forward can project the last query alone; checkpoints with the older packed
+    ``qkv`` weight load through :meth:`_split_packed_qkv`.
     """
 
-    def __init__(self, config: SeqRecConfig):
+    def __init__(self, config: SeqRecConfig, block: int = 0):
         super().__init__()
-        self.n_heads = config.n_heads
-        self.qkv = nn.Linear(config.dim, 3 * config.dim)
-        self.proj = nn.Linear(config.dim, config.dim)
+        self.n_heads = config.heads(block)
+        self.head_dim = config.head_width
+        inner = self.n_heads * self.head_dim
+        self.q = _projection(config, config.dim, inner, self.n_heads)
+        self.k = _projection(config, config.dim, inner, self.n_heads)
+        self.v = _projection(config, config.dim, inner, self.n_heads)
+        self.proj = GroupedLinear(inner, config.dim, config.qkv_groups) if config.qkv_groups > 1 else nn.Linear(inner, config.dim)
         self.dropout = config.dropout
+        self.register_load_state_dict_pre_hook(self._split_packed_qkv)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D); allowed: (B, 1, L, L) bool, True where a query may attend a key."""
-        batch, length, dim = x.shape
-        q, k, v = self.qkv(x).split(dim, dim=2)
-        q = q.view(batch, length, self.n_heads, dim // self.n_heads).transpose(1, 2)
-        k = k.view(batch, length, self.n_heads, dim // self.n_heads).transpose(1, 2)
-        v = v.view(batch, length, self.n_heads, dim // self.n_heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.proj(y.transpose(1, 2).reshape(batch, length, dim))
+    @staticmethod
+    def _split_packed_qkv(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+        """Checkpoints written before Q/K/V were split hold one (3*inner, dim) ``qkv`` matrix."""
+        for kind in ("weight", "bias"):
+            packed = state_dict.pop(f"{prefix}qkv.{kind}", None)
+            if packed is not None:
+                for name, part in zip("qkv", packed.chunk(3, dim=0)):
+                    state_dict[f"{prefix}{name}.{kind}"] = part
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, H*hd) -> (B, H, L, hd)."""
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """queries: (B, Lq, D) (the last Lq positions of ``keys``); keys: (B, L, D); allowed:
+        (B, 1, Lq, L) bool, True where a query may attend a key. Returns (B, Lq, D) and, with
+        ``need_weights``, the attention probabilities (B, H, Lq, L) computed explicitly (SDPA otherwise)."""
+        batch, length = queries.shape[0], queries.shape[1]
+        q, k, v = self._heads(self.q(queries)), self._heads(self.k(keys)), self._heads(self.v(keys))
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            logits = (q @ k.transpose(-2, -1)) * (self.head_dim**-0.5)
+            weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+            y = F.dropout(weights, dropout, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)), weights
 
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
 
-    def __init__(self, config: SeqRecConfig):
+    def __init__(self, config: SeqRecConfig, block: int = 0):
         super().__init__()
+        width = config.ffn_width(block)
         self.ln_attn = nn.LayerNorm(config.dim)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, block)
         self.ln_ffn = nn.LayerNorm(config.dim)
         self.ffn = nn.Sequential(
-            nn.Linear(config.dim, config.ffn_multiplier * config.dim),
-            nn.GELU(),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.ffn_multiplier * config.dim, config.dim),
+            nn.Linear(config.dim, width), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(width, config.dim)
         )
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x), allowed))
-        return x + self.drop(self.ffn(self.ln_ffn(x)))
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, n_queries: int | None = None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, L, D); allowed: (B, 1, L, L). With ``n_queries`` only the last n_queries
+        positions are computed (keys and values still come from all L): returns (B, n_queries, D)."""
+        h = self.ln_attn(x)
+        if n_queries is None:
+            y, weights = self.attn(h, h, allowed, need_weights)
+        else:
+            x = x[:, -n_queries:]
+            y, weights = self.attn(h[:, -n_queries:], h, allowed[:, :, -n_queries:], need_weights)
+        x = x + self.drop(y)
+        return x + self.drop(self.ffn(self.ln_ffn(x))), weights
 
 
 class SeqRec(nn.Module):
@@ -132,7 +255,7 @@ class SeqRec(nn.Module):
         # item id -> category id, so serving needs item ids only; filled by set_item_category
         self.register_buffer("item_category", torch.zeros(config.n_items + 1, dtype=torch.int64))
         self.emb_drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
+        self.blocks = nn.ModuleList(Block(config, b) for b in range(config.n_blocks))
         self.ln_final = nn.LayerNorm(config.dim)
         self.apply(self._init_weights)
 
@@ -140,7 +263,8 @@ class SeqRec(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
             if module.padding_idx is not None:
@@ -151,6 +275,56 @@ class SeqRec(nn.Module):
         """item_category: (n_items + 1,) int, category id per item (0 = none)."""
         self.item_category.copy_(torch.as_tensor(item_category, dtype=torch.int64))
 
+    def embed(
+        self,
+        history: torch.Tensor,
+        behaviors: torch.Tensor | None = None,
+        categories: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' input (B, L, D) and attention mask (B, 1, L, L), True where a query may
+        attend a key: causal, no padding keys, within the window or global, itself always.
+        A model trained with behaviour embeddings refuses to run without ``behaviors``."""
+        if self.behavior_emb is not None and behaviors is None:
+            raise NimbleError(
+                "this model was trained with behaviour embeddings (use_behavior) and needs `behaviors`",
+                fix="pass behaviors (batch, seq_len) int64 codes beside history (ONNX input `behaviors`)",
+            )
+        max_len = self.config.max_len
+        history = history[:, -max_len:]  # longer histories: only the last max_len events count
+        behaviors = None if behaviors is None else behaviors[:, -max_len:]
+        categories = None if categories is None else categories[:, -max_len:]
+        length = history.shape[1]
+        keep = history != 0  # (B, L)
+        x = self.item_emb(history) * (self.config.dim**0.5)
+        x = x + self.pos_emb.weight[max_len - length :]
+        if self.behavior_emb is not None:
+            x = x + self.behavior_emb(behaviors)
+        if self.category_emb is not None:
+            x = x + self.category_emb(self.item_category[history] if categories is None else categories)
+        x = self.emb_drop(x) * keep.unsqueeze(-1).to(x.dtype)
+        position = torch.arange(length, device=history.device)
+        visible = position.unsqueeze(1) >= position.unsqueeze(0)  # (L, L) causal: key <= query
+        if self.config.attention_window:
+            local = position.unsqueeze(1) - position.unsqueeze(0) < self.config.attention_window
+            # the user's first n_global events (counted from the oldest real one) stay visible
+            first = (keep.cumsum(dim=1) <= self.config.n_global) & keep  # (B, L)
+            visible = visible & (local | first.unsqueeze(1))
+        eye = torch.eye(length, dtype=torch.bool, device=history.device)
+        allowed = (visible & keep.unsqueeze(1)) | eye  # (B, L, L)
+        return x, allowed.unsqueeze(1)
+
+    def encode_with_attention(
+        self, history: torch.Tensor, behaviors: torch.Tensor | None = None, categories: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`encode` plus every block's attention probabilities, (B, H, L, L) each,
+        computed explicitly (for distillation; slower than the SDPA path)."""
+        x, allowed = self.embed(history, behaviors, categories)
+        maps = []
+        for block in self.blocks:
+            x, weights = block(x, allowed, need_weights=True)
+            maps.append(weights)
+        return self.ln_final(x), maps
+
     def encode(
         self,
         history: torch.Tensor,
@@ -160,43 +334,32 @@ class SeqRec(nn.Module):
         """history: (B, L) int64 item ids, left-padded with 0 (L > max_len: the last max_len are used).
         behaviors, categories: (B, L) int64 or None (categories default to item_category[history]).
         Returns (B, L, D); row t depends only on events 0..t of its own sequence."""
-        max_len = self.config.max_len
-        history = history[:, -max_len:]  # longer histories: only the last max_len events count
-        behaviors = None if behaviors is None else behaviors[:, -max_len:]
-        categories = None if categories is None else categories[:, -max_len:]
-        length = history.shape[1]
-        keep = history != 0  # (B, L)
-        x = self.item_emb(history) * (self.config.dim**0.5)
-        x = x + self.pos_emb.weight[max_len - length :]
-        if self.behavior_emb is not None and behaviors is not None:
-            x = x + self.behavior_emb(behaviors)
-        if self.category_emb is not None:
-            x = x + self.category_emb(self.item_category[history] if categories is None else categories)
-        x = self.emb_drop(x) * keep.unsqueeze(-1).to(x.dtype)
-        causal = torch.ones(length, length, dtype=torch.bool, device=history.device).tril()
-        eye = torch.eye(length, dtype=torch.bool, device=history.device)
-        allowed = (causal & keep.unsqueeze(1)) | eye  # (B, L, L): causal, no padding keys, self always
-        allowed = allowed.unsqueeze(1)
+        x, allowed = self.embed(history, behaviors, categories)
         for block in self.blocks:
-            x = block(x, allowed)
+            x, _ = block(x, allowed)
         return self.ln_final(x)
 
     def last_state(self, history: torch.Tensor, behaviors: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) history -> (B, D) representation of the most recent position."""
         return self.encode(history, behaviors)[:, -1, :]
 
-    def forward(
-        self, history: torch.Tensor, candidates: torch.Tensor, behaviors: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Serving forward. history: (B, L) int64, e.g. (B, 100); candidates: (B, C) int64.
-        Returns (B, C) scores (higher = more likely next; -inf for a candidate in the history
-        when ``exclude_history``); no data-dependent control flow."""
-        state = self.last_state(history, behaviors)
+    def score_candidates(self, state: torch.Tensor, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """state: (B, D) user state; candidates: (B, C) item ids -> (B, C) scores (-inf for a
+        candidate in the history when ``exclude_history``)."""
         scores = torch.einsum("bd,bcd->bc", state, self.item_emb(candidates))
         if self.config.exclude_history:
             seen = ((candidates.unsqueeze(-1) == history.unsqueeze(1)) & (history != 0).unsqueeze(1)).any(-1)
             scores = scores.masked_fill(seen, float("-inf"))
         return scores
+
+    def forward(
+        self, history: torch.Tensor, candidates: torch.Tensor, behaviors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Serving forward. history: (B, L) int64, e.g. (B, 100); candidates: (B, C) int64.
+        Returns (B, C) scores (higher = more likely next; -inf for a candidate in the history
+        when ``exclude_history``); no data-dependent control flow. Every position is computed
+        (the baseline); :class:`ServingRanker` computes only what the scores need."""
+        return self.score_candidates(self.last_state(history, behaviors), history, candidates)
 
     def score_all(self, history: torch.Tensor, behaviors: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) history -> (B, n_items + 1) scores over the whole catalogue (column 0 = padding)."""
@@ -206,3 +369,27 @@ class SeqRec(nn.Module):
             seen[:, 0] = False
             scores = scores.masked_fill(seen, float("-inf"))
         return scores
+
+
+class ServingRanker(nn.Module):
+    """The serving-shaped forward of a :class:`SeqRec`: same inputs and scores as
+    ``SeqRec.forward``, but the last block runs for the last query only (its keys and values
+    still come from every position): the last block's Q projection, attention, output
+    projection, FFN and LayerNorms, and the final LayerNorm, run for 1 of L positions.
+    Exports to ONNX with a dynamic batch."""
+
+    def __init__(self, model: SeqRec):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, history: torch.Tensor, candidates: torch.Tensor, behaviors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """history: (B, L) int64; candidates: (B, C) int64; behaviors: (B, L) int64 when the
+        model uses them. Returns (B, C) float32 scores."""
+        model = self.model
+        x, allowed = model.embed(history, behaviors)
+        for block in model.blocks[:-1]:
+            x, _ = block(x, allowed)
+        x, _ = model.blocks[-1](x, allowed, n_queries=1)
+        return model.score_candidates(model.ln_final(x[:, 0]), history, candidates)
