@@ -1,0 +1,100 @@
+"""`nimbleml serve --model DIR`: serve a recommender or a risk model over HTTP and gRPC.
+
+The model folder is turned into a serving bundle by its workload's adapter (``rec/serving``
+for a ranker checkpoint, ``risk/serving`` for a fitted CNN forecaster), then served through
+the fastest available ``runtime`` backend unless ``--backend`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from nimbleml.errors import NimbleError
+from nimbleml.serve.batcher import BatcherConfig
+from nimbleml.serve.bundle import MANIFEST, Bundle
+from nimbleml.serve.history import open_store
+from nimbleml.serve.keys import load_keyring
+from nimbleml.serve.limiter import AdmissionController, ShedConfig
+from nimbleml.serve.router import PoolConfig
+from nimbleml.serve.server import ListenConfig, run
+from nimbleml.serve.service import ServeConfig, Service
+
+log = logging.getLogger(__name__)
+
+
+def prepare_model(folder: Path) -> Path:
+    """Any model folder -> a serving bundle folder (prepared once, re-used while the weights match)."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        return folder
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        from nimbleml.rec.serving import prepare_bundle
+
+        return prepare_bundle(folder)
+    from nimbleml.risk.serving import is_risk_model, prepare_risk_bundle
+
+    if is_risk_model(folder):
+        return prepare_risk_bundle(folder)
+    raise NimbleError("not a model folder nimbleml can serve", path=folder,
+                      fix="pass a `nimbleml rec train` model folder, a risk model folder, or a prepared bundle")
+
+
+def default_workers() -> int:
+    """One worker per core beyond the one the front end uses (at least one)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def build_service(args: argparse.Namespace) -> Service:
+    from nimbleml.runtime.backends import available_backends, best_backend
+
+    backend = args.backend or best_backend()
+    if backend not in available_backends():
+        raise NimbleError(f"backend {backend!r} is not available here", fix=f"use one of {available_backends()}")
+    bundle = Bundle.load(prepare_model(args.model))
+    admission = AdmissionController(shed=ShedConfig(target_p99_ms=args.target_p99_ms))
+    risk_limits = json.loads(Path(args.risk_limits).read_text()) if args.risk_limits else {}
+    config = ServeConfig(
+        batcher=BatcherConfig(max_batch_size=args.max_batch, max_queue_delay_ms=args.max_wait_ms),
+        pool=PoolConfig(workers=args.workers or default_workers(), backend=backend, threads=args.threads,
+                        warm_batches=(1, args.max_batch)),
+        deadline_ms=args.deadline_ms,
+        risk_limits={str(k): float(v) for k, v in risk_limits.items()},
+    )
+    keys = load_keyring(args.keys, set(admission.tiers))
+    return Service(bundle, keys, config, store=open_store(args.redis), admission=admission, prepare=prepare_model)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="model folder (rec checkpoint, risk model, or bundle)")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: cores - 1, at least 1)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs API keys)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (0 = any free port)")
+    parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: no gRPC; 0 = any free)")
+    parser.add_argument("--redis", default=None, help="history store URL, e.g. redis://127.0.0.1:6379/0 (default: in process)")
+    parser.add_argument("--max-batch", type=int, default=32, help="largest batch a worker runs")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch, ms")
+    parser.add_argument("--deadline-ms", type=float, default=500.0, help="answer 504 instead of later than this, ms")
+    parser.add_argument("--target-p99-ms", type=float, default=50.0, help="p99 above which low tiers are shed, ms")
+    parser.add_argument("--backend", default=None, help="runtime backend (default: the fastest available)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
+    parser.add_argument("--keys", type=Path, default=None, help="API keys JSON file (default: $NIMBLEML_API_KEYS)")
+    parser.add_argument("--risk-limits", type=Path, default=None, help='JSON {"ASSET": volatility limit} for breach flags')
+    parser.add_argument("--http", choices=("lean", "fastapi"), default="lean", help="hot-route HTTP path")
+    parser.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here once serving")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    service = build_service(args)
+    run(service, ListenConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, lean=args.http == "lean",
+                              ready_file=args.ready_file))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve a model over HTTP/JSON and gRPC (batching, limits, versions)")
+    add_arguments(parser)
+    parser.set_defaults(func=run_serve)

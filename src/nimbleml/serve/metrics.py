@@ -1,0 +1,57 @@
+"""Prometheus metrics of the server, on a registry of its own (tests start several servers).
+
+Names follow Prometheus conventions (``_total`` counters, ``_seconds`` histograms); the alert
+rules in ``deploy/prometheus/`` refer to them, so keep them stable.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# request latency buckets in seconds: dense around the 20 ms (premium) and 50 ms (p99) objectives
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
+
+
+class ServerMetrics:
+    """Every metric the server exports."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("nimbleml_requests_total", "Requests by route, tier and status code",
+                                ["route", "tier", "status"], registry=r)
+        self.latency = Histogram("nimbleml_request_latency_seconds", "Request latency by route and tier",
+                                 ["route", "tier"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("nimbleml_batch_size", "Requests per batch sent to a worker", ["graph"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("nimbleml_queue_depth", "Requests waiting in the batch queues", registry=r)
+        self.inflight_batches = Gauge("nimbleml_inflight_batches", "Batches running in workers", registry=r)
+        self.workers_ready = Gauge("nimbleml_workers_ready", "Worker processes ready for traffic", registry=r)
+        self.worker_restarts = Counter("nimbleml_worker_restarts_total", "Worker processes restarted after a crash",
+                                       registry=r)
+        self.shed = Counter("nimbleml_shed_total", "Requests refused by the limiter", ["tier", "reason"], registry=r)
+        self.model_version = Gauge("nimbleml_model_version_info", "Loaded model versions (1) and their role",
+                                   ["version", "role"], registry=r)
+        self.recommend_path = Counter("nimbleml_recommend_path_total",
+                                      "Recommend answers by path: cached user state or full forward", ["path"],
+                                      registry=r)
+        self.state_updates = Counter("nimbleml_state_updates_total", "User states recomputed after an Ingest",
+                                     ["status"], registry=r)
+        self.risk_breach = Counter("nimbleml_risk_breach_total",
+                                   "Served volatility forecasts above the asset's configured limit", ["asset"],
+                                   registry=r)
+        self.store_errors = Counter("nimbleml_history_store_errors_total", "History store calls that failed",
+                                    registry=r)
+
+    def set_versions(self, stable: str, candidate: str | None) -> None:
+        self.model_version.clear()
+        self.model_version.labels(version=stable, role="stable").set(1)
+        if candidate:
+            self.model_version.labels(version=candidate, role="candidate").set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,97 @@
+"""Run the service: workers, the HTTP front end (uvicorn on uvloop + httptools) and gRPC.
+
+Stops cleanly on SIGINT/SIGTERM: the listeners close, running requests finish, workers stop.
+With no API keys configured it refuses to bind anywhere but loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from nimbleml.errors import NimbleError
+from nimbleml.serve.app import build_app
+from nimbleml.serve.service import Service
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass
+class ListenConfig:
+    """Where to listen and how."""
+
+    host: str = "127.0.0.1"  # loopback by default; other addresses need API keys
+    port: int = 8000  # HTTP port; 0 picks a free one
+    grpc_port: int | None = None  # gRPC port; None = no gRPC, 0 picks a free one
+    lean: bool = True  # hot routes on the lean ASGI path (False: through FastAPI, for comparison)
+    ready_file: Path | None = None  # written with {"http": port, "grpc": port, "pid": pid} once serving
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: we stop the workers and gRPC too."""
+
+    @contextmanager
+    def capture_signals(self):
+        yield
+
+
+def check_bind(host: str, open_access: bool) -> None:
+    if open_access and host not in LOOPBACK:
+        raise NimbleError(f"refusing to listen on {host} without API keys",
+                          fix="configure keys (--keys FILE or NIMBLEML_API_KEYS) or listen on 127.0.0.1")
+
+
+async def serve(service: Service, listen: ListenConfig) -> None:
+    """Start everything, serve until SIGINT/SIGTERM, then stop everything."""
+    check_bind(listen.host, service.keys.open)
+    if service.keys.open:
+        log.warning("no API keys configured: every caller is anonymous 'standard' with admin rights; "
+                    "listening on loopback (%s) only", listen.host)
+    await service.start()
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((listen.host, listen.port))
+    http_port = sock.getsockname()[1]
+    config = uvicorn.Config(build_app(service, lean=listen.lean), loop="none", http="httptools", lifespan="off",
+                            access_log=False, log_level="warning", timeout_keep_alive=30, backlog=4096)
+    server = _Server(config)
+    grpc_server = None
+    grpc_port = None
+    if listen.grpc_port is not None:
+        from nimbleml.serve.grpc_app import start_grpc
+
+        grpc_server, grpc_port, _ = await start_grpc(service, listen.host, listen.grpc_port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    if listen.ready_file is not None:
+        listen.ready_file.write_text(json.dumps({"http": http_port, "grpc": grpc_port, "pid": os.getpid()}))
+    log.info("serving %s on http://%s:%d%s with %d worker(s) on %s", service.operation, listen.host, http_port,
+             f" and gRPC port {grpc_port}" if grpc_port else "", service.config.pool.workers,
+             service.config.pool.backend)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
+        await service.close()
+        log.info("server stopped")
+
+
+def run(service: Service, listen: ListenConfig) -> None:
+    """Blocking: run ``serve`` on uvloop (the fastest asyncio loop here)."""
+    import uvloop
+
+    uvloop.run(serve(service, listen))

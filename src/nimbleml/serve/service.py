@@ -1,0 +1,448 @@
+"""The operations behind every front end: Recommend, Ingest, Risk, and the admin ones.
+
+HTTP and gRPC both call this class, so auth, limits, validation, batching and versions behave
+the same on both. Errors are ``Rejected(status, message)`` with an HTTP status; the gRPC front
+end maps it to a gRPC code.
+
+Recommend for a known user whose state is fresh (computed in the background after its last
+Ingest, for the current stable version) is the cached state against 50 rows of the item
+table, in the front end, without a worker round trip; everything else is the full forward,
+batched and run in a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nimbleml.errors import NimbleError
+from nimbleml.serve.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, QueueFull
+from nimbleml.serve.bundle import Bundle, InputSpec
+from nimbleml.serve.history import HistoryStore, InProcessHistory, StoreUnavailable
+from nimbleml.serve.keys import AuthError, Caller, KeyRing
+from nimbleml.serve.limiter import AdmissionController
+from nimbleml.serve.metrics import ServerMetrics
+from nimbleml.serve.router import ModelVersions, PoolConfig, WorkerCrashed, WorkerError, WorkerPool
+from nimbleml.serve.schemas import (
+    IngestRequest,
+    IngestResponse,
+    RankedItem,
+    RecommendRequest,
+    RecommendResponse,
+    RiskRequest,
+    RiskResponse,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """A request that gets an error answer: HTTP ``status``, a message, and Retry-After seconds for 429/503."""
+
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class ServeConfig:
+    """Everything the service needs besides the model."""
+
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    deadline_ms: float = 500.0  # a request not answered by then gets 504 instead of a late answer
+    state_cache_users: int = 200_000  # cached user states (LRU), about 256 B each at dim 64
+    risk_limits: dict[str, float] = field(default_factory=dict)  # asset -> volatility limit for the breach flag
+
+
+@dataclass
+class _CachedState:
+    version: str
+    history_version: int
+    state: np.ndarray  # (D,) float32
+
+
+def _check_ids(values: np.ndarray, spec: InputSpec, field_name: str) -> None:
+    """Reject ids outside the spec's range (0 allowed where it is the padding value)."""
+    bad = np.zeros(values.shape, dtype=bool)
+    if spec.low is not None:
+        bad |= values < spec.low
+    if spec.high is not None:
+        bad |= values > spec.high
+    if spec.pad is not None:
+        bad &= values != spec.pad
+    if bad.any():
+        first = int(values[bad][0])
+        raise Rejected(422, f"{field_name}: {int(bad.sum())} unknown id(s), e.g. {first}; "
+                            f"valid ids are {spec.low:g}..{spec.high:g}")
+
+
+def _left_pad(values: np.ndarray, length: int) -> np.ndarray:
+    """The last ``length`` values, left-padded with 0: the models' input layout."""
+    out = np.zeros(length, dtype=np.int64)
+    tail = values[-length:]
+    if len(tail):
+        out[length - len(tail):] = tail
+    return out
+
+
+class Service:
+    """Auth, admission, validation, batching, routing and versions for every operation."""
+
+    def __init__(self, bundle: Bundle, keys: KeyRing, config: ServeConfig | None = None,
+                 store: HistoryStore | None = None, admission: AdmissionController | None = None,
+                 prepare: Callable[[Path], Path] | None = None):
+        self.config = config or ServeConfig()
+        self.keys = keys
+        self.store = store or InProcessHistory()
+        self.admission = admission or AdmissionController()
+        self.metrics = ServerMetrics()
+        self.prepare = prepare  # model folder -> bundle folder, from the workload adapter (admin load)
+        self.pool = WorkerPool(self.config.pool, on_restart=self.metrics.worker_restarts.inc)
+        self.bundles: dict[str, Bundle] = {bundle.version: bundle}
+        self.versions = ModelVersions(stable=bundle.version, folders={bundle.version: str(bundle.folder)})
+        self.operation = bundle.operation
+        self.item_tables: dict[str, np.ndarray] = {}
+        self.states: OrderedDict[str, _CachedState] = OrderedDict()
+        self._batchers: dict[tuple[str, str], DynamicBatcher] = {}
+        self._background: set[asyncio.Task] = set()
+        self._admin_lock = asyncio.Lock()
+        self._using: Counter = Counter()  # requests in progress per version (a retired version waits for 0)
+        self.started = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._open_tables(self.versions.stable)
+        await self.pool.start(self.versions.folders)
+        self.metrics.set_versions(self.versions.stable, None)
+        self.started = True
+
+    async def close(self) -> None:
+        self.started = False
+        for batcher in self._batchers.values():
+            await batcher.close()
+        for task in list(self._background):
+            task.cancel()
+        await self.pool.close()
+        await self.store.close()
+
+    def _open_tables(self, version: str) -> None:
+        bundle = self.bundles[version]
+        if bundle.item_table:
+            self.item_tables[version] = np.load(bundle.folder / bundle.item_table, mmap_mode="r")
+
+    def ready(self) -> bool:
+        return self.started and bool(self.pool.ready_workers())
+
+    # ------------------------------------------------------------------ auth and limits
+    def caller(self, key: str | None, admin: bool = False) -> Caller:
+        try:
+            return self.keys.caller(key, admin=admin)
+        except AuthError as err:
+            raise Rejected(err.status, str(err)) from err
+
+    def queue_depth(self) -> int:
+        return sum(b.depth() for b in self._batchers.values())
+
+    def admit(self, caller: Caller) -> None:
+        decision = self.admission.admit(caller.tier, self.queue_depth())
+        if not decision.admitted:
+            self.metrics.shed.labels(tier=caller.tier, reason=decision.reason).inc()
+            what = "rate limit of your tier" if decision.reason == "rate" else "server overloaded"
+            raise Rejected(429, f"{what}; retry after {decision.retry_after_s:.2f} s", decision.retry_after_s)
+
+    def observe(self, route: str, tier: str, status: int, seconds: float) -> None:
+        """Record one answered request (metrics + the shedder's latency window)."""
+        self.metrics.requests.labels(route=route, tier=tier, status=str(status)).inc()
+        self.metrics.latency.labels(route=route, tier=tier).observe(seconds)
+        if status < 400:
+            self.admission.latency.add(seconds * 1000.0)
+
+    # ------------------------------------------------------------------ batching
+    def _batcher(self, version: str, graph: str) -> DynamicBatcher:
+        key = (version, graph)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            histogram = self.metrics.batch_size.labels(graph=graph)
+
+            async def run_batch(rows: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+                inputs = {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+                out = await self.pool.run(version, graph, inputs)
+                return list(out)
+
+            batcher = DynamicBatcher(run_batch, self.config.batcher, on_batch=histogram.observe)
+            self._batchers[key] = batcher
+        return batcher
+
+    async def _infer(self, version: str, graph: str, row: dict[str, np.ndarray], priority: int) -> np.ndarray:
+        try:
+            return await self._batcher(version, graph).submit(row, priority, self.config.deadline_ms / 1000.0)
+        except QueueFull as exc:
+            raise Rejected(503, f"queue full: {exc}", 1.0) from exc
+        except DeadlineExceeded as exc:
+            raise Rejected(504, f"not answered within {self.config.deadline_ms:g} ms: {exc}") from exc
+        except WorkerCrashed as exc:
+            raise Rejected(503, str(exc), 1.0) from exc
+        except WorkerError as exc:
+            raise Rejected(500, f"model error: {exc}") from exc
+
+    # ------------------------------------------------------------------ recommend
+    def _need(self, operation: str) -> None:
+        if self.operation != operation:
+            raise Rejected(404, f"this server answers {self.operation}, not {operation}")
+
+    def _ranker_row(self, bundle: Bundle, history: np.ndarray, behaviors: np.ndarray | None,
+                    candidates: np.ndarray) -> dict[str, np.ndarray]:
+        specs = {s.name: s for s in bundle.graphs["ranker"].inputs}
+        want = specs["candidates"].shape[0]
+        if len(candidates) != want:
+            raise Rejected(422, f"candidates: expected exactly {want} item ids, got {len(candidates)}")
+        _check_ids(candidates, specs["candidates"], "candidates")
+        _check_ids(history, specs["history"], "history")
+        length = specs["history"].shape[0]
+        row = {"history": _left_pad(history, length), "candidates": candidates}
+        if "behaviors" in specs:
+            if behaviors is None:
+                behaviors = np.where(history != 0, int(specs["behaviors"].low or 1), 0)
+            elif len(behaviors) != len(history):
+                raise Rejected(422, f"behaviors: {len(behaviors)} codes for {len(history)} history items")
+            _check_ids(behaviors, specs["behaviors"], "behaviors")
+            row["behaviors"] = _left_pad(behaviors, length)
+        return {name: row[name] for name in specs}  # the graph's input order
+
+    async def _history(self, user: str):
+        try:
+            return await self.store.get(user)
+        except StoreUnavailable as exc:
+            self.metrics.store_errors.inc()
+            raise Rejected(503, str(exc), 1.0) from exc
+
+    def _cached_scores(self, version: str, user: str, history_version: int, history: np.ndarray,
+                       candidates: np.ndarray) -> np.ndarray | None:
+        cached = self.states.get(user)
+        table = self.item_tables.get(version)
+        if cached is None or table is None or cached.version != version or cached.history_version != history_version:
+            return None
+        scores = table[candidates] @ cached.state
+        if self.bundles[version].exclude_history:
+            scores = np.where(np.isin(candidates, history[history != 0]), -np.inf, scores)
+        return scores.astype(np.float32)
+
+    async def recommend(self, caller: Caller, request: RecommendRequest) -> RecommendResponse:
+        self._need("recommend")
+        version = self.versions.pick()
+        self._using[version] += 1
+        try:
+            return await self._recommend(caller, request, version)
+        finally:
+            self._using[version] -= 1
+
+    async def _recommend(self, caller: Caller, request: RecommendRequest, version: str) -> RecommendResponse:
+        bundle = self.bundles[version]
+        candidates = np.asarray(request.candidates, dtype=np.int64)
+        behaviors = None if request.behaviors is None else np.asarray(request.behaviors, dtype=np.int64)
+        if request.history is not None:
+            history = np.asarray(request.history, dtype=np.int64)
+            stored = None
+        elif request.user_id is not None:
+            stored = await self._history(request.user_id)
+            history, behaviors = stored.items, stored.behaviors
+        else:
+            raise Rejected(422, "give user_id (history from the store) or history (item ids, oldest first)")
+        row = self._ranker_row(bundle, history, behaviors, candidates)
+        scores = None
+        if stored is not None:
+            scores = self._cached_scores(version, request.user_id, stored.version, history, candidates)
+        path = "cached" if scores is not None else "full"
+        if scores is None:
+            scores = await self._infer(version, "ranker", row, self.admission.tiers[caller.tier].priority)
+            if stored is not None and stored.version and version == self.versions.stable:
+                self._refresh_state(request.user_id, version, stored.version, row)
+        self.metrics.recommend_path.labels(path=path).inc()
+        order = np.argsort(-scores, kind="stable")
+        items = [RankedItem(int(candidates[i]), float(scores[i]) if np.isfinite(scores[i]) else None) for i in order]
+        return RecommendResponse(items=items, model_version=version, path=path)
+
+    # ------------------------------------------------------------------ ingest and user state
+    async def ingest(self, caller: Caller, request: IngestRequest) -> IngestResponse:
+        self._need("recommend")
+        version = self.versions.stable
+        bundle = self.bundles[version]
+        specs = {s.name: s for s in bundle.graphs["ranker"].inputs}
+        _check_ids(np.array([request.item_id]), specs["candidates"], "item_id")
+        if "behaviors" in specs:
+            _check_ids(np.array([request.behavior]), specs["behaviors"], "behavior")
+        try:
+            new_version = await self.store.append(request.user_id, request.item_id, request.behavior, request.ts)
+            history = await self.store.get(request.user_id)
+        except StoreUnavailable as exc:
+            self.metrics.store_errors.inc()
+            raise Rejected(503, str(exc), 1.0) from exc
+        if "state" in bundle.graphs and history.version == new_version:
+            row = self._ranker_row(bundle, history.items, history.behaviors, np.full(specs["candidates"].shape[0],
+                                   int(specs["candidates"].low or 1), dtype=np.int64))
+            self._refresh_state(request.user_id, version, new_version, row)
+        return IngestResponse(user_id=request.user_id, history_length=len(history.items), version=new_version)
+
+    def _refresh_state(self, user: str, version: str, history_version: int, ranker_row: dict[str, np.ndarray]) -> None:
+        """Compute the user's state in the background, on the lowest priority lane."""
+        bundle = self.bundles[version]
+        if "state" not in bundle.graphs:
+            return
+        row = {spec.name: ranker_row[spec.name] for spec in bundle.graphs["state"].inputs}
+        lowest = self.config.batcher.priority_levels - 1
+
+        async def update() -> None:
+            if version not in self.bundles:  # retired meanwhile
+                return
+            self._using[version] += 1
+            try:
+                state = await self._infer(version, "state", row, lowest)
+            except Rejected as exc:  # the next Recommend takes the full forward instead
+                self.metrics.state_updates.labels(status="failed").inc()
+                log.debug("state update for %s failed: %s", user, exc.message)
+                return
+            finally:
+                self._using[version] -= 1
+            current = self.states.get(user)
+            if current is None or current.history_version <= history_version:
+                self.states[user] = _CachedState(version, history_version, np.asarray(state, dtype=np.float32))
+                self.states.move_to_end(user)
+                while len(self.states) > self.config.state_cache_users:
+                    self.states.popitem(last=False)
+            self.metrics.state_updates.labels(status="ok").inc()
+
+        task = asyncio.get_running_loop().create_task(update())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ risk
+    async def risk(self, caller: Caller, request: RiskRequest) -> RiskResponse:
+        self._need("risk")
+        version = self.versions.pick()
+        self._using[version] += 1
+        try:
+            return await self._risk(caller, request, version)
+        finally:
+            self._using[version] -= 1
+
+    async def _risk(self, caller: Caller, request: RiskRequest, version: str) -> RiskResponse:
+        bundle = self.bundles[version]
+        specs = {s.name: s for s in bundle.graphs["forecast"].inputs}
+        window_spec = specs["window"]
+        try:
+            window = np.asarray(request.window, dtype=np.float32)
+        except ValueError as exc:
+            raise Rejected(422, f"window: rows of different lengths ({exc})") from exc
+        if list(window.shape) != window_spec.shape:
+            raise Rejected(422, f"window: expected shape {window_spec.shape} (features, days), got {list(window.shape)}")
+        if not np.isfinite(window).all():
+            raise Rejected(422, "window: values must be finite numbers")
+        asset_class = np.asarray(request.asset_class, dtype=np.int64)
+        _check_ids(asset_class.reshape(1), specs["asset_class"], "asset_class")
+        out = await self._infer(version, "forecast", {"window": window, "asset_class": asset_class},
+                                self.admission.tiers[caller.tier].priority)
+        volatility = float(np.asarray(out).reshape(-1)[0])
+        limit = self.config.risk_limits.get(request.asset, bundle.extra.get("limits", {}).get(request.asset))
+        breach = limit is not None and volatility > limit
+        if breach:
+            self.metrics.risk_breach.labels(asset=request.asset).inc()
+        return RiskResponse(asset=request.asset, volatility=volatility, breach=breach, limit=limit,
+                            model_version=version)
+
+    # ------------------------------------------------------------------ admin: versions and workers
+    def models(self) -> dict:
+        return {**self.versions.to_dict(), "operation": self.operation, "backend": self.config.pool.backend,
+                "workers": [{"index": w.index, "pid": w.pid, "ready": w in self.pool.ready_workers(),
+                             "inflight_batches": len(w.inflight)} for w in self.pool.workers],
+                "worker_restarts": self.pool.restarts}
+
+    async def load_model(self, folder: str, share: float) -> dict:
+        """Prepare and load a model folder as the candidate with ``share`` of the traffic."""
+        async with self._admin_lock:
+            if self.versions.candidate is not None:
+                raise Rejected(409, f"candidate {self.versions.candidate} is loaded: promote or roll it back first")
+            path = Path(folder)
+            try:
+                bundle_dir = await asyncio.get_running_loop().run_in_executor(None, self._prepare, path)
+                bundle = Bundle.load(bundle_dir)
+            except NimbleError as exc:
+                raise Rejected(422, str(exc)) from exc
+            if bundle.operation != self.operation:
+                raise Rejected(422, f"{folder} answers {bundle.operation}; this server answers {self.operation}")
+            if bundle.version in self.bundles:
+                raise Rejected(409, f"version {bundle.version} is already loaded")
+            self.bundles[bundle.version] = bundle
+            try:
+                await self.pool.load(bundle.version, str(bundle.folder))
+            except (WorkerCrashed, WorkerError) as exc:
+                self.bundles.pop(bundle.version)
+                raise Rejected(503, f"loading {bundle.version} failed: {exc}") from exc
+            self._open_tables(bundle.version)
+            self.versions.folders[bundle.version] = str(bundle.folder)
+            self.versions.candidate, self.versions.share = bundle.version, share
+            self.metrics.set_versions(self.versions.stable, self.versions.candidate)
+            return self.models()
+
+    def _prepare(self, path: Path) -> Path:
+        if (path / "serving.json").is_file() or self.prepare is None:
+            return path
+        return self.prepare(path)
+
+    def set_share(self, share: float) -> dict:
+        if self.versions.candidate is None:
+            raise Rejected(409, "no candidate version is loaded")
+        self.versions.share = share
+        return self.models()
+
+    async def _retire(self, version: str) -> None:
+        """Unload a version no request picks any more, once its in-flight batches are done."""
+        while self._using[version]:  # requests that picked it before the switch finish on it
+            await asyncio.sleep(0.01)
+        for key in [k for k in self._batchers if k[0] == version]:
+            await self._batchers.pop(key).close()
+        await self.pool.unload(version)
+        self.bundles.pop(version, None)
+        self.item_tables.pop(version, None)
+        self.versions.folders.pop(version, None)
+
+    async def promote(self) -> dict:
+        async with self._admin_lock:
+            if self.versions.candidate is None:
+                raise Rejected(409, "no candidate version to promote")
+            old = self.versions.stable
+            self.versions.stable, self.versions.candidate, self.versions.share = self.versions.candidate, None, 0.0
+            self.metrics.set_versions(self.versions.stable, None)
+            await self._retire(old)
+            return self.models()
+
+    async def rollback(self) -> dict:
+        async with self._admin_lock:
+            if self.versions.candidate is None:
+                raise Rejected(409, "no candidate version to roll back")
+            old = self.versions.candidate
+            self.versions.candidate, self.versions.share = None, 0.0
+            self.metrics.set_versions(self.versions.stable, None)
+            await self._retire(old)
+            return self.models()
+
+    async def drain(self, worker: int) -> dict:
+        try:
+            await self.pool.drain(worker)
+        except NimbleError as exc:
+            raise Rejected(404, str(exc)) from exc
+        return self.models()
+
+    def render_metrics(self) -> bytes:
+        self.metrics.queue_depth.set(self.queue_depth())
+        self.metrics.inflight_batches.set(self.pool.inflight())
+        self.metrics.workers_ready.set(len(self.pool.ready_workers()))
+        return self.metrics.render()

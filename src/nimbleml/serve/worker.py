@@ -1,0 +1,100 @@
+"""The worker process: its own runtime sessions for every loaded bundle, warmed before traffic.
+
+It speaks a small message protocol over two pipes (pickled tuples, numpy arrays inside):
+
+- in:  ``("run", rid, version, graph, inputs)``, ``("load", rid, version, folder)``,
+  ``("unload", rid, version)``, ``("stop",)``
+- out: ``("ready", pid)`` once the first bundles are loaded and warmed, then
+  ``("ok", rid, array_or_None)`` or ``("err", rid, message)`` per message.
+
+A reader thread drains the input pipe while the main thread computes, so the front end's
+writes never block on a busy worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class LoadedBundle:
+    """A bundle's graphs, each on the chosen runtime backend."""
+
+    def __init__(self, folder: str, backend: str, threads: int):
+        from nimbleml.runtime.backends import get_backend
+        from nimbleml.serve.bundle import Bundle
+
+        self.bundle = Bundle.load(folder)
+        runtime = get_backend(backend)
+        self.graphs = {name: runtime.load(self.bundle.graph_path(name), threads=threads) for name in self.bundle.graphs}
+
+    def warm(self, batch_sizes: tuple[int, ...]) -> float:
+        """Run every graph on dummy batches so the first real request pays no first-run cost; seconds."""
+        start = time.perf_counter()
+        for name, graph in self.graphs.items():
+            spec = self.bundle.graphs[name]
+            for size in batch_sizes:
+                graph.predict({i.name: i.dummy(size) for i in spec.inputs})
+        return time.perf_counter() - start
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.graphs[graph].predict(inputs)
+
+
+def _reader(conn: Connection, inbox: queue.Queue) -> None:
+    while True:
+        try:
+            inbox.put(conn.recv())
+        except (EOFError, OSError):  # the front end went away: stop the worker
+            inbox.put(("stop",))
+            return
+
+
+def worker_main(inbox_conn: Connection, outbox_conn: Connection, bundles: dict[str, str], backend: str,
+                threads: int, warm_batches: tuple[int, ...]) -> None:
+    """Entry point of a worker process (spawned; everything it gets is picklable)."""
+    import torch  # the backends module imports it; keep its own thread pool out of our way
+
+    torch.set_num_threads(max(1, threads))
+    loaded: dict[str, LoadedBundle] = {}
+    try:
+        for version, folder in bundles.items():
+            loaded[version] = LoadedBundle(folder, backend, threads)
+            loaded[version].warm(warm_batches)
+    except Exception as exc:  # the front end reports it and stops the server: a bad bundle is not transient
+        outbox_conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
+        return
+    inbox: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(inbox_conn, inbox), daemon=True).start()
+    outbox_conn.send(("ready", os.getpid()))
+    while True:
+        message = inbox.get()
+        kind = message[0]
+        if kind == "stop":
+            return
+        rid = message[1]
+        try:
+            if kind == "run":
+                _, _, version, graph, inputs = message
+                outbox_conn.send(("ok", rid, loaded[version].run(graph, inputs)))
+            elif kind == "load":
+                _, _, version, folder = message
+                bundle = LoadedBundle(folder, backend, threads)
+                bundle.warm(warm_batches)
+                loaded[version] = bundle
+                outbox_conn.send(("ok", rid, None))
+            elif kind == "unload":
+                loaded.pop(message[2], None)
+                outbox_conn.send(("ok", rid, None))
+            else:
+                outbox_conn.send(("err", rid, f"unknown message {kind!r}"))
+        except Exception as exc:  # answer the request with the error; the worker keeps serving
+            outbox_conn.send(("err", rid, f"{type(exc).__name__}: {exc}"))
