@@ -27,6 +27,8 @@ COMMAND_MODULES = (
     "nimbleml.rec.commands",
     "nimbleml.demo",
     "nimbleml.commands.bench",
+    "nimbleml.commands.serve",
+    "nimbleml.commands.export",
 )
 
 

@@ -10,6 +10,7 @@ import argparse
 import importlib
 
 BENCH_TARGETS: dict[str, str] = {
+    "rec": "nimbleml.commands.bench_rec",
 }
 
 

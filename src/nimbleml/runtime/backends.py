@@ -163,6 +163,11 @@ class OnnxRuntimeBackend(Backend):
         if not cls.is_available():
             raise NimbleError(f"backend {cls.name!r} is not available here",
                               fix="install onnxruntime-gpu on a machine with a GPU, or use 'onnxruntime'")
+        path = Path(path)
+        if path.suffix == ".ort":  # ORT format (the edge artefact): flatbuffers, not an ONNX protobuf
+            if not path.is_file():
+                raise NimbleError("ORT-format model file not found", path=path, fix="run `nimbleml export --target edge`")
+            return cls(path, OrtOptions(**options))
         return cls(check_onnx_file(path), OrtOptions(**options))
 
     def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -1,0 +1,312 @@
+"""`nimbleml bench rec`: every compressed variant of a recommender on every CPU runtime, side by side.
+
+The paper's Table I on this machine, in one process: build each variant with its default
+fine-tune budget (``nimbleml.rec.compression``; reused when its folder already exists), export it,
+then measure batch-1 latency, throughput at the best batch size, FLOPs per request, fraction of
+the CPU's peak, memory and quality (the 50-candidate protocol of ``rec.evaluate`` on the test
+users, through the row's own backend; full-catalogue NDCG@10 from the variant's weights).
+
+A request is one user: 100 history events and 50 candidates. The ``baseline`` row is the trained
+model as ``nimbleml rec train`` leaves it: ``SeqRec.forward`` (every position computed), PyTorch
+eager FP32 with torch's default threads, at its own best batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from nimbleml.bench.harness import BenchConfig, BenchRow, Candidate, cpu_limits, flops_per_call, measure
+from nimbleml.commands.model_folder import ModelFolder, open_model_folder, to_numpy
+from nimbleml.environment import environment
+from nimbleml.errors import NimbleError
+from nimbleml.progress import track
+from nimbleml.runtime.backends import available_backends, get_backend
+from nimbleml.runtime.export import export_onnx
+
+log = logging.getLogger(__name__)
+
+HELP = "recommender variants x runtimes side by side: latency, throughput, FLOPs, quality (the paper's Table I)"
+
+# variant name -> recipe chain for rec.compression.compress_model ("baseline"/"serving": none)
+VARIANTS: dict[str, list[str]] = {
+    "baseline": [],
+    "serving": [],
+    "prune": ["prune"],
+    "prune-structured": ["prune-structured"],
+    "lowrank": ["lowrank"],
+    "grouped": ["grouped"],
+    "local": ["local"],
+    "quantize-dynamic": ["quantize-dynamic"],
+    "quantize-static": ["quantize-static"],
+    "qat": ["qat"],
+    "distill": ["distill"],
+    "distill+quantize-static": ["distill", "quantize-static"],
+}
+CPU_BACKENDS = ("torch", "onnxruntime", "openvino")
+
+# The paper's Table I (Shao et al.): V100 GPU figures and the CPU figures from its text.
+PAPER_TABLE = [
+    {"variant": "paper baseline (V100)", "p50_ms": 52.4, "throughput_rps": 190},
+    {"variant": "paper baseline (CPU)", "p50_ms": 120.7, "throughput_rps": 80},
+    {"variant": "paper distilled + TensorRT FP16 (V100)", "p50_ms": 21.5, "throughput_rps": 460},
+    {"variant": "paper distilled + OpenVINO (CPU)", "p50_ms": 54.8, "throughput_rps": 180},
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="trained model folder (`nimbleml rec train`)")
+    parser.add_argument("--data", type=Path, required=True, help="prepared data folder (`nimbleml rec prepare`)")
+    parser.add_argument("--out", type=Path, required=True, help="writes bench.json, bench.md and variants/<name>/")
+    parser.add_argument("--variants", default="all", help=f"'all' or a comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--backends", default="all", help="'all' (every available CPU/GPU runtime) or a comma list")
+    parser.add_argument("--max-users", type=int, default=10_000,
+                        help="random test users for the quality columns (same users for every row; 0 = all)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild variant folders that already exist")
+    parser.add_argument("--quick", action="store_true", help="short timings and fine-tunes (tests, smoke runs)")
+
+
+def _pick(spec: str, known: list[str], what: str) -> list[str]:
+    if spec == "all":
+        return known
+    chosen = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in known]
+    if unknown:
+        raise NimbleError(f"unknown {what}: {', '.join(unknown)}", fix=f"choose from {', '.join(known)}")
+    return chosen
+
+
+class _QualityProbe:
+    """The 50-candidate protocol on the test users through a row's own ``predict``."""
+
+    def __init__(self, data_dir: Path, folder: ModelFolder, max_users: int | None, seed: int = 0):
+        from nimbleml.rec.data import SequenceData, leave_last_out
+
+        data = SequenceData.load(data_dir)
+        config = folder.reference.config
+        if data.n_items != config.n_items:
+            raise NimbleError(f"model has {config.n_items} items, data has {data.n_items}", path=data_dir,
+                              fix="benchmark on the prepared data the model was trained on")
+        self.data, self.config, self.seed, self.max_users = data, config, seed, max_users or None
+        self.split = leave_last_out(data, max_len=config.max_len)
+        self.popularity = data.item_popularity()
+        self.seen = [data.items[s : e - 1] for s, e in zip(data.offsets[:-1], data.offsets[1:])]
+
+    def candidates(self, predict: Callable, batch: int = 256) -> dict[str, float]:
+        from nimbleml.rec.evaluate import evaluate_candidates
+
+        scorer = _PredictScorer(predict, self.config.use_behavior, batch)
+        behaviors = self.split.test_behaviors if self.config.use_behavior else None
+        result = evaluate_candidates(scorer, self.split.test_input, self.split.test_target, self.popularity,
+                                     behaviors, seed=self.seed, seen=self.seen, max_users=self.max_users)
+        return {k: float(v) for k, v in result.metrics.items() if k in ("hr@10", "ndcg@10", "mrr")}
+
+    def full_ndcg(self, model: torch.nn.Module) -> float:
+        from nimbleml.rec.evaluate import SeqRecScorer, evaluate_full
+
+        rng = np.random.default_rng(self.seed)
+        users = np.arange(len(self.split.test_target))
+        if self.max_users is not None and len(users) > self.max_users:
+            users = np.sort(rng.choice(users, self.max_users, replace=False))
+        behaviors = self.split.test_behaviors[users] if self.config.use_behavior else None
+        result = evaluate_full(SeqRecScorer(model), self.split.test_input[users], self.split.test_target[users], behaviors)
+        return float(result.metrics["ndcg@10"])
+
+
+class _PredictScorer:
+    """A backend's ``predict`` as a ``rec.evaluate`` scorer (50-candidate protocols only)."""
+
+    def __init__(self, predict: Callable, use_behavior: bool, batch: int):
+        self.predict, self.use_behavior, self.batch = predict, use_behavior, batch
+
+    def score(self, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
+        out = []
+        for start in range(0, len(history), self.batch):
+            rows = slice(start, start + self.batch)
+            inputs = {"history": np.ascontiguousarray(history[rows], dtype=np.int64),
+                      "candidates": np.ascontiguousarray(candidates[rows], dtype=np.int64)}
+            if self.use_behavior:
+                inputs["behaviors"] = np.ascontiguousarray(behaviors[rows], dtype=np.int64)
+            out.append(self.predict(inputs))
+        return np.concatenate(out)
+
+    def score_all(self, history: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
+        raise NimbleError("a runtime backend scores candidate lists only", fix="use SeqRecScorer for the full catalogue")
+
+
+def _real_inputs(probe: _QualityProbe) -> Callable[[int], dict[str, np.ndarray]]:
+    """Batches of real test histories (not random ids): attention cost depends on padding."""
+    rng = np.random.default_rng(1)
+    n_items = probe.config.n_items
+
+    def make(batch: int) -> dict[str, np.ndarray]:
+        users = rng.choice(len(probe.split.test_target), batch)
+        inputs = {"history": probe.split.test_input[users].astype(np.int64),
+                  "candidates": rng.integers(1, n_items + 1, (batch, 50), dtype=np.int64)}
+        if probe.config.use_behavior:
+            inputs["behaviors"] = probe.split.test_behaviors[users].astype(np.int64)
+        return inputs
+
+    return make
+
+
+def _build_variant(name: str, args: argparse.Namespace, quick: bool) -> Path:
+    """The variant's model folder, built by rec.compression unless it exists (and --rebuild is off)."""
+    if not VARIANTS[name]:
+        return args.model
+    folder = args.out / "variants" / name
+    if (folder / "variant.json").exists() and not args.rebuild:
+        log.info("reusing %s", folder)
+        return folder
+    from nimbleml.rec.compression import CompressConfig, compress_model
+
+    config = CompressConfig.quick() if quick else CompressConfig()
+    started = time.perf_counter()
+    compress_model(args.model, args.data, VARIANTS[name], folder, config)
+    log.info("built %s in %.0f s", name, time.perf_counter() - started)
+    return folder
+
+
+def _candidates(name: str, folder: ModelFolder, backends: list[str], work: Path, probe: _QualityProbe,
+                full_ndcg: float) -> list[Candidate]:
+    """One Candidate per backend this variant runs on."""
+    example = folder.make_inputs(2, 0)
+    if name == "baseline":  # SeqRec.forward as trained: every position, eager FP32
+        module = folder.reference
+        flops = flops_per_call(module, folder.make_inputs(1, 0))
+        torch_backend = get_backend("torch")
+        return [Candidate(name, "torch", lambda: torch_backend.from_module(module).predict,
+                          folder.params_m, _weights_mb(folder.path), flops,
+                          lambda p: {**probe.candidates(p), "full_ndcg@10": full_ndcg})]
+    flops = flops_per_call(folder.module, folder.make_inputs(1, 0))
+    int8 = folder.onnx is not None
+    if int8:
+        onnx_path = folder.onnx
+    else:
+        onnx_path = export_onnx(folder.module, example, work / f"{name}.onnx", output_names=folder.output_names)
+    size = onnx_path.stat().st_size / 2**20
+    out = []
+    for backend in backends:
+        cls = get_backend(backend)
+        if cls.needs_module:
+            if int8:
+                continue  # the int8 graph exists only as ONNX
+            build = (lambda cls=cls: cls.from_module(folder.module).predict)
+        else:
+            build = (lambda cls=cls: cls.load(onnx_path).predict)
+        out.append(Candidate(name, backend, build, folder.params_m, size, flops,
+                             lambda p: {**probe.candidates(p), "full_ndcg@10": full_ndcg},
+                             extra={"precision": "int8" if int8 else "fp32", **_variant_extra(folder),
+                                    **({"full_ndcg_from": "the fp32 weights the int8 graph was made from"} if int8 else {})}))
+    return out
+
+
+def _weights_mb(path: Path) -> float:
+    return (path / "model.safetensors").stat().st_size / 2**20
+
+
+def _variant_extra(folder: ModelFolder) -> dict:
+    keep = ("recipes", "sparsity", "params_m", "build_seconds", "valid_ndcg@10_before", "valid_ndcg@10_after")
+    return {k: folder.variant[k] for k in keep if k in folder.variant}
+
+
+def table(rows: list[BenchRow], baseline: BenchRow | None) -> Table:
+    out = Table(title="recommender variants x runtimes (one request = 100 events + 50 candidates)")
+    for column in ("variant", "backend", "params M", "MB", "MFLOP/req", "p50 b1 ms", "p99 b1 ms", "best batch",
+                   "req/s", "x base", "p50 / base", "% peak", "HR@10", "NDCG@10", "full NDCG@10"):
+        out.add_column(column, justify="right" if column not in ("variant", "backend") else "left")
+    for row in rows:
+        speed = row.throughput_rps / baseline.throughput_rps if baseline else float("nan")
+        lat = row.p50_ms_b1 / baseline.p50_ms_b1 if baseline else float("nan")
+        out.add_row(row.variant, row.backend, f"{row.params_m:.3f}", f"{row.size_mb:.2f}",
+                    f"{row.flops_per_request / 1e6:.2f}", f"{row.p50_ms_b1:.3f}", f"{row.p99_ms_b1:.3f}",
+                    str(row.best_batch), f"{row.throughput_rps:,.0f}", f"{speed:.2f}", f"{lat:.2f}",
+                    f"{100 * row.peak_fraction:.2f}", f"{row.quality.get('hr@10', float('nan')):.4f}",
+                    f"{row.quality.get('ndcg@10', float('nan')):.4f}",
+                    f"{row.quality.get('full_ndcg@10', float('nan')):.4f}")
+    return out
+
+
+def best_row(rows: list[BenchRow], baseline: BenchRow, tolerance: float = 0.01) -> BenchRow | None:
+    """The highest-throughput row whose NDCG@10 is within ``tolerance`` (relative) of the baseline's."""
+    floor = baseline.quality["ndcg@10"] * (1 - tolerance)
+    ok = [r for r in rows if r is not baseline and r.quality.get("ndcg@10", -1) >= floor]
+    return max(ok, key=lambda r: r.throughput_rps, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    started = time.perf_counter()
+    variants = _pick(args.variants, list(VARIANTS), "variant")
+    if "baseline" not in variants:
+        variants.insert(0, "baseline")
+    gpu = [b for b in ("onnxruntime-cuda", "onnxruntime-tensorrt") if b in available_backends()]
+    backends = _pick(args.backends, [b for b in CPU_BACKENDS if b in available_backends()] + gpu, "backend")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "onnx"
+    work.mkdir(exist_ok=True)
+    config = BenchConfig(latency_seconds=0.5, throughput_seconds=0.3, batch_sizes=(1, 16, 64)) if args.quick else BenchConfig()
+
+    built = {}
+    for name in track(variants, "building variants"):
+        built[name] = _build_variant(name, args, args.quick)
+    base_folder = open_model_folder(args.model)
+    probe = _QualityProbe(args.data, base_folder, args.max_users)
+    limits = cpu_limits()
+    make_inputs = _real_inputs(probe)
+
+    candidates: list[Candidate] = []
+    for name in variants:
+        folder = base_folder if not VARIANTS[name] else open_model_folder(built[name])
+        full = probe.full_ndcg(folder.reference)
+        candidates += _candidates(name, folder, backends, work, probe, full)
+    rows = []
+    for candidate in track(candidates, "measuring", total=len(candidates)):
+        rows.append(measure(candidate, make_inputs, config, limits.fp32_theoretical_gflops))
+        log.info("%s on %s: p50 %.3f ms, %.0f req/s", candidate.variant, candidate.backend,
+                 rows[-1].p50_ms_b1, rows[-1].throughput_rps)
+    baseline = rows[0]
+    best = best_row(rows, baseline)
+    summary = {
+        "baseline": {"variant": baseline.variant, "backend": baseline.backend},
+        "best_within_1pct_ndcg": None if best is None else {
+            "variant": best.variant, "backend": best.backend,
+            "throughput_ratio": best.throughput_rps / baseline.throughput_rps,
+            "p50_ratio": best.p50_ms_b1 / baseline.p50_ms_b1,
+            "peak_fraction": best.peak_fraction,
+        },
+    }
+    payload = {
+        "environment": environment(),
+        "cpu": limits.to_dict(),
+        "flops_peak_gflops": limits.fp32_theoretical_gflops,
+        "batch_sizes": list(config.batch_sizes),
+        "model": str(args.model), "data": str(args.data),
+        "rows": [r.to_dict() for r in rows],
+        "summary": summary,
+        "paper": PAPER_TABLE,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    (args.out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
+    console.print(table(rows, baseline))
+    paper = Table(title="the paper's Table I figures (not measured here)")
+    for column in ("variant", "p50 ms", "req/s"):
+        paper.add_column(column)
+    for row in PAPER_TABLE:
+        paper.add_row(row["variant"], f"{row['p50_ms']}", f"{row['throughput_rps']}")
+    console.print(paper)
+    if best is not None:
+        console.print(f"best row within 1% NDCG@10 of the baseline: {best.variant} on {best.backend}: "
+                      f"{summary['best_within_1pct_ndcg']['throughput_ratio']:.2f}x throughput, "
+                      f"{100 * summary['best_within_1pct_ndcg']['p50_ratio']:.0f}% of the baseline's batch-1 p50")
+    console.print(f"wrote {args.out / 'bench.json'} ({payload['wall_seconds']:.0f} s)")
+    return 0

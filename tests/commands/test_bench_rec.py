@@ -1,0 +1,43 @@
+"""`nimbleml bench rec` end to end on a tiny model (timings are reported, never asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nimbleml.cli import main
+from nimbleml.errors import NimbleError
+
+ROW_KEYS = {"variant", "backend", "params_m", "size_mb", "flops_per_request", "p50_ms_b1", "p99_ms_b1", "best_batch",
+            "throughput_rps", "peak_fraction", "peak_rss_mb", "hr@10", "ndcg@10", "mrr", "full_ndcg@10"}
+
+
+def test_bench_rec_runs_end_to_end(tiny_rec: tuple[Path, Path], tmp_path: Path) -> None:
+    data_dir, model_dir = tiny_rec
+    out = tmp_path / "bench"
+    assert main(["bench", "rec", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+                 "--variants", "serving", "--backends", "torch,onnxruntime", "--quick"]) == 0
+    payload = json.loads((out / "bench.json").read_text())
+    assert payload["flops_peak_gflops"] > 0 and "environment" in payload
+    rows = payload["rows"]
+    assert [(r["variant"], r["backend"]) for r in rows] == [("baseline", "torch"), ("serving", "torch"),
+                                                            ("serving", "onnxruntime")]
+    for row in rows:
+        assert ROW_KEYS <= set(row)
+        assert row["throughput_rps"] > 0 and row["p99_ms_b1"] >= row["p50_ms_b1"] > 0
+        assert 0 < row["peak_fraction"] < 1
+    baseline, serving, onnx = rows
+    # the serving-shaped forward skips the last block's other positions: fewer FLOPs, same scores
+    assert serving["flops_per_request"] < baseline["flops_per_request"]
+    for row in (serving, onnx):
+        assert row["ndcg@10"] == pytest.approx(baseline["ndcg@10"], abs=1e-9)
+        assert row["full_ndcg@10"] == pytest.approx(baseline["full_ndcg@10"], abs=1e-9)
+
+
+def test_unknown_variant_is_a_clear_error(tiny_rec, tmp_path: Path, capsys) -> None:
+    data_dir, model_dir = tiny_rec
+    assert main(["bench", "rec", "--model", str(model_dir), "--data", str(data_dir), "--out", str(tmp_path),
+                 "--variants", "magic"]) == 2
+    assert "unknown variant: magic" in capsys.readouterr().err
