@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from nimbleml.errors import NimbleError
 from nimbleml.rec.baselines import EASE, ItemKNN, fit_on_validation, training_matrix
 from tests.rec.test_train import sequences
 
@@ -41,14 +40,21 @@ def test_ease_closed_form_by_hand() -> None:
     b = np.eye(4) - p / np.diag(p)  # B_ij = -P_ij / P_jj off the diagonal, 0 on it
     ease = EASE(l2=l2).fit(TOY)
     np.testing.assert_allclose(ease.weights_, b, atol=1e-5)
-    assert np.all(np.diag(ease.weights_) == 0.0)
+    assert np.all(np.diag(ease.weights_) == 0.0) and ease.coverage_ == 1.0
     scores = ease.score_all(np.array([[0, 1, 3], [0, 0, 2]]))
     np.testing.assert_allclose(scores[:, 1:], [b[0] + b[2], b[1]], atol=1e-5)
 
 
-def test_ease_refuses_a_catalogue_too_big_for_its_gram() -> None:
-    with pytest.raises(NimbleError, match="dense"):
-        EASE(max_items=3).fit(TOY)
+def test_ease_on_the_most_popular_items_when_the_catalogue_is_too_big() -> None:
+    # training users per item: 1 -> 2, 2 -> 3, 3 -> 2, 4 -> 1; keep 2: item 2 and (first by id) item 1
+    ease = EASE(l2=0.5, max_items=2).fit(TOY)
+    np.testing.assert_array_equal(ease.items_, [1, 2])
+    x = training_matrix(TOY).toarray()[:, 1:3]
+    p = np.linalg.inv(x.T @ x + 0.5 * np.eye(2))
+    np.testing.assert_allclose(ease.weights_, np.eye(2) - p / np.diag(p), atol=1e-5)
+    scores = ease.score_all(np.array([[0, 1]]))
+    assert scores[0, 2] > scores[0, 3] and scores[0, 4] < scores[0, 2]  # items 3, 4 rank below 1, 2
+    assert 0.0 < ease.coverage_ < 1.0
 
 
 def test_selection_uses_validation_targets_only() -> None:
