@@ -216,8 +216,12 @@ def test_har_selection_and_pooled_fallback() -> None:
     model = HARBaseline(min_rows=250).fit(train, val)
     assert model.selection_ == "val" and set(model.scores_) == {"('levels', 'cc')", "('log', 'cc')"}
     assert model.form_ == "log"  # the data are log-HAR
-    assert model.pooled_assets_ == ["a2"] and "a2" not in model.coef_
+    # chosen on val, refitted on train + val: a2 now has 100 + 300 rows, enough for its own fit
+    assert model.pooled_assets_ == [] and "a2" in model.coef_
     assert np.isfinite(model.predict(val)).all()
+    short_val = val.subset(val.asset != 2)
+    pooled = HARBaseline(min_rows=250).fit(train, short_val)
+    assert pooled.pooled_assets_ == ["a2"] and "a2" not in pooled.coef_
     assert HARBaseline().fit(train).selection_ == "train-holdout"
 
 

@@ -19,9 +19,9 @@ def test_evaluate_end_to_end(market, tmp_path, capsys):
     code = main(["risk", "evaluate", "--data", str(market), "--epochs", "2", "--max-train-samples", "2000", "--out", str(out)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["protocol"] == "chronological" and metrics["horizon"] == 5 and not metrics["leaky"]
+    assert metrics["protocol"]["name"] == "chronological" and metrics["horizon"] == 5 and not metrics["leaky"]
     assert metrics["n_assets"] == 5
-    assert metrics["test_start"] <= metrics["test_end"]
+    assert metrics["protocol"]["test_start"] <= metrics["protocol"]["test_end"]
     assert set(metrics["models"]) == set(MODEL_NAMES)
     for m in metrics["models"].values():
         assert {"rmse", "r2", "qlike", "mae", "fit_seconds", "predict_ms"} <= set(m)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from nimbleml.errors import NimbleError
-from nimbleml.risk.data import COLUMNS, RULES, MarketPanel, load_arch, load_market, load_panel
+from nimbleml.risk.data import COLUMNS, RULES, MarketPanel, load_arch, load_market, load_panel, suspect_prints_causal
 from nimbleml.risk.samples import ASSET_CLASSES
 from nimbleml.risk.synthetic import MESSY_ROWS, NEGATIVE_WTI_PRICE, write_synthetic_market
 
@@ -414,3 +414,14 @@ def test_quiet_split_day_is_adjusted_but_a_volatile_one_is_not(tmp_path):
     np.testing.assert_allclose(s["close"], [50.0, 50.5, 50.5, 50.6, 50.4])
     np.testing.assert_allclose(s["volume"], [2000, 2000, 1000, 1000, 1000])
     assert panel.report.per_asset["V"] == {}
+
+
+def test_realtime_bad_print_rule_uses_past_data_only():
+    """The one-sided rule flags MNST's spike on its day and never changes a flag when later closes change."""
+    close = np.array([0.085, 0.086, 0.087, 7.095, 0.086, 0.088, 0.089, 0.05, 0.051])
+    flags = suspect_prints_causal(close)
+    assert flags.tolist() == [False, False, False, True, False, False, False, True, False]
+    for t in range(1, len(close)):
+        future_changed = close.copy()
+        future_changed[t:] = future_changed[t:] * 3.0
+        np.testing.assert_array_equal(suspect_prints_causal(future_changed)[:t], flags[:t])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from nimbleml.errors import NimbleError
-from nimbleml.risk.features import FeatureConfig, build_samples, compute_features, fit_scaler, zscore_keep
+from nimbleml.risk.features import FeatureConfig, FeatureScaler, build_samples, compute_features, fit_scaler, zscore_keep
 from nimbleml.risk.protocol import chronological_split
 
 from .panel_factory import generated_panel
@@ -27,7 +27,8 @@ def test_windows_end_at_origin_and_scaled_in_unit_range_on_train():
     scaler = fit_scaler(fp, split.train)
     train = build_samples(fp, scaler, split.train)
     assert train.windows.shape[1:] == (len(fp.feature_names), 10)
-    assert train.windows.min() >= -1e-6 and train.windows.max() <= 1 + 1e-6
+    day_t = train.windows[:, :, -1]  # the scaler is fitted on the training origins' rows
+    assert day_t.min() >= -1e-6 and day_t.max() <= 1 + 1e-6
     # the last column of a window is day t: compare with the scaled feature row of that day
     i = 17
     a = fp.assets[train.asset[i]]
@@ -78,3 +79,15 @@ def test_bad_config_values():
         FeatureConfig(horizon=0)
     with pytest.raises(NimbleError):
         FeatureConfig(scaler="zscore")
+
+
+def test_default_transform_does_not_cap_crisis_inputs():
+    """A test-time value far beyond the training range reaches the model uncapped (fix 3)."""
+    rng = np.random.default_rng(0)
+    train = np.log(rng.gamma(2.0, 1e-4, (500, 3)))
+    default = FeatureConfig()
+    scaler = FeatureScaler(kind=default.scaler, outliers=default.outliers).fit(train)
+    calm, crisis = scaler.transform(train.max(axis=0, keepdims=True)), scaler.transform(train.max(axis=0, keepdims=True) + 3.0)
+    assert (crisis > calm + 0.1).all()
+    capped = FeatureScaler(kind="minmax", outliers="winsorize").fit(train)
+    np.testing.assert_array_equal(capped.transform(train.max(axis=0, keepdims=True) + 3.0), capped.transform(train.max(axis=0, keepdims=True)))

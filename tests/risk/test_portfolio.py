@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from nimbleml.risk.portfolio import equal_weight_portfolio, portfolio_vol, shrunk_correlation, var_backtest
+from nimbleml.risk.portfolio import equal_weight_portfolio, portfolio_vol, pairwise_correlation, var_backtest
 
 
 def test_paper_formula_ignores_correlation_and_understates_risk():
@@ -31,11 +31,24 @@ def test_christoffersen_detects_clustered_exceedances():
     assert var_backtest(hits, 0.02).christoffersen_p < 0.01
 
 
-def test_shrunk_correlation_is_a_correlation():
+def test_pairwise_correlation_is_a_correlation():
     r = np.random.default_rng(0).normal(size=(300, 4))
-    c = shrunk_correlation(r)
+    c = pairwise_correlation(r)
     np.testing.assert_allclose(np.diag(c), 1.0)
-    assert np.all(np.linalg.eigvalsh(c) > 0)
+    np.testing.assert_allclose(c, np.corrcoef(r.T), atol=1e-12)
+    assert np.all(np.linalg.eigvalsh(c) > -1e-12)
+
+
+def test_correlation_uses_observed_days_only_for_a_late_listing():
+    """Days before a listing are missing, not zero returns: they must not dilute the correlation."""
+    rng = np.random.default_rng(3)
+    common = rng.normal(0, 0.01, 250)
+    r = np.column_stack([common + rng.normal(0, 0.003, 250), common + rng.normal(0, 0.003, 250)])
+    r[:150, 1] = np.nan  # listed on day 150
+    c = pairwise_correlation(r)
+    expected = pd.DataFrame(r).corr(min_periods=30).iloc[0, 1]
+    assert c[0, 1] == pytest.approx(expected, rel=1e-10)
+    assert c[0, 1] > 0.85 > np.corrcoef(np.nan_to_num(r).T)[0, 1]  # zero-filling would drag it down
 
 
 def test_equal_weight_portfolio_uses_non_overlapping_origins():

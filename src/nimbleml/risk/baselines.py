@@ -33,7 +33,8 @@ from sklearn.tree import DecisionTreeRegressor
 
 from nimbleml.errors import NimbleError
 from nimbleml.progress import track
-from nimbleml.risk.samples import RiskSamples
+from nimbleml.risk.parallel import check_executor, map_tasks
+from nimbleml.risk.samples import RiskSamples, concat_samples
 from nimbleml.risk.stats import qlike
 
 log = logging.getLogger(__name__)
@@ -446,7 +447,10 @@ class GARCHBaseline(_RecursionBaseline):
         # largest persistence kept; arch's constraint allows exactly 1 (an IGARCH-like fit with
         # omega > 0), which is what a team running arch would forecast with
         max_persistence: float = 1.0,
+        n_jobs: int = 1,  # parallel per-asset fits (-1: all cores)
+        executor: str = "joblib",  # "joblib" (local processes) or "ray" (a Ray cluster)
     ):
+        check_executor(executor, n_jobs)
         if mean not in ("Zero", "Constant") or dist not in ("t", "normal"):
             raise NimbleError(f"{self.name}: mean={mean!r}, dist={dist!r}", fix='use mean "Zero"/"Constant" and dist "t"/"normal"')
         self.fit_window = fit_window
@@ -455,6 +459,8 @@ class GARCHBaseline(_RecursionBaseline):
         self.min_obs = min_obs
         self.fallback_lam = fallback_lam
         self.max_persistence = max_persistence
+        self.n_jobs = n_jobs
+        self.executor = executor
 
     def _fit_one(self, r: np.ndarray) -> tuple[VarianceRecursion | None, pd.Series | None, str]:
         """(recursion, arch params in scaled units, "") or (None, None, why it failed)."""
@@ -483,12 +489,13 @@ class GARCHBaseline(_RecursionBaseline):
         recursions: dict[int, VarianceRecursion] = {}
         self.params_: dict[str, pd.Series] = {}
         self.fallback_assets_: list[str] = []
-        for a in track(range(len(train.asset_names)), f"{self.name} fits"):
-            name = train.asset_names[a]
+        histories = []
+        for a in range(len(train.asset_names)):
             r = self._history(train, a)
-            if self.fit_window is not None:
-                r = r[-self.fit_window:]
-            rec, params, why = self._fit_one(r)
+            histories.append(r[-self.fit_window:] if self.fit_window is not None else r)
+        fits = map_tasks(self._fit_one, histories, self.n_jobs, self.executor)
+        for a, (rec, params, why) in enumerate(fits):
+            name = train.asset_names[a]
             if rec is None:
                 log.warning("%s: %s: %s; using EWMA(%.2f) for this asset", self.name, name, why, self.fallback_lam)
                 self.fallback_assets_.append(name)
@@ -611,14 +618,18 @@ class HARBaseline(Baseline):
         keys = [(f, x) for f in forms for x in features]
         self.scores_: dict[str, float] = {}
         self.selection_ = "fixed"
+        fitted = train
         if len(keys) == 1:
             best, self.model_ = keys[0], self._fit_spec(keys[0], train)
         else:
             fit, sel, self.selection_ = _selection_split(train, val, self.holdout_frac)
             best, models, self.scores_ = _grid_search(keys, self._fit_spec, self._qlike, fit, sel, self.name)
-            self.model_ = models[best] if self.selection_ == "val" else self._fit_spec(best, train)
+            # chosen on val, the coefficients are then refitted on all data before the test period
+            # (train + val), as the CNN's fold sees val and a desk would refit on everything it has
+            fitted = concat_samples(train, val) if self.selection_ == "val" else train
+            self.model_ = self._fit_spec(best, fitted)
         self.form_, self.features_ = best
-        counts = np.bincount(train.asset, minlength=len(train.asset_names))
+        counts = np.bincount(fitted.asset, minlength=len(train.asset_names))
         self.pooled_assets_ = [n for a, n in enumerate(train.asset_names) if 0 < counts[a] < self.min_rows]
         self.coef_ = {train.asset_names[a]: coef for a, (coef, _) in self.model_.asset.items()}
 

@@ -47,7 +47,7 @@ RULES: dict[str, str] = {
     "nonpositive_price": "rows dropped (close <= 0; not applied to bond yields)",
     "unsorted": "rows found earlier than the row before them (all rows sorted by date)",
     "duplicate_date": "rows dropped (repeated date; the last row in the file is kept)",
-    "bad_print": "rows dropped: close jumps > 50% and the next close undoes it (a bad tick; not bonds)",
+    "bad_print": "rows dropped (historical cleaning, two-sided: looks at the next close): close jumps > 50% and the next close undoes it (a bad tick; not bonds)",
     "unadjusted_split": "split-ratio close jumps with no intraday move: earlier prices back-adjusted (needs OHLC)",
     "nan_ohlc": "open/high/low cells NaN or infinite in the source (kept as NaN)",
     "nonpositive_ohlc": "open/high/low cells <= 0 set to NaN (not applied to bond yields)",
@@ -273,6 +273,32 @@ def _drop_bad_prints(dates: np.ndarray, values: np.ndarray, counts: dict[str, in
     )
     counts["bad_print"] = int(bad.sum())
     return dates[~bad], values[~bad]
+
+
+def suspect_prints_causal(close: np.ndarray, lookback: int = 5) -> np.ndarray:
+    """Real-time (one-sided) bad-print flag: (n,) True where close t is > 50% away, in log terms,
+    from the median of the ``lookback`` closes before it; uses closes dated <= t only.
+
+    The historical rule (``_drop_bad_prints``) waits for the next close to see the spike undone;
+    a live path cannot, so it flags the print as suspect for a person or a later confirmation
+    and never drops it: a real crash of that size looks the same until the next day. A flagged
+    close is left out of the median that judges the following closes, so a run of bad ticks
+    is flagged throughout; a close that stays within the threshold of a flagged one confirms
+    a new level (a real crash) and restarts the reference from those two closes.
+    """
+    close = np.asarray(close, dtype=float)
+    flags = np.zeros(len(close), dtype=bool)
+    trusted: list[float] = []
+    for t, c in enumerate(close):
+        if not c > 0:
+            continue
+        if trusted:
+            flags[t] = abs(np.log(c / float(np.median(trusted[-lookback:])))) > BAD_PRINT_LOG_JUMP
+            if flags[t] and t > 0 and flags[t - 1] and close[t - 1] > 0 and abs(np.log(c / close[t - 1])) <= BAD_PRINT_LOG_JUMP:
+                flags[t], trusted = False, [float(close[t - 1])]
+        if not flags[t]:
+            trusted.append(float(c))
+    return flags
 
 
 def _adjust_splits(values: np.ndarray, counts: dict[str, int]) -> None:

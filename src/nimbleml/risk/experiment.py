@@ -13,17 +13,20 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from nimbleml.progress import track
 from nimbleml.risk.baselines import make_baseline
 from nimbleml.risk.cnn import CNNForecaster
+from nimbleml.risk.comparison import comparison_section
 from nimbleml.risk.data import MarketPanel, load_panel
 from nimbleml.risk.evaluate import qlike_loss, score_by_class, score_forecasts
 from nimbleml.risk.features import FeatureConfig, build_samples, compute_features, fit_scaler, zscore_keep
 from nimbleml.risk.imaging import get_encoder
 from nimbleml.risk.model import RiskCNNConfig
+from nimbleml.risk.parallel import check_executor
 from nimbleml.risk.portfolio import AGGREGATIONS, equal_weight_portfolio, portfolio_summary
 from nimbleml.risk.protocol import PROTOCOLS, make_splits
-from nimbleml.risk.samples import ASSET_CLASSES
-from nimbleml.risk.stats import diebold_mariano
+from nimbleml.risk.regimes import STRESS_WINDOWS, RegimeRule, market_index, regime_labels
+from nimbleml.risk.samples import ASSET_CLASSES, RiskSamples, concat_samples
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,16 @@ class RiskRunConfig:
     data: str = "arch"  # "arch" (series the arch package ships) or a market folder path
     assets: int | None = None  # keep the first N assets in sorted file-path order
     protocol: str = "chronological"  # chronological | walk-forward | paper-random (leaky)
+    test_start: str | None = None  # ISO date the test period starts; None: 85% (chronological) / 70% (walk-forward) of the calendar
+    test_end: str | None = None  # ISO date the test period ends (exclusive); None: the end of the data
+    refit_months: int = 12  # walk-forward refit cadence in months (12: yearly); every model refits each fold
+    warm_start: bool = True  # walk-forward: each fold's CNN starts from the previous fold's weights
+    warm_epochs: int = 3  # max epochs of a warm-started fold (the first fold trains up to `epochs`)
+    n_jobs: int = 1  # parallel per-asset expert fits (-1: all cores)
+    executor: str = "joblib"  # where those fits run: joblib (local processes) | ray (a Ray cluster)
+    windows: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(STRESS_WINDOWS))  # stress windows scored apart
+    mcs_size: float = 0.10  # Model Confidence Set level (Hansen et al. 2011 use 10%)
+    mcs_reps: int = 1000  # MCS bootstrap replications
     encoder: str = "heatmap"  # heatmap (paper) | gaf | mtf | recurrence
     per_window_rescale: bool = False  # rescale each window to [0, 1]; off: the vol level is the signal
     epochs: int = 10  # CNN max epochs (early stopping on validation QLIKE); sized for 2 CPU cores
@@ -56,6 +69,8 @@ class RiskRunConfig:
 
         if self.protocol not in PROTOCOLS:
             raise NimbleError(f"unknown protocol {self.protocol!r}", fix=f"use one of {', '.join(PROTOCOLS)}")
+        check_executor(self.executor, self.n_jobs)
+        self.windows = {k: tuple(v) for k, v in self.windows.items()}
         unknown = [m for m in self.models if m not in MODEL_NAMES]
         if unknown:
             raise NimbleError(f"unknown model(s) {unknown}", fix=f"choose from {', '.join(MODEL_NAMES)}")
@@ -63,6 +78,7 @@ class RiskRunConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["models"] = list(self.models)
+        d["windows"] = {k: list(v) for k, v in self.windows.items()}
         return d
 
 
@@ -73,17 +89,24 @@ class RiskRunResult:
     config: RiskRunConfig
     data_report: dict
     splits: list[dict]
-    predictions: pd.DataFrame  # one row per test sample: date, asset, asset_class, target, <model>...
+    predictions: pd.DataFrame  # one row per test sample: date, asset, asset_class, target, fold, <model>...
     fit_seconds: dict[str, float]
     predict_seconds: dict[str, float]
     extras: dict = field(default_factory=dict)
+    returns: list[pd.Series] = field(default_factory=list)  # every asset's daily returns (regimes, portfolio)
+    cnn: CNNForecaster | None = None  # the last fold's fitted CNN (saved to DIR/model/)
 
     @property
     def leaky(self) -> bool:
         return self.config.protocol == "paper-random"
 
     def metrics(self) -> dict:
-        """The stable metrics.json structure."""
+        """The stable metrics.json structure (computed once, then cached)."""
+        if "_metrics" not in self.__dict__:
+            self.__dict__["_metrics"] = self._metrics()
+        return self.__dict__["_metrics"]
+
+    def _metrics(self) -> dict:
         p = self.predictions
         y = p["target"].to_numpy()
         cls = p["asset_class"].map({c: k for k, c in enumerate(ASSET_CLASSES)}).to_numpy()
@@ -95,42 +118,35 @@ class RiskRunResult:
             models[name] = s
             for cname, cs in score_by_class(y, p[name].to_numpy(), cls).items():
                 by_class.setdefault(cname, {})[name] = {"rmse": cs.rmse, "r2": cs.r2, "qlike": cs.qlike, "mae": cs.mae, "n": cs.n}
-        comparisons = {}
-        if "cnn" in self.config.models:
-            cnn_loss = qlike_loss(y**2, p["cnn"].to_numpy() ** 2)
-            for name in self.config.models:
-                if name == "cnn":
-                    continue
-                other = qlike_loss(y**2, p[name].to_numpy() ** 2)
-                comparisons[f"cnn_vs_{name}"] = diebold_mariano_panel(cnn_loss, other, p, self.config.features.horizon)
+        classes = dict(zip(p["asset"], p["asset_class"]))
+        regimes = None
+        if self.returns:
+            names = [r.name for r in self.returns]
+            regimes = regime_labels(market_index(self.returns, [classes.get(n, "") for n in names]))
+        cfg = self.config
+        comparison = comparison_section(p, list(cfg.models), cfg.features.horizon, cfg.windows, regimes,
+                                        cfg.mcs_size, cfg.mcs_reps, cfg.seed)
         return {
-            "protocol": self.config.protocol,
+            "protocol": {
+                "name": cfg.protocol,
+                "test_start": str(pd.Timestamp(p["date"].min()).date()),
+                "test_end": str(pd.Timestamp(p["date"].max()).date()),
+                "refit": f"every {cfg.refit_months} months" if cfg.protocol == "walk-forward" else "once",
+                "folds": len(self.splits),
+                "cnn_warm_start": cfg.warm_start and cfg.protocol == "walk-forward",
+            },
             "leaky": self.leaky,
-            "horizon": self.config.features.horizon,
+            "horizon": cfg.features.horizon,
             "n_assets": int(p["asset"].nunique()),
             "n_test_samples": int(len(p)),
-            "test_start": str(pd.Timestamp(p["date"].min()).date()),
-            "test_end": str(pd.Timestamp(p["date"].max()).date()),
             "data_report": self.data_report,
             "splits": self.splits,
             "models": models,
             "by_asset_class": by_class,
-            "qlike_dm_tests": comparisons,
+            "regime_rule": RegimeRule().to_dict(),
+            **comparison,
             **self.extras,
         }
-
-
-def diebold_mariano_panel(loss_a: np.ndarray, loss_b: np.ndarray, frame: pd.DataFrame, horizon: int) -> dict:
-    """DM (HLN-corrected) on the cross-sectional mean loss per date, so the test sees one series.
-
-    Averaging across assets each day keeps the time ordering the HAC variance needs; a
-    negative statistic means model A (the CNN) has the lower loss.
-    """
-    daily = pd.DataFrame({"date": frame["date"].to_numpy(), "d": loss_a - loss_b, "a": loss_a, "b": loss_b}).groupby("date").mean()
-    res = diebold_mariano(daily["a"].to_numpy(), daily["b"].to_numpy(), horizon)
-    out = res.to_dict()
-    out["mean_loss_diff"] = float(daily["d"].mean())
-    return out
 
 
 def portfolio_section(predictions: pd.DataFrame, returns: list[pd.Series], cfg: RiskRunConfig) -> dict:
@@ -155,6 +171,8 @@ def portfolio_section(predictions: pd.DataFrame, returns: list[pd.Series], cfg: 
 
 
 def _make_model(name: str, cfg: RiskRunConfig, n_features: int):
+    if name in ("garch", "gjr"):
+        return make_baseline(name, n_jobs=cfg.n_jobs, executor=cfg.executor)
     if name != "cnn":
         return make_baseline(name)
     encoder = get_encoder(cfg.encoder, per_window_rescale=cfg.per_window_rescale)
@@ -165,17 +183,52 @@ def _make_model(name: str, cfg: RiskRunConfig, n_features: int):
     return CNNForecaster(cnn_cfg, encoder, target=cfg.cnn_target, seed=cfg.seed, max_train_samples=cfg.max_train_samples)
 
 
+def _fallback_assets(name: str, model, test_assets: set[str]) -> list[str]:
+    """Test assets for which an expert used a fallback this fold (EWMA for GARCH/GJR, pooled HAR)."""
+    if name in ("garch", "gjr"):
+        return [a for a in model.fallback_assets_ if a in test_assets]
+    if name == "har":
+        return [a for a in test_assets if a not in model.coef_]
+    return []
+
+
+def _fit_and_predict(name: str, cfg: RiskRunConfig, n_features: int, train: RiskSamples, val: RiskSamples,
+                     test: RiskSamples, previous_cnn: CNNForecaster | None):
+    """(fitted model, test forecasts, fit seconds, predict seconds) for one model on one fold.
+
+    Experts (EWMA, GARCH, GJR) are fitted on every sample before the fold (train + validation:
+    the same data the CNN's fold sees); HAR picks its form on validation and refits on both;
+    the paper's models and the CNN fit on train and use validation to choose and stop.
+    """
+    model = _make_model(name, cfg, n_features)
+    t0 = time.perf_counter()
+    if name == "cnn":
+        if previous_cnn is not None:
+            model.config.max_epochs = cfg.warm_epochs
+        model.fit(train, val, warm_start=previous_cnn)
+    elif name in ("ewma", "garch", "gjr"):
+        model.fit(concat_samples(train, val))
+    else:
+        model.fit(train, val)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    forecast = np.asarray(model.predict(test), float)
+    return model, forecast, fit_s, time.perf_counter() - t0
+
+
 def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None) -> RiskRunResult:
     """Fit and score every configured model under the configured protocol."""
     panel = panel if panel is not None else load_panel(cfg.data, cfg.assets)
     fp = compute_features(panel, cfg.features)
     for name, why in fp.excluded.items():
         log.warning("asset %s left out: %s", name, why)
-    splits = make_splits(cfg.protocol, fp.sample_date, fp.sample_target_end, cfg.seed)
+    splits = make_splits(cfg.protocol, fp.sample_date, fp.sample_target_end, cfg.seed, cfg.test_start, cfg.test_end, cfg.refit_months)
     fit_s = dict.fromkeys(cfg.models, 0.0)
     pred_s = dict.fromkeys(cfg.models, 0.0)
-    frames, split_info, extras = [], [], {"cnn_history": []}
-    for split in splits:
+    frames, split_info = [], []
+    extras: dict = {"cnn_history": [], "fallbacks": {m: {} for m in cfg.models if m in ("garch", "gjr", "har")}}
+    cnn = None
+    for split in track(splits, "folds"):
         info = split.describe(fp.sample_date)
         scaler = fit_scaler(fp, split.train)
         train_index = split.train
@@ -195,22 +248,26 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None) ->
                 "fold": split.name,
             }
         )
+        test_assets = set(frame["asset"])
         for name in cfg.models:
-            model = _make_model(name, cfg, len(fp.feature_names))
-            t0 = time.perf_counter()
-            model.fit(train, val)
-            fit_s[name] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            forecast = np.asarray(model.predict(test), float)
-            pred_s[name] += time.perf_counter() - t0
+            warm = cnn if (name == "cnn" and cfg.warm_start and cfg.protocol == "walk-forward") else None
+            model, forecast, f_s, p_s = _fit_and_predict(name, cfg, len(fp.feature_names), train, val, test, warm)
+            fit_s[name] += f_s
+            pred_s[name] += p_s
             frame[name] = forecast
-            log.info("%s %s: fit %.1fs, test QLIKE %.4f", split.name, name, fit_s[name], qlike_loss(test.target**2, forecast**2).mean())
+            log.info("%s %s: fit %.1fs, test QLIKE %.4f", split.name, name, f_s, qlike_loss(test.target**2, forecast**2).mean())
             if name == "cnn":
-                extras["cnn_history"].append({"split": split.name, "best_epoch": getattr(model, "best_epoch_", None), "history": getattr(model, "history_", [])})
+                cnn = model
+                extras["cnn_history"].append({"split": split.name, "warm_started": model.warm_started_,
+                                              "best_epoch": model.best_epoch_, "history": model.history_})
+            for asset in _fallback_assets(name, model, test_assets):
+                counts = extras["fallbacks"][name]
+                counts[asset] = counts.get(asset, 0) + 1
         frames.append(frame)
         split_info.append(info)
     predictions = pd.concat(frames, ignore_index=True)
-    extras["portfolio"] = portfolio_section(predictions, [a.returns for a in fp.assets], cfg)
+    returns = [a.returns for a in fp.assets]
+    extras["portfolio"] = portfolio_section(predictions, returns, cfg)
     return RiskRunResult(
         config=cfg,
         data_report={**panel.report.to_dict(), "excluded_assets": fp.excluded},
@@ -219,4 +276,6 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None) ->
         fit_seconds=fit_s,
         predict_seconds=pred_s,
         extras=extras,
+        returns=returns,
+        cnn=cnn,
     )

@@ -46,7 +46,11 @@ class FeatureConfig:
 
     horizon: int = 5  # h: target = realised vol over the next h trading days (5 or 22)
     window: int = 10  # days per image; the paper uses the last 10 days
-    outliers: str = "winsorize"  # "winsorize" (default) | "zscore" (paper: drop training windows with |z| > 3) | "none"
+    # "none" (default: features are log variances and ratios, so a crisis value beyond the
+    # training range passes through uncapped) | "winsorize" (clips test inputs at training
+    # quantiles: blinds the model exactly in a crisis; kept for comparison) | "zscore" (paper:
+    # drop training windows with |z| > 3)
+    outliers: str = "none"
     winsor_quantiles: tuple[float, float] = (0.005, 0.995)  # clip bounds, fitted on training rows
     zscore_threshold: float = 3.0  # paper's z-score cut, only with outliers="zscore"
     scaler: str = "minmax"  # "minmax" (paper, to [0, 1]) | "robust" (median / IQR)
@@ -270,7 +274,7 @@ class FeatureScaler:
     """Outlier clipping and scaling fitted on training rows only (never on validation or test)."""
 
     kind: str = "minmax"  # "minmax" (paper) | "robust"
-    outliers: str = "winsorize"
+    outliers: str = "none"  # see FeatureConfig.outliers
     winsor_quantiles: tuple[float, float] = (0.005, 0.995)
     zscore_threshold: float = 3.0
     lower_: np.ndarray | None = None  # (F,) clip bounds

@@ -4,7 +4,7 @@ Aggregation:
 - ``paper``: R_total = sqrt(sum_i w_i² R_i²), the paper's formula. It assumes zero correlation
   and understates the risk of any portfolio of co-moving assets; kept for comparison.
 - ``correlated`` (default): sqrt(wᵀ D C D w) with D = diag(forecast vols) and C a correlation
-  estimated from trailing returns only (Ledoit-Wolf shrinkage, scikit-learn).
+  estimated from trailing returns only, pairwise on the days both assets traded.
 
 Backtests: Kupiec's proportion-of-failures and Christoffersen's independence tests, hand-written
 because `arch` 8.0 (the release on PyPI) does not ship them; both are a few lines of likelihood ratios.
@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats
-from sklearn.covariance import LedoitWolf
 
 from nimbleml.errors import NimbleError
 
@@ -32,15 +31,34 @@ def portfolio_vol(weights: np.ndarray, vols: np.ndarray, corr: np.ndarray | None
     return float(np.sqrt(max(wv @ corr @ wv, 0.0)))
 
 
-def shrunk_correlation(returns: np.ndarray) -> np.ndarray:
-    """(n_assets, n_assets) Ledoit-Wolf shrunk correlation of (n_days, n_assets) returns."""
+def pairwise_correlation(returns: np.ndarray, min_overlap: int = 30) -> np.ndarray:
+    """(n_assets, n_assets) correlation of (n_days, n_assets) returns with NaN for unobserved days.
+
+    Each pair uses only the days both assets traded (pairwise-complete Pearson, the same
+    numbers as ``pandas.DataFrame.corr``), so days before a listing or a market holiday never
+    enter as zero returns; pairs with fewer than ``min_overlap`` common days are set to 0.
+    The matrix is then made positive semi-definite by clipping negative eigenvalues
+    (Higham-style projection, one step) and rescaling to a unit diagonal.
+    """
     if returns.shape[0] < 2:
         raise NimbleError("need at least 2 days of returns to estimate a correlation", fix="use a longer lookback")
-    cov = LedoitWolf().fit(returns).covariance_
-    sd = np.sqrt(np.diag(cov))
+    observed = np.isfinite(returns).astype(float)
+    x = np.where(observed > 0, returns, 0.0)
+    n = observed.T @ observed  # (a, a) common days
+    s = x.T @ observed  # s[i, j] = sum of x_i over days j also traded
+    q = (x**2).T @ observed
+    cross = x.T @ x
     with np.errstate(invalid="ignore", divide="ignore"):
-        corr = np.nan_to_num(cov / np.outer(sd, sd))  # a column without moves: uncorrelated
+        cov = n * cross - s * s.T
+        var_i, var_j = n * q - s**2, (n * q - s**2).T
+        corr = cov / np.sqrt(var_i * var_j)
+    corr = np.where((n >= min_overlap) & np.isfinite(corr), corr, 0.0)
     np.fill_diagonal(corr, 1.0)
+    values, vectors = np.linalg.eigh((corr + corr.T) / 2)
+    if values.min() < 0:
+        corr = (vectors * np.clip(values, 1e-10, None)) @ vectors.T
+        d = np.sqrt(np.diag(corr))
+        corr = corr / np.outer(d, d)
     return corr
 
 
@@ -146,9 +164,10 @@ def equal_weight_portfolio(
         future = rets.loc[t:].iloc[1 : horizon + 1].to_numpy()[:, held]
         if len(future) < horizon or len(past) < 30:
             continue
-        past, future = np.nan_to_num(past), np.nan_to_num(future)  # a closed market: no move that day
+        future = np.nan_to_num(future)  # a closed market: no move that day in the P&L
         weights = np.full(int(held.sum()), 1.0 / held.sum())
-        corr = shrunk_correlation(past) if aggregation == "correlated" else None
+        # correlations from observed days only (pairwise): a late listing's missing days are not zeros
+        corr = pairwise_correlation(past) if aggregation == "correlated" else None
         port = future @ weights
         for m in models:
             vol = portfolio_vol(weights, wide[m].iloc[i].to_numpy()[held], corr)

@@ -25,9 +25,10 @@ PAPER_CLAIMS = {"cnn": (0.043, 0.88), "linear": (0.075, 0.62), "svr": (0.068, 0.
 def comparison_table(metrics: dict) -> Table:
     """A Table-1-like comparison: pooled RMSE, R², QLIKE, MAE, timings; per-class QLIKE."""
     leaky = " — LEAKY (paper-random split: test windows overlap training windows)" if metrics["leaky"] else ""
+    proto = metrics["protocol"]
     title = (
-        f"Volatility forecasts, h={metrics['horizon']}, protocol={metrics['protocol']}{leaky}\n"
-        f"{metrics['n_assets']} assets, test {metrics['test_start']} .. {metrics['test_end']}, {metrics['n_test_samples']} samples"
+        f"Volatility forecasts, h={metrics['horizon']}, protocol={proto['name']} (refit {proto['refit']}){leaky}\n"
+        f"{metrics['n_assets']} assets, test {proto['test_start']} .. {proto['test_end']}, {metrics['n_test_samples']} samples"
     )
     table = Table(title=title, caption="best QLIKE in green; paper RMSE/R² are its claimed random-split figures")
     classes = list(metrics["by_asset_class"])
@@ -53,8 +54,9 @@ def comparison_table(metrics: dict) -> Table:
 
 def markdown_table(metrics: dict) -> str:
     """The same comparison as GitHub markdown, pooled and per asset class."""
-    lines = [f"protocol `{metrics['protocol']}`{' (LEAKY)' if metrics['leaky'] else ''}, h={metrics['horizon']}, "
-             f"{metrics['n_assets']} assets, test {metrics['test_start']}..{metrics['test_end']}", ""]
+    proto = metrics["protocol"]
+    lines = [f"protocol `{proto['name']}` (refit {proto['refit']}){' (LEAKY)' if metrics['leaky'] else ''}, h={metrics['horizon']}, "
+             f"{metrics['n_assets']} assets, test {proto['test_start']}..{proto['test_end']}", ""]
     classes = list(metrics["by_asset_class"])
     head = ["model", "RMSE", "R²", "QLIKE", "MAE", "fit s"] + [f"{c} RMSE / R² / QLIKE" for c in classes]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -80,7 +82,7 @@ def _figures(result: RiskRunResult, out: Path) -> list[str]:
         ax.bar(x + k * width, [metrics["by_asset_class"][c][n]["qlike"] for n in names], width, label=c)
     ax.set_xticks(x + width * len(classes) / 2, names)
     ax.set_ylabel("QLIKE (lower is better)")
-    ax.set_title(f"Test QLIKE, protocol={metrics['protocol']}{' (LEAKY)' if metrics['leaky'] else ''}, h={metrics['horizon']}")
+    ax.set_title(f"Test QLIKE, protocol={metrics['protocol']['name']}{' (LEAKY)' if metrics['leaky'] else ''}, h={metrics['horizon']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "qlike_by_model.png", dpi=120)

@@ -164,16 +164,22 @@ def diebold_mariano(
     return DieboldMariano(float(stat), float(pvalue), dbar, int(n), int(horizon), hln, variance, int(n_lags))
 
 
-def mincer_zarnowitz(realised: np.ndarray, forecast: np.ndarray, hac_lags: int) -> MincerZarnowitz:
+def mincer_zarnowitz(realised: np.ndarray, forecast: np.ndarray, hac_lags: int, groups: np.ndarray | None = None) -> MincerZarnowitz:
     """Mincer-Zarnowitz regression with Newey-West (HAC) covariance and the joint Wald test.
 
     Use ``hac_lags = h - 1`` or more for overlapping h-day targets. Units: whatever the two
-    inputs share (volatility or variance).
+    inputs share (volatility or variance). ``groups`` (one id per row, e.g. the asset; rows
+    sorted by group, then time): a panel, with Newey-West within each group (statsmodels'
+    ``hac-panel``) so one asset's autocorrelation is never mixed with another's.
     """
     y, f = _pair(realised, forecast, "Mincer-Zarnowitz", min_n=3)
     if hac_lags < 0:
         raise NimbleError(f"Mincer-Zarnowitz: hac_lags={hac_lags} < 0", fix="pass hac_lags >= 0, e.g. horizon - 1")
-    res = sm.OLS(y, sm.add_constant(f, has_constant="add")).fit(cov_type="HAC", cov_kwds={"maxlags": int(hac_lags)})
+    if groups is None:
+        cov_type, cov_kwds = "HAC", {"maxlags": int(hac_lags)}
+    else:
+        cov_type, cov_kwds = "hac-panel", {"maxlags": int(hac_lags), "groups": np.asarray(groups)}
+    res = sm.OLS(y, sm.add_constant(f, has_constant="add")).fit(cov_type=cov_type, cov_kwds=cov_kwds)
     wald = res.wald_test((np.eye(2), np.array([0.0, 1.0])), use_f=False, scalar=True)
     return MincerZarnowitz(
         alpha=float(res.params[0]),
