@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 import pytest
 
 from nimbleml.serve.history import InProcessHistory, RedisHistory, StoreUnavailable
-
-
-def redis_url() -> str:
-    url = os.environ.get("NIMBLEML_TEST_REDIS")
-    if not url:
-        pytest.skip("NIMBLEML_TEST_REDIS is not set: no Redis server for this test")
-    import redis
-
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-    except redis.exceptions.RedisError as exc:
-        pytest.skip(f"Redis at {url} is unreachable: {exc}")
-    return url
+from tests.serve.conftest import redis_url
 
 
 async def _exercise(store, user: str) -> None:

@@ -130,12 +130,11 @@ class HotRoutes:
             return
         limit = self.handler.max_body_bytes
         chunks, size, more = [], 0, True
-        while more:  # read at most limit + 1 bytes: an oversized body is refused, not buffered
+        while more:  # stop reading past the limit: an oversized body is refused, not buffered
             message = await receive()
             chunk = message.get("body", b"")
+            chunks.append(chunk)
             size += len(chunk)
-            if size <= limit + 1:
-                chunks.append(chunk)
             more = message.get("more_body", False)
             if size > limit:
                 break

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 import grpc
@@ -67,8 +68,8 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                 history=list(request.history) if request.has_history or request.history else None,
                 behaviors=list(request.behaviors) or None))
             return serving_pb2.RecommendResponse(
-                items=[serving_pb2.RankedItem(item=i.item, score=i.score or 0.0, excluded=i.score is None)
-                       for i in answer.items],
+                items=[serving_pb2.RankedItem(item=i.item, score=i.score if math.isfinite(i.score) else 0.0,
+                                              excluded=not math.isfinite(i.score)) for i in answer.items],
                 model_version=answer.model_version, path=answer.path)
 
         return await self._call("recommend", context, run)

@@ -27,7 +27,7 @@ class RecommendRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class RankedItem(msgspec.Struct):
     item: int
-    score: float | None  # None: the item is excluded (already in the user's history)
+    score: float | None  # null: excluded (already in the user's history; -inf internally)
 
 
 class RecommendResponse(msgspec.Struct):

@@ -268,7 +268,8 @@ class Service:
                 self._refresh_state(request.user_id, version, stored.version, row)
         self.metrics.recommend_path.labels(path=path).inc()
         order = np.argsort(-scores, kind="stable")
-        items = [RankedItem(int(candidates[i]), float(scores[i]) if np.isfinite(scores[i]) else None) for i in order]
+        # plain Python lists: per-element numpy scalars cost ~10x more; msgspec writes -inf as null
+        items = [RankedItem(c, s) for c, s in zip(candidates[order].tolist(), scores[order].tolist())]
         return RecommendResponse(items=items, model_version=version, path=path)
 
     # ------------------------------------------------------------------ ingest and user state
