@@ -11,6 +11,8 @@ import importlib
 
 BENCH_TARGETS: dict[str, str] = {
     "rec": "nimbleml.commands.bench_rec",
+    "risk": "nimbleml.commands.bench_risk",
+    "retrieve": "nimbleml.rec.retrieve_bench",
 }
 
 

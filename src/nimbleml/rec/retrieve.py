@@ -128,9 +128,11 @@ class ItemIndex:
         self.fingerprint = table_fingerprint
         self.build_s = build_s  # seconds to train and fill the index
         self.n_items, self.dim = index.ntotal, index.d
-        self._apply_search_parameters()
+        self.set_search(spec.search)
 
-    def _apply_search_parameters(self) -> None:
+    def set_search(self, search: dict[str, float]) -> None:
+        """Apply query-time faiss parameters (efSearch, nprobe, k_factor_rf, ...) and record them."""
+        self.spec.search = dict(search)
         faiss.omp_set_num_threads(self.spec.threads)
         space = faiss.ParameterSpace()
         for name, value in self.spec.search.items():
