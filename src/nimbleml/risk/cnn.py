@@ -201,7 +201,7 @@ class CNNForecaster:
             rng = np.random.default_rng(self.seed)
             self.model_ = RiskCNN(cfg).to(self.device_, memory_format=torch.channels_last)
             if warm_start is not None:
-                if warm_start.config_ != cfg:
+                if _architecture(warm_start.config_) != _architecture(cfg):
                     raise NimbleError("warm start from a CNN with another architecture", fix="warm-start from a fold of the same run")
                 self.model_.load_state_dict(warm_start.state_dict())
             self.warm_started_ = warm_start is not None
@@ -422,6 +422,12 @@ class CNNForecaster:
         forecaster.best_epoch_ = meta["best_epoch"]
         forecaster.history_ = meta["history"]
         return forecaster
+
+
+def _architecture(config: RiskCNNConfig) -> dict:
+    """The config fields that shape the weights (training settings such as epochs may differ)."""
+    training = {"lr", "weight_decay", "batch_size", "max_epochs", "patience", "dropout"}
+    return {k: v for k, v in config.to_dict().items() if k not in training}
 
 
 def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

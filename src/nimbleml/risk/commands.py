@@ -1,95 +1,161 @@
-"""`nimbleml risk ...` subcommands."""
+"""`nimbleml risk ...` subcommands: evaluate, report.
+
+Every `evaluate` option defaults to "not given" (argparse.SUPPRESS), so a run is built as:
+the defaults of ``RiskRunConfig``, then ``--config FILE`` (TOML or a run's config.json), then
+the flags actually given. The run folder's config.json runs the same experiment again.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import time
+import tomllib
 from pathlib import Path
 
 from nimbleml.environment import environment
+from nimbleml.errors import NimbleError
 from nimbleml.risk.experiment import MODEL_NAMES, RiskRunConfig, run_risk_evaluation
-from nimbleml.risk.features import FeatureConfig
 from nimbleml.risk.parallel import EXECUTORS
 from nimbleml.risk.protocol import PROTOCOLS
-from nimbleml.risk.regimes import STRESS_WINDOWS, parse_windows
+from nimbleml.risk.regimes import parse_windows
+
+# flag dest -> (config field, or "features.<field>"; how the flag value becomes the field value)
+_FLAG_FIELDS: dict[str, tuple[str, object]] = {
+    "data": ("data", str),
+    "assets": ("assets", int),
+    "horizon": ("features.horizon", int),
+    "protocol": ("protocol", str),
+    "test_start": ("test_start", str),
+    "test_end": ("test_end", str),
+    "refit_months": ("refit_months", int),
+    "no_warm_start": ("warm_start", lambda v: not v),
+    "warm_epochs": ("warm_epochs", int),
+    "jobs": ("n_jobs", int),
+    "executor": ("executor", str),
+    "windows": ("windows", parse_windows),
+    "mcs_reps": ("mcs_reps", int),
+    "weights": ("weights", str),
+    "encoder": ("encoder", str),
+    "per_window_rescale": ("per_window_rescale", bool),
+    "epochs": ("epochs", int),
+    "cnn_target": ("cnn_target", str),
+    "tuned": ("tuned", bool),
+    "no_linear_skip": ("linear_skip", lambda v: not v),
+    "max_train_samples": ("max_train_samples", int),
+    "max_val_samples": ("max_val_samples", int),
+    "models": ("models", lambda v: tuple(m.strip() for m in v.split(",") if m.strip())),
+    "outliers": ("features.outliers", str),
+    "scaler": ("features.scaler", str),
+    "bond_returns": ("features.bond_returns", str),
+    "span": ("features.span", str),
+    "seed": ("seed", int),
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `risk evaluate`."""
-    d, f = RiskRunConfig(), FeatureConfig()  # one source of defaults: the config dataclasses
+    """Register `risk evaluate` and `risk report`."""
+    d = RiskRunConfig()  # one source of defaults: the config dataclasses (shown in the help)
     risk = subparsers.add_parser("risk", help="portfolio risk forecasting")
     sub = risk.add_subparsers(dest="risk_command", required=True)
-    ev = sub.add_parser("evaluate", help="fit the CNN and the baselines, print and write the comparison")
-    ev.add_argument("--data", default=d.data, help="'arch' (bundled real series) or a market folder like ../shared/data/market")
-    ev.add_argument("--assets", type=int, default=None, help="keep the first N assets in sorted file-path order")
-    ev.add_argument("--horizon", type=int, default=f.horizon, help="forecast horizon h in trading days (5 or 22)")
-    ev.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol)
-    ev.add_argument("--test-start", default=None, help="first test date YYYY-MM-DD (e.g. 2007-01-01 puts 2008 and 2020 out of sample)")
-    ev.add_argument("--test-end", default=None, help="end of the test period YYYY-MM-DD (exclusive)")
-    ev.add_argument("--refit-months", type=int, default=d.refit_months, help="walk-forward refit cadence in months (12 = yearly)")
+    ev = sub.add_parser("evaluate", help="fit the CNN and the baselines, print and write the comparison",
+                        argument_default=argparse.SUPPRESS)
+    ev.add_argument("--config", type=Path, help="TOML file or a run's config.json; flags given here override it")
+    ev.add_argument("--data", help=f"'arch' (bundled real series) or a market folder like ../shared/data/market (default {d.data})")
+    ev.add_argument("--assets", type=int, help="keep the first N assets in sorted file-path order")
+    ev.add_argument("--horizon", type=int, help=f"forecast horizon h in trading days, 5 or 22 (default {d.features.horizon})")
+    ev.add_argument("--protocol", choices=PROTOCOLS, help=f"default {d.protocol}")
+    ev.add_argument("--test-start", help="first test date YYYY-MM-DD (2007-01-01 puts 2008 and 2020 out of sample)")
+    ev.add_argument("--test-end", help="end of the test period YYYY-MM-DD (exclusive)")
+    ev.add_argument("--refit-months", type=int, help=f"walk-forward refit cadence in months (default {d.refit_months}: yearly)")
     ev.add_argument("--no-warm-start", action="store_true", help="walk-forward: train each fold's CNN from scratch")
-    ev.add_argument("--warm-epochs", type=int, default=d.warm_epochs, help="max epochs of a warm-started walk-forward fold")
-    ev.add_argument("-j", "--jobs", type=int, default=d.n_jobs, help="parallel per-asset expert fits (-1: all cores)")
-    ev.add_argument("--executor", choices=EXECUTORS, default=d.executor, help="joblib (local) or ray (a Ray cluster)")
-    ev.add_argument("--windows", default=None, help="stress windows name=YYYY-MM-DD:YYYY-MM-DD[,...] (default: 2008 and 2020)")
-    ev.add_argument("--mcs-reps", type=int, default=d.mcs_reps, help="Model Confidence Set bootstrap replications")
-    ev.add_argument("--encoder", default=d.encoder, help="heatmap (paper) | gaf | mtf | recurrence")
+    ev.add_argument("--warm-epochs", type=int, help=f"max epochs of a warm-started walk-forward fold (default {d.warm_epochs})")
+    ev.add_argument("-j", "--jobs", type=int, help="parallel per-asset expert fits (-1: all cores; default 1)")
+    ev.add_argument("--executor", choices=EXECUTORS, help="joblib (local, default) or ray (a Ray cluster)")
+    ev.add_argument("--windows", help="stress windows name=YYYY-MM-DD:YYYY-MM-DD[,...] (default: 2008-09..2009-06, 2020-02..2020-06)")
+    ev.add_argument("--mcs-reps", type=int, help=f"Model Confidence Set bootstrap replications (default {d.mcs_reps})")
+    ev.add_argument("--weights", help="portfolio weights CSV with header asset,weight (default: equal weights)")
+    ev.add_argument("--encoder", help=f"heatmap (paper) | gaf | mtf | recurrence (default {d.encoder})")
     ev.add_argument("--per-window-rescale", action="store_true", help="rescale each window to [0, 1] before imaging")
-    ev.add_argument("--epochs", type=int, default=d.epochs, help="CNN max epochs (early stopping on validation)")
-    ev.add_argument("--cnn-target", choices=("log_var", "qlike", "vol", "var"), default=d.cnn_target)
+    ev.add_argument("--epochs", type=int, help=f"CNN max epochs, early stopping on validation (default {d.epochs})")
+    ev.add_argument("--cnn-target", choices=("log_var", "qlike", "vol", "var"), help=f"default {d.cnn_target}")
     ev.add_argument("--tuned", action="store_true", help="the paper's tuned CNN: 5x5 kernels, 3x3 pooling, lr 5e-4")
     ev.add_argument("--no-linear-skip", action="store_true", help="the paper's CNN exactly, without our linear skip read-out")
-    ev.add_argument("--max-train-samples", type=int, default=d.max_train_samples, help="CNN samples drawn per epoch")
-    ev.add_argument("--models", default=",".join(MODEL_NAMES), help=f"comma list from {','.join(MODEL_NAMES)}")
-    ev.add_argument("--outliers", choices=("winsorize", "zscore", "none"), default=f.outliers)
-    ev.add_argument("--scaler", choices=("minmax", "robust"), default=f.scaler)
-    ev.add_argument("--bond-returns", choices=("yield_change", "duration"), default=f.bond_returns)
-    ev.add_argument("--span", choices=("common", "all"), default=f.span, help="common: dates every asset class covers")
-    ev.add_argument("--seed", type=int, default=d.seed)
-    ev.add_argument("--out", required=True, type=Path, help="report folder")
+    ev.add_argument("--max-train-samples", type=int, help=f"CNN samples drawn per epoch (default {d.max_train_samples})")
+    ev.add_argument("--max-val-samples", type=int, help=f"CNN validation rows scored per epoch (default {d.max_val_samples})")
+    ev.add_argument("--models", help=f"comma list from {','.join(MODEL_NAMES)} (default all)")
+    ev.add_argument("--outliers", choices=("winsorize", "zscore", "none"), help=f"default {d.features.outliers} (cap-free)")
+    ev.add_argument("--scaler", choices=("minmax", "robust"), help=f"default {d.features.scaler}")
+    ev.add_argument("--bond-returns", choices=("yield_change", "duration"), help=f"default {d.features.bond_returns}")
+    ev.add_argument("--span", choices=("common", "all"), help="common (default): dates every asset class covers")
+    ev.add_argument("--seed", type=int, help="default 0")
+    ev.add_argument("--out", required=True, type=Path, help="run folder")
     ev.set_defaults(func=run_evaluate)
+    rep = sub.add_parser("report", help="recompute metrics.json and write report.html from a run folder (no refitting)")
+    rep.add_argument("--from", dest="run_dir", required=True, type=Path, help="a folder written by `risk evaluate --out`")
+    rep.set_defaults(func=run_report)
+
+
+def read_config_file(path: Path) -> dict:
+    """A config as a dict from TOML or JSON (a run's config.json)."""
+    if not path.is_file():
+        raise NimbleError("config file not found", path=path, fix="pass a TOML file or a run folder's config.json")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text())
+        return json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NimbleError(f"cannot parse the config file ({exc})", path=path, fix="write valid TOML or JSON") from exc
 
 
 def config_from_args(args: argparse.Namespace) -> RiskRunConfig:
-    features = FeatureConfig(
-        horizon=args.horizon, outliers=args.outliers, scaler=args.scaler, bond_returns=args.bond_returns, span=args.span
-    )
-    return RiskRunConfig(
-        data=args.data,
-        assets=args.assets,
-        protocol=args.protocol,
-        test_start=args.test_start,
-        test_end=args.test_end,
-        refit_months=args.refit_months,
-        warm_start=not args.no_warm_start,
-        warm_epochs=args.warm_epochs,
-        n_jobs=args.jobs,
-        executor=args.executor,
-        windows=parse_windows(args.windows) if args.windows else dict(STRESS_WINDOWS),
-        mcs_reps=args.mcs_reps,
-        encoder=args.encoder,
-        per_window_rescale=args.per_window_rescale,
-        epochs=args.epochs,
-        cnn_target=args.cnn_target,
-        tuned=args.tuned,
-        linear_skip=not args.no_linear_skip,
-        max_train_samples=args.max_train_samples,
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
-        seed=args.seed,
-        features=features,
-    )
+    """Defaults, then --config FILE, then the flags given on the command line."""
+    values = RiskRunConfig().to_dict()
+    if getattr(args, "config", None) is not None:
+        given = read_config_file(args.config)
+        values.update({k: v for k, v in given.items() if k != "features"})
+        values["features"].update(given.get("features", {}))
+    for dest, (name, convert) in _FLAG_FIELDS.items():
+        if dest not in vars(args):
+            continue
+        value = convert(getattr(args, dest))
+        if name.startswith("features."):
+            values["features"][name.split(".", 1)[1]] = value
+        else:
+            values[name] = value
+    return RiskRunConfig.from_dict(values)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used by this process and its finished children (user + system)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from nimbleml.risk.report import print_table, write_report
 
     cfg = config_from_args(args)
-    t0 = time.perf_counter()
-    result = run_risk_evaluation(cfg)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    result = run_risk_evaluation(cfg, checkpoint=args.out)
     result.extras["wall_seconds"] = time.perf_counter() - t0
+    result.extras["cpu_seconds"] = _cpu_seconds() - c0
+    result.extras["load_average"] = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
     result.extras["environment"] = environment()
-    metrics = write_report(result, args.out)
     if result.cnn is not None:
         result.cnn.save(args.out / "model")  # the model-folder contract: CNNForecaster.load(DIR/model)
+    metrics = write_report(result, args.out)
+    print_table(metrics)
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from nimbleml.risk.report import print_table, write_report
+    from nimbleml.risk.run_folder import load_run
+
+    result = load_run(args.run_dir)
+    result.extras["environment"] = environment()
+    metrics = write_report(result, args.run_dir)
     print_table(metrics)
     return 0

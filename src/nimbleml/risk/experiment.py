@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,9 +24,10 @@ from nimbleml.risk.features import FeatureConfig, build_samples, compute_feature
 from nimbleml.risk.imaging import get_encoder
 from nimbleml.risk.model import RiskCNNConfig
 from nimbleml.risk.parallel import check_executor
-from nimbleml.risk.portfolio import AGGREGATIONS, equal_weight_portfolio, portfolio_summary
+from nimbleml.risk.portfolio import load_weights, portfolio_paths, tail_risk_summary
 from nimbleml.risk.protocol import PROTOCOLS, make_splits
 from nimbleml.risk.regimes import STRESS_WINDOWS, RegimeRule, market_index, regime_labels
+from nimbleml.risk.run_folder import write_state
 from nimbleml.risk.samples import ASSET_CLASSES, RiskSamples, concat_samples
 
 log = logging.getLogger(__name__)
@@ -59,9 +61,10 @@ class RiskRunConfig:
     tuned: bool = False  # the paper's tuned CNN (5x5 kernels, 3x3 pooling, lr 5e-4)
     linear_skip: bool = True  # ours: linear read-out of the image added to the CNN output; False = paper's CNN
     max_train_samples: int | None = 25_000  # CNN samples drawn per epoch (overlapping windows are redundant); raise on a GPU
+    max_val_samples: int | None = 20_000  # CNN validation rows scored per epoch (early stopping and calibration)
     models: tuple[str, ...] = MODEL_NAMES  # which forecasters to run
     seed: int = 0
-    var_level: float = 0.01  # portfolio VaR tail probability for the backtests
+    weights: str | None = None  # CSV (asset,weight) of portfolio weights; None: equal weights
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
@@ -74,6 +77,25 @@ class RiskRunConfig:
         unknown = [m for m in self.models if m not in MODEL_NAMES]
         if unknown:
             raise NimbleError(f"unknown model(s) {unknown}", fix=f"choose from {', '.join(MODEL_NAMES)}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RiskRunConfig:
+        """Rebuild from ``to_dict()`` output (a run's config.json); unknown keys are an error."""
+        from nimbleml.errors import NimbleError
+
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise NimbleError(f"unknown config keys {unknown}", fix=f"use keys of RiskRunConfig: {', '.join(sorted(known))}")
+        values = dict(values)
+        if "features" in values:
+            feats = dict(values["features"])
+            if "winsor_quantiles" in feats:
+                feats["winsor_quantiles"] = tuple(feats["winsor_quantiles"])
+            values["features"] = FeatureConfig(**feats)
+        if "models" in values:
+            values["models"] = tuple(values["models"])
+        return cls(**values)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,6 +146,7 @@ class RiskRunResult:
             names = [r.name for r in self.returns]
             regimes = regime_labels(market_index(self.returns, [classes.get(n, "") for n in names]))
         cfg = self.config
+        portfolio, self.__dict__["portfolio_path"] = portfolio_section(p, self.returns, cfg) if self.returns else ({}, pd.DataFrame())
         comparison = comparison_section(p, list(cfg.models), cfg.features.horizon, cfg.windows, regimes,
                                         cfg.mcs_size, cfg.mcs_reps, cfg.seed)
         return {
@@ -145,29 +168,39 @@ class RiskRunResult:
             "by_asset_class": by_class,
             "regime_rule": RegimeRule().to_dict(),
             **comparison,
+            "portfolio": portfolio,
             **self.extras,
         }
 
 
-def portfolio_section(predictions: pd.DataFrame, returns: list[pd.Series], cfg: RiskRunConfig) -> dict:
-    """Equal-weight portfolio risk from every model's forecasts, both aggregations, with VaR backtests.
+def portfolio_section(predictions: pd.DataFrame, returns: list[pd.Series], cfg: RiskRunConfig) -> tuple[dict, pd.DataFrame]:
+    """Portfolio risk from every model's forecasts (item 8) and the primary model's daily path.
 
-    Bonds join only with --bond-returns duration: a yield change is not a price return, so it
-    cannot be weighted into a portfolio's P&L.
+    The primary model is the CNN when it ran. Bonds join only with --bond-returns duration: a
+    yield change is not a price return, so it cannot be weighted into a portfolio's P&L.
     """
     keep = predictions if cfg.features.bond_returns == "duration" else predictions[predictions["asset_class"] != "bond"]
+    weights = load_weights(cfg.weights, sorted(keep["asset"].unique())) if cfg.weights else None
+    if weights is not None:
+        keep = keep[keep["asset"].isin(weights.index)]
     if keep["asset"].nunique() < 2:
-        return {"skipped": "fewer than two assets with price returns"}
-    section: dict = {
-        "weights": "equal",
-        "level": cfg.var_level,
+        return {"skipped": "fewer than two assets with price returns"}, pd.DataFrame()
+    models = list(cfg.models)
+    paths = portfolio_paths(keep, returns, models, cfg.features.horizon, weights, seed=cfg.seed)
+    primary = "cnn" if "cnn" in models else models[0]
+    per_model = {m: tail_risk_summary(paths[m], cfg.features.horizon) for m in models}
+    section = {
+        "weights": str(cfg.weights) if cfg.weights else "equal",
         "assets": int(keep["asset"].nunique()),
         "bonds_included": cfg.features.bond_returns == "duration",
+        "primary_model": primary,
+        **per_model[primary],
+        "models": per_model,
+        "weights_used": ({a: float(w) for a, w in weights.items()} if weights is not None
+                         else {a: 1.0 / keep["asset"].nunique() for a in sorted(keep["asset"].unique())}),
     }
-    for agg in AGGREGATIONS:
-        forecasts = equal_weight_portfolio(keep, returns, list(cfg.models), cfg.features.horizon, agg, cfg.var_level)
-        section[agg] = portfolio_summary(forecasts, cfg.var_level)
-    return section
+    frame = pd.concat({m: paths[m].frame().set_index("date") for m in models}, axis=1)
+    return section, frame
 
 
 def _make_model(name: str, cfg: RiskRunConfig, n_features: int):
@@ -180,7 +213,8 @@ def _make_model(name: str, cfg: RiskRunConfig, n_features: int):
     cnn_cfg.in_channels = encoder.channels(n_features)
     cnn_cfg.max_epochs = cfg.epochs
     cnn_cfg.linear_skip = cfg.linear_skip
-    return CNNForecaster(cnn_cfg, encoder, target=cfg.cnn_target, seed=cfg.seed, max_train_samples=cfg.max_train_samples)
+    return CNNForecaster(cnn_cfg, encoder, target=cfg.cnn_target, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
+                         max_val_samples=cfg.max_val_samples)
 
 
 def _fallback_assets(name: str, model, test_assets: set[str]) -> list[str]:
@@ -216,10 +250,15 @@ def _fit_and_predict(name: str, cfg: RiskRunConfig, n_features: int, train: Risk
     return model, forecast, fit_s, time.perf_counter() - t0
 
 
-def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None) -> RiskRunResult:
-    """Fit and score every configured model under the configured protocol."""
+def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None, checkpoint: Path | None = None) -> RiskRunResult:
+    """Fit and score every configured model under the configured protocol.
+
+    ``checkpoint``: a run folder where the predictions and state so far are written after every
+    fold, so a run cut off by a time limit keeps (and can report) the folds it finished.
+    """
     panel = panel if panel is not None else load_panel(cfg.data, cfg.assets)
     fp = compute_features(panel, cfg.features)
+    data_report = {**panel.report.to_dict(), "excluded_assets": fp.excluded}
     for name, why in fp.excluded.items():
         log.warning("asset %s left out: %s", name, why)
     splits = make_splits(cfg.protocol, fp.sample_date, fp.sample_target_end, cfg.seed, cfg.test_start, cfg.test_end, cfg.refit_months)
@@ -265,12 +304,13 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None) ->
                 counts[asset] = counts.get(asset, 0) + 1
         frames.append(frame)
         split_info.append(info)
+        if checkpoint is not None:
+            write_state(checkpoint, cfg, pd.concat(frames, ignore_index=True), split_info, fit_s, pred_s, extras, data_report)
     predictions = pd.concat(frames, ignore_index=True)
     returns = [a.returns for a in fp.assets]
-    extras["portfolio"] = portfolio_section(predictions, returns, cfg)
     return RiskRunResult(
         config=cfg,
-        data_report={**panel.report.to_dict(), "excluded_assets": fp.excluded},
+        data_report=data_report,
         splits=split_info,
         predictions=predictions,
         fit_seconds=fit_s,

@@ -6,19 +6,25 @@ Aggregation:
 - ``correlated`` (default): sqrt(wᵀ D C D w) with D = diag(forecast vols) and C a correlation
   estimated from trailing returns only, pairwise on the days both assets traded.
 
-Backtests: Kupiec's proportion-of-failures and Christoffersen's independence tests, hand-written
-because `arch` 8.0 (the release on PyPI) does not ship them; both are a few lines of likelihood ratios.
+Tail risk at every test date: 1-day and h-day VaR and ES at 95% and 99% under a normal, a
+Student-t and filtered historical simulation (FHS), each scaled by a model's covariance vol.
+
+Backtests: Kupiec's proportion-of-failures, Christoffersen's independence and their sum, the
+conditional-coverage test, hand-written because `arch` 8.0 (the release on PyPI) does not ship
+them; each is a likelihood ratio of a few lines (formulas in ``var_backtest``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from nimbleml.errors import NimbleError
+from nimbleml.risk.evaluate import score_forecasts
 
 AGGREGATIONS: tuple[str, ...] = ("paper", "correlated")
 
@@ -64,16 +70,19 @@ def pairwise_correlation(returns: np.ndarray, min_overlap: int = 30) -> np.ndarr
 
 @dataclass
 class VaRBacktest:
-    """Exceedances of a VaR series and the two classic likelihood-ratio tests (p-values)."""
+    """Exceedances of a VaR series and the classic likelihood-ratio tests (p-values)."""
 
     level: float  # VaR tail probability, e.g. 0.01
     n: int
     exceedances: int
+    expected: float  # n * level
     rate: float
     kupiec_lr: float
-    kupiec_p: float
+    kupiec_pvalue: float
     christoffersen_lr: float
-    christoffersen_p: float
+    christoffersen_pvalue: float
+    cc_lr: float
+    cc_pvalue: float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +93,16 @@ def _xlogy(x: float, y: float) -> float:
 
 
 def var_backtest(hits: np.ndarray, level: float) -> VaRBacktest:
-    """Kupiec POF and Christoffersen independence tests for a 0/1 exceedance series."""
+    """Kupiec POF, Christoffersen independence and conditional coverage for a 0/1 exceedance series.
+
+    With n days, x exceedances, p = level and p^ = x/n (Kupiec 1995; Jorion, *Value at Risk*, ch. 6):
+        LR_pof = -2 ln[(1-p)^(n-x) p^x] + 2 ln[(1-p^)^(n-x) p^^x]            ~ chi2(1)
+    With n_ij the count of day pairs in state i then j and pi_ij = n_ij / (n_i0 + n_i1),
+    pi = (n01 + n11) / (n00 + n01 + n10 + n11) (Christoffersen 1998, eq. 6-9):
+        LR_ind = -2 ln[(1-pi)^(n00+n10) pi^(n01+n11)]
+                 + 2 ln[(1-pi01)^n00 pi01^n01 (1-pi11)^n10 pi11^n11]           ~ chi2(1)
+        LR_cc = LR_pof + LR_ind                                                ~ chi2(2)
+    """
     hits = np.asarray(hits, bool)
     n, x = len(hits), int(hits.sum())
     if n == 0:
@@ -101,95 +119,234 @@ def var_backtest(hits: np.ndarray, level: float) -> VaRBacktest:
         _xlogy(n00 + n10, 1 - p) + _xlogy(n01 + n11, p)
         - _xlogy(n00, 1 - p01) - _xlogy(n01, p01) - _xlogy(n10, 1 - p11) - _xlogy(n11, p11)
     )
+    lr_cc = lr_pof + lr_ind
     return VaRBacktest(
         level=level,
         n=n,
         exceedances=x,
+        expected=n * level,
         rate=phat,
         kupiec_lr=float(lr_pof),
-        kupiec_p=float(stats.chi2.sf(lr_pof, 1)),
+        kupiec_pvalue=float(stats.chi2.sf(lr_pof, 1)),
         christoffersen_lr=float(lr_ind),
-        christoffersen_p=float(stats.chi2.sf(lr_ind, 1)),
+        christoffersen_pvalue=float(stats.chi2.sf(lr_ind, 1)),
+        cc_lr=float(lr_cc),
+        cc_pvalue=float(stats.chi2.sf(lr_cc, 2)),
     )
 
 
+# ----------------------------------------------------------------------------- weights
+
+WEIGHT_TOLERANCE = 1e-6  # |sum of weights - 1| allowed in a weights file
+
+
+def load_weights(path: str | Path, assets: list[str]) -> pd.Series:
+    """Portfolio weights from a CSV with columns ``asset,weight``; validated against the run's assets.
+
+    Unknown tickers, duplicates, non-numbers and weights that do not sum to 1 are one clear error each.
+    """
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise NimbleError(f"cannot read the weights file ({exc.__class__.__name__})", path=path,
+                          fix="write a CSV with a header line 'asset,weight'") from exc
+    if list(frame.columns) != ["asset", "weight"]:
+        raise NimbleError(f"weights file columns are {list(frame.columns)}", path=path, fix="write the header 'asset,weight'")
+    weight = pd.to_numeric(frame["weight"], errors="coerce")
+    if weight.isna().any():
+        bad = frame.loc[weight.isna(), "asset"].tolist()[:5]
+        raise NimbleError(f"weights that are not numbers for {bad}", path=path, fix="write one number per asset")
+    names = frame["asset"].astype(str).str.strip()
+    if names.duplicated().any():
+        raise NimbleError(f"assets listed twice: {sorted(set(names[names.duplicated()]))[:5]}", path=path, fix="list each asset once")
+    unknown = sorted(set(names) - set(assets))
+    if unknown:
+        raise NimbleError(f"{len(unknown)} unknown ticker(s) {unknown[:5]}", path=path,
+                          fix=f"use tickers of the loaded data (e.g. {', '.join(sorted(assets)[:3])})")
+    total = float(weight.sum())
+    if abs(total - 1.0) > WEIGHT_TOLERANCE:
+        raise NimbleError(f"weights sum to {total:.6f}, not 1", path=path, fix="rescale the weights so they sum to 1")
+    return pd.Series(weight.to_numpy(float), index=names.to_numpy(), name="weight")
+
+
+# ----------------------------------------------------------------------------- tail-risk shapes
+
+VAR_METHODS: tuple[str, ...] = ("normal", "t", "fhs")
+VAR_LEVELS: tuple[float, ...] = (0.05, 0.01)  # tail probabilities: 95% and 99% VaR
+EWMA_LAMBDA = 0.94  # RiskMetrics decay of the filter that standardises past portfolio returns
+FHS_SIMULATIONS = 4000  # h-day paths drawn per origin for the t and FHS h-day quantiles
+
+
+def standardised_residuals(history: np.ndarray, lam: float = EWMA_LAMBDA) -> np.ndarray:
+    """r_s / sigma_{s|s-1} with an EWMA variance filter run over ``history`` (oldest first); causal."""
+    var = np.empty(len(history))
+    var[0] = np.mean(history[: min(20, len(history))] ** 2) or 1e-12
+    for s in range(1, len(history)):
+        var[s] = lam * var[s - 1] + (1 - lam) * history[s - 1] ** 2
+    return history / np.sqrt(np.maximum(var, 1e-18))
+
+
+def tail_multipliers(z: np.ndarray, horizon: int, rng: np.random.Generator) -> dict:
+    """{(method, level, days): (VaR multiplier, ES multiplier)} of a unit daily vol, days in {1, h}.
+
+    normal: z_a and phi(z_a)/a, h-day scaled by sqrt(h). t: a Student t fitted by maximum
+    likelihood to the standardised residuals z (location 0), rescaled to unit variance; its
+    1-day ES is the closed form scale * f(t_a)/a * (nu + t_a^2)/(nu - 1). FHS: empirical
+    quantile and tail mean of z (rescaled to unit variance). h-day t and FHS: quantile and tail
+    mean of sums of h independent draws (``FHS_SIMULATIONS`` paths) from the same distribution.
+    """
+    z = z[np.isfinite(z)]
+    z = z / z.std()
+    nu, _, scale = stats.t.fit(z, floc=0.0)
+    nu = float(np.clip(nu, 2.1, 200.0))
+    unit = np.sqrt(nu / (nu - 2.0))  # sd of a t(nu) with scale 1
+    out = {}
+    for a in VAR_LEVELS:
+        q = stats.norm.ppf(a)
+        out[("normal", a, 1)] = (-q, stats.norm.pdf(q) / a)
+        out[("normal", a, horizon)] = (-q * np.sqrt(horizon), stats.norm.pdf(q) / a * np.sqrt(horizon))
+        ta = stats.t.ppf(a, nu)
+        out[("t", a, 1)] = (-ta / unit, stats.t.pdf(ta, nu) / a * (nu + ta**2) / (nu - 1) / unit)
+        zq = np.quantile(z, a)
+        out[("fhs", a, 1)] = (-zq, -z[z <= zq].mean())
+    if horizon > 1:
+        t_paths = (stats.t.rvs(nu, size=(FHS_SIMULATIONS, horizon), random_state=rng) / unit).sum(axis=1)
+        fhs_paths = rng.choice(z, size=(FHS_SIMULATIONS, horizon)).sum(axis=1)
+        for method, paths in (("t", t_paths), ("fhs", fhs_paths)):
+            for a in VAR_LEVELS:
+                q = np.quantile(paths, a)
+                out[(method, a, horizon)] = (-q, -paths[paths <= q].mean())
+    return out
+
+
+# ----------------------------------------------------------------------------- portfolio paths
+
+
 @dataclass
-class PortfolioForecast:
-    """Equal-weight portfolio risk per forecast origin for one model, h-day horizon."""
+class PortfolioPath:
+    """One model's portfolio risk at every test date (daily vols are daily fractions)."""
 
-    dates: np.ndarray  # (m,) non-overlapping forecast origins
-    forecast_vol: np.ndarray  # (m,) daily vol forecast of the portfolio over t+1..t+h
-    realised_vol: np.ndarray  # (m,) sqrt(mean squared portfolio return) over t+1..t+h
-    var: np.ndarray  # (m,) h-day VaR as a positive loss fraction
-    es: np.ndarray  # (m,) h-day expected shortfall
-    hday_return: np.ndarray  # (m,) realised h-day portfolio return
+    dates: np.ndarray  # (m,) forecast origins t
+    paper_vol: np.ndarray  # (m,) sqrt(sum w^2 sigma^2): the paper's formula, ignores correlation
+    cov_vol: np.ndarray  # (m,) sqrt(w' D C D w) with a trailing pairwise correlation C
+    ret_1d: np.ndarray  # (m,) portfolio return on day t+1
+    ret_h: np.ndarray  # (m,) portfolio return over t+1..t+h (NaN where the test data end first)
+    multipliers: list[dict]  # per origin: tail_multipliers of the portfolio's past standardised returns
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"date": self.dates, "paper_vol": self.paper_vol, "cov_vol": self.cov_vol,
+                             "ret_1d": self.ret_1d, "ret_h": self.ret_h})
 
 
-def equal_weight_portfolio(
+def portfolio_paths(
     predictions: pd.DataFrame,
     returns: list[pd.Series],
     models: list[str],
     horizon: int,
-    aggregation: str = "correlated",
-    level: float = 0.01,
+    weights: pd.Series | None = None,
     lookback: int = 250,
-) -> dict[str, PortfolioForecast]:
-    """Aggregate each model's per-asset forecasts into an equal-weight portfolio's h-day vol, VaR and ES.
+    history: int = 500,
+    refresh_every: int = 5,
+    seed: int = 0,
+) -> dict[str, PortfolioPath]:
+    """Each model's portfolio vol (both formulas), next-day and h-day returns, tail shapes, per test date.
 
-    predictions : rows (date, asset, <model>...) from a risk run; returns : per-asset daily returns.
-    Origins are taken every h trading days so the h-day outcomes do not overlap (the backtests
-    assume independent trials); at each the portfolio is equal-weighted over the assets that
-    every model has a forecast for. Correlations use the ``lookback`` days up to each origin only,
-    and are shared by all models so they differ only in their volatility forecasts.
+    At each date the portfolio holds the assets every model has a forecast for (of the weights
+    file's assets when given, renormalised over those held; else equal weights). The
+    correlation (``lookback`` trading days, pairwise on observed days) and the tail shape
+    (``history`` days of past portfolio returns at today's weights, EWMA-standardised) use
+    data dated <= t only and are re-estimated every ``refresh_every`` dates (cost).
     """
-    if aggregation not in AGGREGATIONS:
-        raise NimbleError(f"unknown aggregation {aggregation!r}", fix=f"use one of {', '.join(AGGREGATIONS)}")
     assets = sorted(predictions["asset"].unique())
-    # an asset's market may be closed on a date the others trade: carry its last forecast a few days
+    if weights is not None:
+        assets = [a for a in assets if a in weights.index]
     wide = {m: predictions.pivot_table(index="date", columns="asset", values=m).reindex(columns=assets).ffill(limit=5) for m in models}
     by_name = {r.name: r for r in returns}
     rets = pd.concat({a: by_name[a] for a in assets}, axis=1, sort=True)
-    # the portfolio at each origin holds the assets every model has a forecast for (equal weights
-    # over those): requiring all assets at once would keep only the few dates on which none of
-    # 447 series has a gap or is not listed yet
-    available = np.logical_and.reduce([w.notna().to_numpy() for w in wide.values()])  # (dates, assets)
+    ret_values, ret_dates = rets.to_numpy(), rets.index.to_numpy()
+    available = np.logical_and.reduce([w.notna().to_numpy() for w in wide.values()])
     dates = wide[models[0]].index
-    origins = np.flatnonzero(available.sum(axis=1) >= 2)[::horizon]
-    z = stats.norm.ppf(1 - level)
-    keys = ("dates", "forecast_vol", "realised_vol", "var", "es", "hday_return")
-    out = {m: {k: [] for k in keys} for m in models}
-    for i in origins:
+    rng = np.random.default_rng(seed)
+    cols = ("dates", "paper_vol", "cov_vol", "ret_1d", "ret_h", "multipliers")
+    out = {m: {k: [] for k in cols} for m in models}
+    corr, shape, held_then, since = None, None, None, refresh_every
+    for i in np.flatnonzero(available.sum(axis=1) >= 2):
         t, held = dates[i], available[i]
-        past = rets.loc[:t].iloc[-lookback:].to_numpy()[:, held]
-        future = rets.loc[t:].iloc[1 : horizon + 1].to_numpy()[:, held]
-        if len(future) < horizon or len(past) < 30:
+        pos = int(np.searchsorted(ret_dates, np.datetime64(t), side="right"))  # returns dated <= t: [:pos]
+        future = np.nan_to_num(ret_values[pos : pos + horizon][:, held])  # a closed market: no move that day
+        if len(future) < 1 or pos < 30:
             continue
-        future = np.nan_to_num(future)  # a closed market: no move that day in the P&L
-        weights = np.full(int(held.sum()), 1.0 / held.sum())
-        # correlations from observed days only (pairwise): a late listing's missing days are not zeros
-        corr = pairwise_correlation(past) if aggregation == "correlated" else None
-        port = future @ weights
+        w = np.full(int(held.sum()), 1.0 / held.sum()) if weights is None else weights.reindex(np.asarray(assets)[held]).to_numpy(float)
+        if weights is not None:
+            w = w / w.sum()
+        if since >= refresh_every or held_then is None or not np.array_equal(held, held_then):
+            past = ret_values[max(0, pos - history) : pos][:, held]
+            corr = pairwise_correlation(past[-lookback:])
+            hist = np.nan_to_num(past) @ w
+            shape = tail_multipliers(standardised_residuals(hist)[20:], horizon, rng)
+            held_then, since = held, 0
+        since += 1
+        port = future @ w
         for m in models:
-            vol = portfolio_vol(weights, wide[m].iloc[i].to_numpy()[held], corr)
+            vols = wide[m].iloc[i].to_numpy()[held]
             o = out[m]
             o["dates"].append(t)
-            o["forecast_vol"].append(vol)
-            o["realised_vol"].append(float(np.sqrt(np.mean(port**2))))
-            o["var"].append(z * vol * np.sqrt(horizon))
-            o["es"].append(vol * np.sqrt(horizon) * stats.norm.pdf(z) / level)
-            o["hday_return"].append(float(port.sum()))
-    return {m: PortfolioForecast(**{k: np.asarray(v) for k, v in o.items()}) for m, o in out.items()}
+            o["paper_vol"].append(portfolio_vol(w, vols))
+            o["cov_vol"].append(portfolio_vol(w, vols, corr))
+            o["ret_1d"].append(float(port[0]))
+            o["ret_h"].append(float(port.sum()) if len(port) == horizon else np.nan)
+            o["multipliers"].append(shape)
+    return {m: PortfolioPath(**{k: (v if k == "multipliers" else np.asarray(v)) for k, v in o.items()}) for m, o in out.items()}
 
 
-def portfolio_summary(forecasts: dict[str, PortfolioForecast], level: float) -> dict:
-    """Per model: portfolio vol QLIKE and RMSE against realised, VaR exceedances and backtests."""
-    from nimbleml.risk.evaluate import score_forecasts
+def _level_key(level: float) -> str:
+    return f"{round(100 * (1 - level))}"  # 0.01 -> "99"
 
-    summary = {}
-    for m, f in forecasts.items():
-        if len(f.dates) == 0:
-            continue
-        s = score_forecasts(f.realised_vol, f.forecast_vol)
-        bt = var_backtest(-f.hday_return > f.var, level)
-        summary[m] = {"n_origins": int(len(f.dates)), "qlike": s.qlike, "rmse": s.rmse, "var_backtest": bt.to_dict()}
-    return summary
+
+def tail_risk_summary(path: PortfolioPath, horizon: int) -> dict:
+    """paper_vol, cov_vol, understatement, var.<method>.<level>, es.<method>.<level> for one model.
+
+    1-day VaR/ES are backtested on every date against the next day's return; h-day ones on
+    non-overlapping origins (every h-th date) against the h-day return, so the trials the
+    backtests assume independent are not overlapping. Vols forecast the mean daily variance over
+    t+1..t+h; the 1-day VaR uses that daily vol for day t+1.
+    """
+    if len(path.dates) == 0:
+        return {"skipped": "no test date with two or more assets"}
+    ratio = path.paper_vol / path.cov_vol
+    out = {
+        "n_dates": int(len(path.dates)),
+        "paper_vol": float(np.mean(path.paper_vol)),
+        "cov_vol": float(np.mean(path.cov_vol)),
+        "understatement": float(1.0 - np.mean(ratio)),  # share of the covariance vol the paper's formula misses
+        "realised_vol_1d": float(np.sqrt(np.mean(path.ret_1d**2))),
+        "vol_scores_1d": {k: score_forecasts(np.abs(path.ret_1d), path.cov_vol).to_dict()[k] for k in ("qlike", "rmse")},
+        "var": {},
+        "es": {},
+    }
+    origins = np.flatnonzero(np.isfinite(path.ret_h))[::horizon]
+    for method in VAR_METHODS:
+        for level in VAR_LEVELS:
+            key = _level_key(level)
+            m1 = np.array([mult[(method, level, 1)] for mult in path.multipliers])
+            var1, es1 = m1[:, 0] * path.cov_vol, m1[:, 1] * path.cov_vol
+            hits1 = -path.ret_1d > var1
+            entry = var_backtest(hits1, level).to_dict()
+            mh = np.array([path.multipliers[i][(method, level, horizon)] for i in origins])
+            varh, esh = mh[:, 0] * path.cov_vol[origins], mh[:, 1] * path.cov_vol[origins]
+            hitsh = -path.ret_h[origins] > varh
+            entry["h_day"] = var_backtest(hitsh, level).to_dict() if len(origins) else {}
+            entry["mean_var"] = float(var1.mean())
+            out["var"].setdefault(method, {})[key] = entry
+            out["es"].setdefault(method, {})[key] = {
+                "mean_es": float(es1.mean()),
+                "mean_loss_beyond_var": float(-path.ret_1d[hits1].mean()) if hits1.any() else None,
+                "mean_es_on_exceedances": float(es1[hits1].mean()) if hits1.any() else None,
+                "h_day": {"mean_es": float(esh.mean()) if len(origins) else None,
+                          "mean_loss_beyond_var": float(-path.ret_h[origins][hitsh].mean()) if hitsh.any() else None},
+            }
+    # the paper's formula used for a VaR: the exceedances it would have produced (normal, 99%)
+    z99 = stats.norm.ppf(1 - 0.01)
+    out["paper_formula_var99_normal"] = var_backtest(-path.ret_1d > z99 * path.paper_vol, 0.01).to_dict()
+    return out

@@ -15,6 +15,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from nimbleml.risk.experiment import RiskRunResult  # noqa: E402
+from nimbleml.risk.run_folder import write_state  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,12 @@ def _figures(result: RiskRunResult, out: Path) -> list[str]:
 
 
 def write_report(result: RiskRunResult, out: Path) -> dict:
-    """Write metrics.json, config.json, predictions.csv.gz, report.md and PNG figures; return the metrics."""
+    """Write metrics.json, state, predictions.csv.gz, report.md and PNG figures; return the metrics."""
     out.mkdir(parents=True, exist_ok=True)
+    write_state(out, result.config, result.predictions, result.splits, result.fit_seconds, result.predict_seconds,
+                result.extras, result.data_report, complete=result.extras.get("run_complete", True))
     metrics = result.metrics()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    (out / "config.json").write_text(json.dumps(result.config.to_dict(), indent=2, default=str))
-    result.predictions.to_csv(out / "predictions.csv.gz", index=False)
     figures = _figures(result, out)
     md = ["# Risk evaluation", "", markdown_table(metrics), ""] + [f"![{f}]({f})" for f in figures]
     (out / "report.md").write_text("\n".join(md) + "\n")
