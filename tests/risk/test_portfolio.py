@@ -3,7 +3,18 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from nimbleml.risk.portfolio import equal_weight_portfolio, portfolio_vol, pairwise_correlation, var_backtest
+from nimbleml.errors import NimbleError
+from nimbleml.risk.portfolio import (
+    VAR_LEVELS,
+    load_weights,
+    pairwise_correlation,
+    portfolio_paths,
+    portfolio_vol,
+    standardised_residuals,
+    tail_multipliers,
+    tail_risk_summary,
+    var_backtest,
+)
 
 
 def test_paper_formula_ignores_correlation_and_understates_risk():
@@ -21,14 +32,14 @@ def test_kupiec_against_hand_computation():
     n, x, p = 250, 6, 0.01
     lr = -2 * ((n - x) * np.log(1 - p) + x * np.log(p) - (n - x) * np.log(1 - x / n) - x * np.log(x / n))
     assert bt.kupiec_lr == pytest.approx(lr)
-    assert bt.kupiec_p == pytest.approx(stats.chi2.sf(lr, 1))
-    assert bt.christoffersen_p > 0.05  # spread out: no clustering
+    assert bt.kupiec_pvalue == pytest.approx(stats.chi2.sf(lr, 1))
+    assert bt.christoffersen_pvalue > 0.05  # spread out: no clustering
 
 
 def test_christoffersen_detects_clustered_exceedances():
     hits = np.zeros(500, bool)
     hits[100:110] = True
-    assert var_backtest(hits, 0.02).christoffersen_p < 0.01
+    assert var_backtest(hits, 0.02).christoffersen_pvalue < 0.01
 
 
 def test_pairwise_correlation_is_a_correlation():
@@ -51,36 +62,109 @@ def test_correlation_uses_observed_days_only_for_a_late_listing():
     assert c[0, 1] > 0.85 > np.corrcoef(np.nan_to_num(r).T)[0, 1]  # zero-filling would drag it down
 
 
-def test_equal_weight_portfolio_uses_non_overlapping_origins():
-    rng = np.random.default_rng(1)
-    dates = pd.bdate_range("2015-01-01", periods=600)
-    common = rng.normal(0, 0.01, 600)
-    returns = [pd.Series(common + rng.normal(0, 0.005, 600), index=dates, name=f"A{k}") for k in range(3)]
-    test_dates = dates[400:590]
-    preds = pd.DataFrame([(d, f"A{k}", 0.011) for d in test_dates for k in range(3)], columns=["date", "asset", "m"])
-    corr = equal_weight_portfolio(preds, returns, ["m"], horizon=5, aggregation="correlated")["m"]
-    paper = equal_weight_portfolio(preds, returns, ["m"], horizon=5, aggregation="paper")["m"]
-    assert len(corr.dates) == len(test_dates) // 5
-    assert np.all(np.diff(corr.dates).astype("timedelta64[D]").astype(int) >= 5)
-    # highly correlated assets: the paper's formula understates portfolio risk
-    assert np.all(corr.forecast_vol > paper.forecast_vol)
-    assert abs(corr.forecast_vol.mean() / corr.realised_vol.mean() - 1) < 0.3
+@pytest.mark.parametrize(
+    ("n", "accepted", "rejected"),
+    [(255, [1, 6], [7, 8]), (510, [2, 10], [1, 11]), (1000, [5, 16], [4, 17])],
+)
+def test_kupiec_matches_jorions_non_rejection_regions(n, accepted, rejected):
+    """Jorion, *Value at Risk* (3rd ed.), Table 6-3, 99% VaR at the 5% test level:
+    N < 7 for 255 days (no lower bound given there, so N = 0 is left out), 1 < N < 11 for 510 days, 4 < N < 17 for 1000 days."""
+    for x in accepted + rejected:
+        hits = np.zeros(n, bool)
+        hits[np.linspace(0, n - 1, x).astype(int) if x else []] = True
+        assert (var_backtest(hits, 0.01).kupiec_pvalue > 0.05) == (x in accepted), x
+
+
+def test_christoffersen_and_cc_against_the_likelihood_by_hand():
+    """LR_ind from binomial likelihoods of the transition counts (Christoffersen 1998), LR_cc = LR_pof + LR_ind ~ chi2(2)."""
+    hits = np.zeros(400, bool)
+    hits[[20, 21, 80, 81, 82, 200, 300]] = True
+    bt = var_backtest(hits, 0.01)
+    prev, cur = hits[:-1], hits[1:]
+    n01, n00 = int((~prev & cur).sum()), int((~prev & ~cur).sum())
+    n11, n10 = int((prev & cur).sum()), int((prev & ~cur).sum())
+    p01, p11, p = n01 / (n00 + n01), n11 / (n10 + n11), (n01 + n11) / (n00 + n01 + n10 + n11)
+    restricted = stats.binom.logpmf(n01, n00 + n01, p) + stats.binom.logpmf(n11, n10 + n11, p)
+    free = stats.binom.logpmf(n01, n00 + n01, p01) + stats.binom.logpmf(n11, n10 + n11, p11)
+    assert bt.christoffersen_lr == pytest.approx(2 * (free - restricted), rel=1e-10)
+    assert bt.cc_lr == pytest.approx(bt.kupiec_lr + bt.christoffersen_lr)
+    assert bt.cc_pvalue == pytest.approx(stats.chi2.sf(bt.cc_lr, 2))
+    assert bt.expected == pytest.approx(4.0) and bt.christoffersen_pvalue < 0.01
+
+
+def test_tail_multipliers_normal_t_and_fhs():
+    rng = np.random.default_rng(0)
+    normal = tail_multipliers(rng.standard_normal(20_000), 5, rng)
+    assert normal[("normal", 0.01, 1)][0] == pytest.approx(stats.norm.ppf(0.99))
+    assert normal[("normal", 0.01, 5)][0] == pytest.approx(stats.norm.ppf(0.99) * np.sqrt(5))
+    assert normal[("fhs", 0.01, 1)][0] == pytest.approx(stats.norm.ppf(0.99), rel=0.05)  # FHS recovers the normal
+    assert normal[("t", 0.01, 1)][0] == pytest.approx(stats.norm.ppf(0.99), rel=0.05)  # a t with large nu
+    fat = tail_multipliers(stats.t.rvs(4, size=20_000, random_state=1) / np.sqrt(2), 5, rng)
+    nu4 = -stats.t.ppf(0.01, 4) / np.sqrt(2)  # unit-variance t(4) quantile
+    assert fat[("t", 0.01, 1)][0] == pytest.approx(nu4, rel=0.06)
+    assert fat[("t", 0.01, 1)][0] > fat[("normal", 0.01, 1)][0]  # fat tails: larger 99% VaR
+    for level in VAR_LEVELS:
+        for method in ("normal", "t", "fhs"):
+            var, es = fat[(method, level, 1)]
+            assert es > var > 0
+
+
+def test_standardised_residuals_are_causal():
+    r = np.random.default_rng(2).normal(0, 0.01, 300)
+    z = standardised_residuals(r)
+    changed = r.copy()
+    changed[200:] *= 5
+    np.testing.assert_allclose(standardised_residuals(changed)[:200], z[:200])
+
+
+def _panel(n_assets=3, seed=1):
+    rng = np.random.default_rng(seed)
+    dates = pd.bdate_range("2015-01-01", periods=700)
+    common = rng.normal(0, 0.01, 700)
+    returns = [pd.Series(common + rng.normal(0, 0.005, 700), index=dates, name=f"A{k}") for k in range(n_assets)]
+    test_dates = dates[500:690]
+    sd = np.std(returns[0].to_numpy())
+    preds = pd.DataFrame([(d, f"A{k}", sd, sd) for d in test_dates for k in range(n_assets)], columns=["date", "asset", "m", "n"])
+    return returns, preds, dates
+
+
+def test_paper_formula_understates_correlated_risk_and_backtests_run():
+    returns, preds, _ = _panel()
+    path = portfolio_paths(preds, returns, ["m"], horizon=5)["m"]
+    assert len(path.dates) == 190
+    assert np.all(path.cov_vol > path.paper_vol)
+    summary = tail_risk_summary(path, 5)
+    assert 0.2 < summary["understatement"] < 0.5  # rho ~ 0.8: sqrt(1/3) / sqrt(~0.87) ~ 0.62 of the true vol
+    v = summary["var"]["normal"]["99"]
+    assert v["n"] == 190 and v["h_day"]["n"] == 38  # non-overlapping 5-day origins
+    assert set(summary["var"]) == {"normal", "t", "fhs"} and set(summary["es"]["t"]) == {"95", "99"}
+    assert summary["paper_formula_var99_normal"]["exceedances"] >= v["exceedances"]
 
 
 def test_portfolio_holds_the_assets_forecast_at_each_origin():
-    rng = np.random.default_rng(2)
-    dates = pd.bdate_range("2015-01-01", periods=600)
-    returns = [pd.Series(rng.normal(0, 0.01, 600), index=dates, name=f"A{k}") for k in range(3)]
-    test_dates = dates[400:590]
-    rows = [(d, f"A{k}", 0.01, 0.02) for d in test_dates for k in range(3)]
-    preds = pd.DataFrame(rows, columns=["date", "asset", "m", "n"])
-    late = (preds["asset"] == "A2") & (preds["date"] < dates[500])  # A2 listed later: no forecast yet
+    returns, preds, dates = _panel()
+    late = (preds["asset"] == "A2") & (preds["date"] < dates[600])  # A2 listed later: no forecast yet
     preds = preds[~late]
-    preds.loc[(preds["asset"] == "A1") & (preds["date"] == dates[450]), "n"] = np.nan  # one model misses a day
-    out = equal_weight_portfolio(preds, returns, ["m", "n"], horizon=5, aggregation="paper")
-    assert len(out["m"].dates) == len(test_dates) // 5  # gaps no longer cost origins
-    assert list(out["m"].dates) == list(out["n"].dates)
-    before = out["m"].dates < dates[500]
+    out = portfolio_paths(preds, returns, ["m", "n"], horizon=5)
+    assert list(out["m"].dates) == list(out["n"].dates) and len(out["m"].dates) == 190
+    before = out["m"].dates < dates[600]
+    sd = preds["m"].iloc[0]
     # paper formula, equal weights over the held assets: sqrt(n * (vol / n)^2) = vol / sqrt(n)
-    np.testing.assert_allclose(out["m"].forecast_vol[before & (out["m"].dates != dates[450])], 0.01 / np.sqrt(2))
-    np.testing.assert_allclose(out["m"].forecast_vol[~before], 0.01 / np.sqrt(3))
+    np.testing.assert_allclose(out["m"].paper_vol[before], sd / np.sqrt(2))
+    np.testing.assert_allclose(out["m"].paper_vol[~before], sd / np.sqrt(3))
+
+
+def test_weights_file_is_used_and_validated(tmp_path):
+    returns, preds, _ = _panel()
+    good = tmp_path / "w.csv"
+    good.write_text("asset,weight\nA0,0.7\nA1,0.3\n")
+    w = load_weights(good, ["A0", "A1", "A2"])
+    path = portfolio_paths(preds, returns, ["m"], 5, weights=w)["m"]
+    sd = preds["m"].iloc[0]
+    np.testing.assert_allclose(path.paper_vol, sd * np.sqrt(0.7**2 + 0.3**2))
+    for text, words in [("asset,weight\nA0,0.7\nZZZ,0.3\n", "unknown ticker"), ("asset,weight\nA0,0.7\nA1,0.2\n", "sum to"),
+                        ("asset,weight\nA0,x\nA1,0.3\n", "not numbers"), ("ticker,w\nA0,1\n", "columns")]:
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        with pytest.raises(NimbleError, match=words):
+            load_weights(bad, ["A0", "A1", "A2"])
