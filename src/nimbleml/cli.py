@@ -28,7 +28,9 @@ COMMAND_MODULES = (
     "nimbleml.demo",
     "nimbleml.commands.bench",
     "nimbleml.commands.serve",
+    "nimbleml.commands.loadtest",
     "nimbleml.commands.export",
+    "nimbleml.commands.compress",
 )
 
 

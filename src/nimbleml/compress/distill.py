@@ -97,4 +97,5 @@ def distillation_loss(
     attention = attention_kl(teacher_maps, student_maps, query_mask)
     scores = score_kl(teacher_scores, student_scores, config.temperature)
     total = task + config.attention_weight * attention + config.score_weight * scores
-    return total, {"task": float(task), "attention_kl": float(attention), "score_kl": float(scores)}
+    parts = {"task": task, "attention_kl": attention, "score_kl": scores}
+    return total, {name: float(value.detach()) for name, value in parts.items()}

@@ -60,12 +60,16 @@ def _preprocessed(float_path: Path, out_path: Path) -> Path:
     return prepared
 
 
-def quantize_dynamic_onnx(float_path: str | Path, out_path: str | Path, per_channel: bool = True) -> Path:
-    """Dynamic-range int8: weights int8 (symmetric), activations quantised per call from their range."""
+def quantize_dynamic_onnx(
+    float_path: str | Path, out_path: str | Path, per_channel: bool = True, op_types: list[str] | None = None
+) -> Path:
+    """Dynamic-range int8: weights int8 (symmetric), activations quantised per call from their
+    range. op_types: ONNX op types to quantise (None = ORT's default set)."""
     float_path, out_path = Path(float_path), Path(out_path)
     prepared = _preprocessed(float_path, out_path)
     try:
-        quantize_dynamic(str(prepared), str(out_path), per_channel=per_channel, weight_type=QuantType.QInt8)
+        quantize_dynamic(str(prepared), str(out_path), per_channel=per_channel, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=op_types)
     finally:
         prepared.unlink(missing_ok=True)
     return out_path
@@ -86,15 +90,19 @@ def quantize_static_onnx(
     out_path: str | Path,
     calibration: Iterable[dict[str, np.ndarray]],
     per_channel: bool = True,
+    op_types: list[str] | None = None,
 ) -> Path:
     """Static int8 as a QDQ graph: weights int8 (symmetric, per channel), activations uint8
-    with min/max ranges calibrated on ``calibration`` (input name -> array, one dict per batch)."""
+    with min/max ranges calibrated on ``calibration`` (input name -> array, one dict per batch).
+    op_types: ONNX op types to quantise (None = ORT's default set; leave out ops whose
+    outputs can be -inf, such as masking ``Where``: an infinite range has no int8 step)."""
     float_path, out_path = Path(float_path), Path(out_path)
     prepared = _preprocessed(float_path, out_path)
     try:
         quantize_static(
             str(prepared), str(out_path), _Batches(calibration), quant_format=QuantFormat.QDQ,
             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=op_types,
         )
     finally:
         prepared.unlink(missing_ok=True)

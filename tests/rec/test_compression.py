@@ -1,0 +1,133 @@
+"""Compression recipes on a tiny recommender: every recipe writes a folder that loads, int8
+recipes write a quantised graph, chains work, conversions start from the trained weights,
+and a folder with a missing or corrupt file gives one clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nimbleml.errors import NimbleError
+from nimbleml.rec.compression import (
+    RECIPES,
+    CompressConfig,
+    _rebuilt,
+    _svd_init,
+    compress_model,
+    load_variant,
+    student_config,
+)
+from nimbleml.rec.model import SeqRec, SeqRecConfig, ServingRanker
+from nimbleml.rec.train import TrainConfig, save_checkpoint
+from tests.rec.test_train import make_data
+
+N_ITEMS = 80
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("compress")
+    make_data(n_users=60, n_items=N_ITEMS).save(root / "data")
+    torch.manual_seed(0)
+    model = SeqRec(SeqRecConfig.small(N_ITEMS, max_len=16, n_blocks=2, exclude_history=True))
+    train = TrainConfig(loss="sampled_softmax", n_negatives=16, batch_size=32, negatives_from="mixed")
+    save_checkpoint(model, {"preset": "test", "train": train.to_dict()}, root / "model")
+    return root / "model", root / "data"
+
+
+CONFIG = CompressConfig(
+    finetune_seconds=0, prune_rounds=2, head_rank=4, qkv_groups=2, attention_window=4, n_global=1,
+    distill_seconds=0, calibration_users=32, calibration_batch=16, valid_users=60, finetune_valid_users=60,
+)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_writes_a_folder_that_loads(parent, tmp_path, recipe: str) -> None:
+    model_dir, data_dir = parent
+    out = compress_model(model_dir, data_dir, [recipe], tmp_path / recipe, CONFIG)
+    model, variant, onnx_path = load_variant(out)
+    assert variant["recipes"] == [recipe] and variant["params"]["total"] == sum(p.numel() for p in model.parameters())
+    assert set(variant["valid_before"]) >= {"hr@10", "ndcg@10", "mrr"} and variant["valid_after"]["n_users"] == 60
+    assert variant["steps"][0]["seconds"] >= 0 and "environment" in variant
+    inputs = {"history": torch.randint(0, N_ITEMS + 1, (3, 16)), "candidates": torch.randint(1, N_ITEMS + 1, (3, 50))}
+    scores = model(**inputs)
+    assert scores.shape == (3, 50) and not torch.isnan(scores).any()
+    if RECIPES[recipe].int8:
+        assert variant["precision"] == "int8" and onnx_path == out / "model.onnx"
+        assert variant["steps"][0]["max_weight_error_steps"] <= 0.5 + 1e-3
+    else:
+        assert variant["precision"] == "fp32" and onnx_path is None
+    if recipe == "prune":
+        assert [r["sparsity"] for r in variant["steps"][0]["rounds"]] == pytest.approx([0.2, 0.4], abs=0.01)
+        assert variant["params"]["nonzero"] < 0.7 * variant["params"]["total"]
+    if recipe == "prune-structured":
+        assert model.config.block_heads == [1, 1] and model.config.block_ffn == [32, 32]
+        assert variant["params"]["total"] < variant["parent_params"]["total"]
+    if recipe == "distill":
+        assert variant["params"]["total"] < 0.45 * variant["parent_params"]["total"]
+
+
+def test_chain_distill_then_int8(parent, tmp_path) -> None:
+    model_dir, data_dir = parent
+    out = compress_model(model_dir, data_dir, ["distill", "quantize-static"], tmp_path / "chain", CONFIG)
+    model, variant, onnx_path = load_variant(out)
+    assert variant["precision"] == "int8" and onnx_path is not None
+    assert model.config.dim < 32 and [s["recipe"] for s in variant["steps"]] == ["distill", "quantize-static"]
+    # the chained folder can itself be compressed again
+    again = compress_model(out, data_dir, ["local"], tmp_path / "again", CONFIG)
+    assert load_variant(again)[1]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("chain", [["quantize-static", "prune"], ["qat", "quantize-dynamic"], ["nope"], []])
+def test_bad_chains_are_refused(parent, tmp_path, chain: list[str]) -> None:
+    with pytest.raises(NimbleError, match="recipe"):
+        compress_model(*parent, chain, tmp_path / "bad", CONFIG)
+
+
+def test_full_rank_svd_conversion_is_exact() -> None:
+    torch.manual_seed(0)
+    model = SeqRec(SeqRecConfig.small(N_ITEMS, max_len=16, n_blocks=2)).eval()
+    rank = model.config.head_width
+    low = _rebuilt(model, head_rank=rank).eval()
+    with torch.no_grad():
+        energy = [_svd_init(getattr(a.attn, n), getattr(b.attn, n), 2, rank)
+                  for a, b in zip(model.blocks, low.blocks) for n in "qkv"]
+    assert energy == pytest.approx([1.0] * 6)
+    history, candidates = torch.randint(0, N_ITEMS + 1, (4, 16)), torch.randint(1, N_ITEMS + 1, (4, 50))
+    torch.testing.assert_close(ServingRanker(low)(history, candidates), model(history, candidates), atol=1e-4, rtol=1e-4)
+
+
+def test_student_is_about_a_fifth_of_the_teacher() -> None:
+    teacher = SeqRec(SeqRecConfig(n_items=5000))
+    student = SeqRec(student_config(teacher, 0.2))
+    ratio = sum(p.numel() for p in student.parameters()) / sum(p.numel() for p in teacher.parameters())
+    assert 0.15 < ratio < 0.25 and student.config.n_blocks == teacher.config.n_blocks
+
+
+def test_missing_or_corrupt_files_give_one_clear_error(parent, tmp_path) -> None:
+    model_dir, data_dir = parent
+    out = compress_model(model_dir, data_dir, ["quantize-dynamic"], tmp_path / "q", CONFIG)
+    (out / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(NimbleError, match="model.onnx"):
+        load_variant(out)
+    (out / "model.onnx").unlink()
+    with pytest.raises(NimbleError, match="model.onnx"):
+        load_variant(out)
+    (out / "variant.json").write_text("{")
+    with pytest.raises(NimbleError, match="variant.json"):
+        load_variant(out)
+    config = (out / "config.json").read_text()
+    (out / "config.json").write_text(json.dumps({"model": {"n_items": "many"}}))
+    with pytest.raises(NimbleError, match="config.json"):
+        load_variant(out)
+    (out / "config.json").write_text(config)
+    (out / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(NimbleError, match="model.safetensors"):
+        load_variant(out)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(NimbleError, match="model.safetensors"):
+        load_variant(out)
