@@ -228,20 +228,17 @@ def test_packed_qkv_checkpoint_loads() -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
-def test_serving_ranker_exports_behaviours_as_an_onnx_input(tmp_path) -> None:
-    import onnxruntime as ort
-    from torch.export import Dim
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_serving_ranker_exports_every_variant_with_parity(name: str, tmp_path) -> None:
+    """Each switch exports with a dynamic batch, behaviours as an input where the model uses them."""
+    import onnx
 
-    model = _variant("behaviour")
-    inputs = _inputs(2, 12)
-    batch = Dim("batch", min=1, max=4096)
-    path = tmp_path / "ranker.onnx"
-    torch.onnx.export(
-        ServingRanker(model), tuple(inputs.values()), str(path), input_names=list(inputs), output_names=["scores"],
-        dynamic_shapes={name: {0: batch} for name in inputs}, dynamo=True,
-    )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["history", "candidates", "behaviors"]
-    larger = _inputs(4, 12)
-    (scores,) = session.run(None, {k: v.numpy() for k, v in larger.items()})
-    np.testing.assert_allclose(scores, model(**larger).detach().numpy(), atol=1e-4)
+    from nimbleml.runtime.export import export_onnx, parity
+
+    model = _variant(name)
+    keep = ["history", "candidates"] + (["behaviors"] if model.config.use_behavior else [])
+    inputs = {k: v for k, v in _inputs(2).items() if k in keep}
+    path = export_onnx(ServingRanker(model), inputs, tmp_path / f"{name}.onnx")
+    assert [i.name for i in onnx.load(str(path)).graph.input] == keep
+    report = parity(ServingRanker(model), path, {k: v for k, v in _inputs(7).items() if k in keep})
+    assert report.max_abs_diff < 1e-4 and report.top10_overlap == 1.0
