@@ -10,6 +10,7 @@ from nimbleml.errors import NimbleError
 from nimbleml.rec.data import SequenceData, leave_last_out
 from nimbleml.rec.model import SeqRec, SeqRecConfig
 from nimbleml.rec.train import (
+    PrefixRepeats,
     TrainConfig,
     TrainingWindows,
     _proposal_log_q,
@@ -121,3 +122,41 @@ def test_sampled_validation_metrics_are_logged_on_a_large_catalogue() -> None:
     row = result.history[0]
     assert 0.0 <= row["valid_sampled100_ndcg@10"] <= row["valid_sampled100_hr@10"] <= 1.0
     assert row["valid_sampled100_hr@10"] >= row["valid_hr@10"]  # 100 negatives are easier than all items
+
+
+def test_prefix_repeats_known_answer() -> None:
+    inputs = torch.tensor([[0, 5, 7, 5, 9]])
+    repeats = PrefixRepeats.from_inputs(inputs, inputs != 0)
+    # at each trained position, columns holding the latest occurrence so far: events since seen
+    expected = [[0, 1, 0, 0, 0], [0, 2, 1, 0, 0], [0, 0, 2, 1, 0], [0, 0, 3, 2, 1]]
+    np.testing.assert_array_equal(repeats.recency.numpy(), expected)
+    assert (repeats.items == inputs).all()
+
+
+def test_training_logits_with_repeats_equal_the_served_scores() -> None:
+    """What the loss sees at a row's last position is what score_all gives for that row
+    (earlier positions sit at other position embeddings, so only the last is comparable)."""
+    torch.manual_seed(0)
+    model = SeqRec(SeqRecConfig.small(20, repeat_scores=True)).eval()
+    with torch.no_grad():
+        model.repeat_recency.weight.normal_()
+        inputs = torch.tensor([[0, 0, 3, 4, 3, 3, 8, 4], [1, 2, 3, 1, 2, 3, 1, 2]])
+        mask = inputs != 0
+        repeats = PrefixRepeats.from_inputs(inputs, mask)
+        states = model.encode(inputs)[mask]
+        logits = (states @ model.item_emb.weight.T).scatter_add(1, repeats.items, repeats.bonus(model, states))
+        last = torch.cumsum(mask.flatten(), 0).view(2, 8)[:, -1] - 1  # row of each user's last position
+        served = model.score_all(inputs)
+        torch.testing.assert_close(logits[last, 1:], served[:, 1:], rtol=1e-5, atol=1e-5)
+        assert (served[:, 3] != (model.last_state(inputs) @ model.item_emb.weight.T)[:, 3]).all()  # item 3 was seen
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled_softmax"])
+def test_repeat_scores_train_and_learn_the_bonus(loss: str) -> None:
+    data = make_data()
+    model = SeqRec(SeqRecConfig.small(data.n_items, repeat_scores=True))
+    before = model.repeat_recency.weight.detach().clone()
+    train(model, data, TrainConfig(epochs=1, batch_size=16, loss=loss, n_negatives=16, threads=1))
+    assert not torch.equal(before, model.repeat_recency.weight)
+    with pytest.raises(NimbleError, match="bce"):
+        train(model, data, TrainConfig(epochs=1, loss="bce"))

@@ -72,12 +72,15 @@ def repeat_share(data: SequenceData) -> float:
 def model_config(preset: str, data: SequenceData) -> SeqRecConfig:
     """The preset's SeqRecConfig for this data: behaviour and category embeddings are used
     only when the data has more than one behaviour type / has categories, and history items
-    are ranked last only when the training data (almost) never repeats an item."""
+    are ranked last only when the training data (almost) never repeats an item; where it does,
+    the model gets repeat-aware scores instead."""
+    share = repeat_share(data)
     extra = dict(
         n_categories=data.n_categories,
         use_category=data.n_categories > 0,
         use_behavior=len(np.unique(data.behaviors)) > 1,
-        exclude_history=repeat_share(data) < REPEAT_SHARE_TO_KEEP_HISTORY,
+        exclude_history=share < REPEAT_SHARE_TO_KEEP_HISTORY,
+        repeat_scores=share >= REPEAT_SHARE_TO_KEEP_HISTORY,
     )
     if preset == "small":
         return SeqRecConfig.small(data.n_items, **extra)

@@ -144,17 +144,52 @@ def _batch_tensors(windows: TrainingWindows, rows: np.ndarray, device: torch.dev
     return tuple(torch.as_tensor(a[:, -width:], device=device) for a in arrays)
 
 
-def _ce_loss(model: SeqRec, states: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+@dataclass
+class PrefixRepeats:
+    """For a repeat-aware model (``SeqRecConfig.repeat_scores``): at every trained position,
+    the items of the history so far and how recently each was last seen.
+
+    items, recency: (N, T) for the N trained positions of a (B, T) batch: items[n, p] is the
+    batch row's input at column p, recency[n, p] = t - p + 1 when column p holds the latest
+    occurrence of its item at or before that position t, else 0 (later, padding, or repeated)."""
+
+    items: torch.Tensor
+    recency: torch.Tensor
+
+    @classmethod
+    def from_inputs(cls, inputs: torch.Tensor, mask: torch.Tensor) -> PrefixRepeats:
+        """inputs: (B, T) left-padded ids; mask: (B, T) bool, the trained positions."""
+        width = inputs.shape[1]
+        column = torch.arange(width, device=inputs.device)
+        later_same = (inputs.unsqueeze(2) == inputs.unsqueeze(1)) & (column.view(1, 1, -1) > column.view(1, -1, 1))
+        next_same = torch.where(later_same, column.view(1, 1, -1), width).amin(-1)  # (B, T): next column with the item
+        t, p = column.view(1, -1, 1), column.view(1, 1, -1)
+        valid = (p <= t) & (t < next_same.unsqueeze(1)) & (inputs != 0).unsqueeze(1)  # (B, t, p)
+        recency = torch.where(valid, t - p + 1, 0)
+        return cls(items=inputs.unsqueeze(1).expand(-1, width, -1)[mask], recency=recency[mask])
+
+    def bonus(self, model: SeqRec, states: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """(n, D) states of rows -> (n, T) repeat bonus of their history items."""
+        return model.repeat_bonus(states, self.recency[rows])
+
+
+def _ce_loss(
+    model: SeqRec, states: torch.Tensor, targets: torch.Tensor, chunk_rows: int, repeats: PrefixRepeats | None = None
+) -> torch.Tensor:
     """Full-softmax cross-entropy, summed over rows, computed chunk by chunk.
 
     states (N, D) are detached, the chunks back-propagated one at a time into states.grad
     and the item table, and the summed gradient is returned for one backward through the
-    encoder. Returns the mean loss (a float tensor without graph)."""
+    encoder. ``repeats`` adds the repeat bonus of each row's history items to their logits.
+    Returns the mean loss (a float tensor without graph)."""
     weight = model.item_emb.weight
     total = states.new_zeros(())
     n = len(states)
     for start in range(0, n, chunk_rows):
-        logits = states[start : start + chunk_rows] @ weight.T
+        rows = slice(start, start + chunk_rows)
+        logits = states[rows] @ weight.T
+        if repeats is not None:
+            logits = logits.scatter_add(1, repeats.items[rows], repeats.bonus(model, states[rows], rows))
         logits[:, 0] = float("-inf")  # never predict padding
         loss = F.cross_entropy(logits, targets[start : start + chunk_rows], reduction="sum") / n
         loss.backward()
@@ -177,15 +212,27 @@ def _proposal_log_q(popularity: np.ndarray, negatives_from: str) -> torch.Tensor
 
 def _sampled_softmax_loss(
     model: SeqRec, states: torch.Tensor, targets: torch.Tensor, n_negatives: int, log_q: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator, repeats: PrefixRepeats | None = None, seen_dots: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Softmax over the target and shared sampled negatives, logQ-corrected. With ``repeats``
+    (and ``seen_dots``, (N, T) state · embedding of each history column) the target gets its
+    repeat bonus and every history item enters as one more exact logit with its bonus (a
+    sampled negative that is also a history item is left in: rare, and checking every pair
+    costs (N, n_negatives, T))."""
     weight = model.item_emb.weight
     negatives = torch.multinomial(log_q.exp().cpu(), n_negatives, replacement=True, generator=generator)
     negatives = negatives.to(states.device)
     positive = (states * weight[targets]).sum(-1, keepdim=True) - log_q[targets].unsqueeze(1)
     negative = states @ weight[negatives].T - log_q[negatives]
     negative = negative.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
-    logits = torch.cat([positive, negative], dim=1)
+    parts = [positive, negative]
+    if repeats is not None:
+        bonus = repeats.bonus(model, states)
+        is_target = repeats.items == targets.unsqueeze(1)
+        parts[0] = positive + (bonus * is_target).sum(-1, keepdim=True)  # only the latest occurrence has a bonus
+        seen = seen_dots + bonus
+        parts.append(seen.masked_fill((repeats.recency == 0) | is_target, float("-inf")))
+    logits = torch.cat(parts, dim=1)
     return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.int64, device=states.device))
 
 
@@ -215,6 +262,8 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
     config = config or TrainConfig()
     if config.loss not in ("ce", "sampled_softmax", "bce"):
         raise NimbleError(f"unknown loss {config.loss!r}", fix="use ce, sampled_softmax or bce")
+    if config.loss == "bce" and model.config.repeat_scores:
+        raise NimbleError("the bce loss does not train repeat scores", fix="use ce or sampled_softmax, or repeat_scores=False")
     if data.n_items != model.config.n_items:
         raise NimbleError(
             f"data has {data.n_items} items but the model was built for {model.config.n_items}",
@@ -266,10 +315,11 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
                 aux = None
                 if config.bce_weight > 0 and config.loss != "bce":
                     aux = config.bce_weight * _bce_loss(model, hidden, targets, sequence, mask, generator)
+                repeats = PrefixRepeats.from_inputs(inputs, mask) if model.config.repeat_scores else None
                 if config.loss == "ce":
                     states = hidden[mask]
                     detached = states.detach().requires_grad_(True)
-                    loss = _ce_loss(model, detached, targets[mask], config.ce_chunk_rows)
+                    loss = _ce_loss(model, detached, targets[mask], config.ce_chunk_rows, repeats)
                     # one backward through the encoder: the chunked CE gradient plus the aux term
                     tensors, grads = [states], [detached.grad]
                     if aux is not None:
@@ -279,7 +329,12 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
                     torch.autograd.backward(tensors, grads)
                 else:
                     if config.loss == "sampled_softmax":
-                        loss = _sampled_softmax_loss(model, hidden[mask], targets[mask], config.n_negatives, log_q, generator)
+                        seen_dots = None
+                        if repeats is not None:  # (B, T, T) in batch space, then the trained rows
+                            seen_dots = torch.bmm(hidden, model.item_emb(inputs).transpose(1, 2))[mask]
+                        loss = _sampled_softmax_loss(
+                            model, hidden[mask], targets[mask], config.n_negatives, log_q, generator, repeats, seen_dots
+                        )
                     else:
                         loss = _bce_loss(model, hidden, targets, sequence, mask, generator)
                     if aux is not None:
