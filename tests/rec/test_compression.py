@@ -131,3 +131,17 @@ def test_missing_or_corrupt_files_give_one_clear_error(parent, tmp_path) -> None
     (out / "model.safetensors").unlink()
     with pytest.raises(NimbleError, match="model.safetensors"):
         load_variant(out)
+
+
+def test_compress_command(parent, tmp_path, capsys) -> None:
+    from nimbleml.cli import main
+
+    model_dir, data_dir = parent
+    out = tmp_path / "cli"
+    argv = ["compress", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+            "--recipe", "local", "--recipe", "quantize-dynamic", "--finetune-seconds", "0"]
+    assert main(argv) == 0
+    assert "NDCG@10" in capsys.readouterr().out
+    assert json.loads((out / "variant.json").read_text())["recipes"] == ["local", "quantize-dynamic"]
+    assert main([*argv, "--recipe", "prune"]) == 2  # int8 recipe not last: one-line error, exit 2
+    assert "int8 recipes must come last" in capsys.readouterr().err
