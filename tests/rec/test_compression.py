@@ -145,3 +145,14 @@ def test_compress_command(parent, tmp_path, capsys) -> None:
     assert json.loads((out / "variant.json").read_text())["recipes"] == ["local", "quantize-dynamic"]
     assert main([*argv, "--recipe", "prune"]) == 2  # int8 recipe not last: one-line error, exit 2
     assert "int8 recipes must come last" in capsys.readouterr().err
+
+
+def test_user_subset_keeps_each_users_split(parent) -> None:
+    from nimbleml.rec.compression import user_subset
+    from nimbleml.rec.data import SequenceData, leave_last_out
+
+    data = SequenceData.load(parent[1])
+    users = np.array([3, 10, 11, 40])
+    full, part = leave_last_out(data, 16), leave_last_out(user_subset(data, users), 16)
+    for key in ("valid_input", "valid_target", "test_input", "test_target"):
+        np.testing.assert_array_equal(part[key], full[key][users])

@@ -78,7 +78,9 @@ class CompressConfig:
     """Recipe settings and budgets. The defaults keep every variant of ``bench rec --variants
     all`` on the default preset (Amazon Video Games) within about 15 minutes on 2 cores."""
 
-    finetune_seconds: float = 60.0  # per fine-tune; checked after each epoch (~20-30 s on 2 free cores)
+    finetune_seconds: float = 60.0  # per fine-tune; checked after each epoch over finetune_users
+    # users (a fresh random subset per fine-tune) so the limit bites every few seconds; None = all users
+    finetune_users: int | None = 8000
     finetune_lr: float = 3e-4  # Adam learning rate when fine-tuning (training used 1e-3)
     prune_sparsity: float = 0.4  # unstructured: fraction of each layer's weights zeroed (paper: 40%)
     prune_rounds: int = 3  # unstructured: prune -> fine-tune rounds (paper: K = 3), each finetune_seconds
@@ -114,6 +116,7 @@ class RecipeContext:
     train_config: TrainConfig  # the parent's training settings, the base of every fine-tune
     workdir: Path  # scratch folder for intermediate files
     onnx_path: Path | None = None  # set by an int8 recipe: the quantised graph
+    n_finetunes: int = 0  # fine-tunes run so far (each draws its own user subset)
     report: dict = field(default_factory=dict)  # the running recipe's details for variant.json
 
 
@@ -142,11 +145,28 @@ def finetune(model: SeqRec, context: RecipeContext, seconds: float | None = None
         time_limit_s=config.finetune_seconds if seconds is None else seconds,
         max_valid_users=config.finetune_valid_users, seed=config.seed, threads=config.threads,
     )
-    result = train(model, context.data, train_config)
+    data = context.data
+    if config.finetune_users is not None and data.n_users > config.finetune_users:
+        rng = np.random.default_rng([config.seed, context.n_finetunes])
+        data = user_subset(data, np.sort(rng.choice(data.n_users, size=config.finetune_users, replace=False)))
+    context.n_finetunes += 1
+    result = train(model, data, train_config)
     return {
         "epochs": result.epochs_run, "seconds": round(result.train_seconds, 1),
         "valid_full_ndcg@10": result.best_valid.get("ndcg@10"), "stopped_because": result.stopped_because,
     }
+
+
+def user_subset(data: SequenceData, users: np.ndarray) -> SequenceData:
+    """The sequences of ``users`` (sorted indices) with the same catalogue: each user's split
+    depends on that user's events only, so a subset leaks nothing."""
+    starts, ends = data.offsets[users], data.offsets[users + 1]
+    events = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+    return replace(
+        data, offsets=np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64), items=data.items[events],
+        behaviors=data.behaviors[events], categories=data.categories[events], timestamps=data.timestamps[events],
+        user_ids=data.user_ids[users],
+    )
 
 
 def sample_candidates(rng: np.random.Generator, popularity: np.ndarray, n_rows: int, n: int = 50) -> np.ndarray:
