@@ -6,6 +6,7 @@ from scipy import stats
 from nimbleml.errors import NimbleError
 from nimbleml.risk.portfolio import (
     VAR_LEVELS,
+    fit_student_nu,
     load_weights,
     pairwise_correlation,
     portfolio_paths,
@@ -168,3 +169,10 @@ def test_weights_file_is_used_and_validated(tmp_path):
         bad.write_text(text)
         with pytest.raises(NimbleError, match=words):
             load_weights(bad, ["A0", "A1", "A2"])
+
+
+def test_student_nu_matches_scipy_mle_with_unit_variance():
+    z = stats.t.rvs(5, size=5000, random_state=3) * np.sqrt(3 / 5)  # unit-variance t(5)
+    nu = fit_student_nu(z)
+    ref = stats.t.fit(z, floc=0.0)[0]  # free-scale MLE: close to ours on unit-variance data
+    assert nu == pytest.approx(5.0, rel=0.2) and nu == pytest.approx(ref, rel=0.1)

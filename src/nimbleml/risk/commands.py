@@ -20,6 +20,7 @@ from nimbleml.risk.experiment import MODEL_NAMES, RiskRunConfig, run_risk_evalua
 from nimbleml.risk.parallel import EXECUTORS
 from nimbleml.risk.protocol import PROTOCOLS
 from nimbleml.risk.regimes import parse_windows
+from nimbleml.risk.run_folder import data_fingerprint
 
 # flag dest -> (config field, or "features.<field>"; how the flag value becomes the field value)
 _FLAG_FIELDS: dict[str, tuple[str, object]] = {
@@ -143,6 +144,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result.extras["cpu_seconds"] = _cpu_seconds() - c0
     result.extras["load_average"] = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
     result.extras["environment"] = environment()
+    result.extras["data_fingerprint"] = data_fingerprint(cfg.data)
     if result.cnn is not None:
         result.cnn.save(args.out / "model")  # the model-folder contract: CNNForecaster.load(DIR/model)
     metrics = write_report(result, args.out)
@@ -156,6 +158,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     result = load_run(args.run_dir)
     result.extras["environment"] = environment()
+    result.extras.setdefault("data_fingerprint", data_fingerprint(result.config.data))
     metrics = write_report(result, args.run_dir)
     print_table(metrics)
     return 0

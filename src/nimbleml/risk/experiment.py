@@ -20,7 +20,7 @@ from nimbleml.risk.cnn import CNNForecaster
 from nimbleml.risk.comparison import comparison_section
 from nimbleml.risk.data import MarketPanel, load_panel
 from nimbleml.risk.evaluate import qlike_loss, score_by_class, score_forecasts
-from nimbleml.risk.features import FeatureConfig, build_samples, compute_features, fit_scaler, zscore_keep
+from nimbleml.risk.features import FeatureConfig, FeatureScaler, build_samples, compute_features, fit_scaler, zscore_keep
 from nimbleml.risk.imaging import get_encoder
 from nimbleml.risk.model import RiskCNNConfig
 from nimbleml.risk.parallel import check_executor
@@ -116,6 +116,7 @@ class RiskRunResult:
     predict_seconds: dict[str, float]
     extras: dict = field(default_factory=dict)
     returns: list[pd.Series] = field(default_factory=list)  # every asset's daily returns (regimes, portfolio)
+    example: tuple[np.ndarray, str] | None = None  # one scaled (features, days) input window and its caption
     cnn: CNNForecaster | None = None  # the last fold's fitted CNN (saved to DIR/model/)
 
     @property
@@ -159,6 +160,7 @@ class RiskRunResult:
                 "cnn_warm_start": cfg.warm_start and cfg.protocol == "walk-forward",
             },
             "leaky": self.leaky,
+            "config": cfg.to_dict(),
             "horizon": cfg.features.horizon,
             "n_assets": int(p["asset"].nunique()),
             "n_test_samples": int(len(p)),
@@ -201,6 +203,21 @@ def portfolio_section(predictions: pd.DataFrame, returns: list[pd.Series], cfg: 
     }
     frame = pd.concat({m: paths[m].frame().set_index("date") for m in models}, axis=1)
     return section, frame
+
+
+def example_window(fp, predictions: pd.DataFrame) -> tuple[np.ndarray, str]:
+    """The input window of the most volatile test day of the asset with most test rows, scaled
+    with a scaler fitted on that asset's days before the test period (for the report's figure)."""
+    asset = predictions["asset"].value_counts().index[0]
+    rows = predictions[predictions["asset"] == asset]
+    day = pd.Timestamp(rows.loc[rows["target"].idxmax(), "date"])
+    a = next(x for x in fp.assets if x.name == asset)
+    t = int(np.searchsorted(a.dates, np.datetime64(day, "ns")))
+    first_test = np.datetime64(pd.Timestamp(predictions["date"].min()), "ns")
+    past = a.features[(a.dates < first_test) & np.isfinite(a.features).all(axis=1)]
+    scaler = FeatureScaler(fp.config.scaler, fp.config.outliers).fit(past if len(past) else a.features[np.isfinite(a.features).all(axis=1)])
+    window = scaler.transform(a.features[t - fp.config.window + 1 : t + 1]).T
+    return window, f"{asset} on {day.date()} (its most volatile test day): {len(fp.feature_names)} features x {fp.config.window} days"
 
 
 def _make_model(name: str, cfg: RiskRunConfig, n_features: int):
@@ -291,6 +308,8 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None, ch
         for name in cfg.models:
             warm = cnn if (name == "cnn" and cfg.warm_start and cfg.protocol == "walk-forward") else None
             model, forecast, f_s, p_s = _fit_and_predict(name, cfg, len(fp.feature_names), train, val, test, warm)
+            seen = model.train_end_ if hasattr(model, "train_end_") else train.dates.max()
+            info.setdefault("fit_data_end", {})[name] = str(pd.Timestamp(seen).date())  # last date a model fitted on
             fit_s[name] += f_s
             pred_s[name] += p_s
             frame[name] = forecast
@@ -317,5 +336,6 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None, ch
         predict_seconds=pred_s,
         extras=extras,
         returns=returns,
+        example=example_window(fp, predictions),
         cnn=cnn,
     )

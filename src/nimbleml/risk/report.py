@@ -1,4 +1,4 @@
-"""Report folder for a risk run: metrics.json, config.json, predictions, a markdown table and figures."""
+"""Report folder for a risk run: metrics.json, config.json, predictions, a markdown table, report.html and figures."""
 
 from __future__ import annotations
 
@@ -6,16 +6,13 @@ import json
 import logging
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from nimbleml.risk.experiment import RiskRunResult  # noqa: E402
-from nimbleml.risk.run_folder import write_state  # noqa: E402
+from nimbleml.risk.experiment import RiskRunResult
+from nimbleml.risk.html_report import write_html_report
+from nimbleml.risk.run_folder import write_state
 
 log = logging.getLogger(__name__)
 
@@ -70,41 +67,6 @@ def markdown_table(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figures(result: RiskRunResult, out: Path) -> list[str]:
-    """QLIKE by model and class (bar chart), and forecasts vs realised for the largest asset."""
-    metrics = result.metrics()
-    names = list(metrics["models"])
-    classes = list(metrics["by_asset_class"])
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / max(len(classes) + 1, 1)
-    x = np.arange(len(names))
-    ax.bar(x, [metrics["models"][n]["qlike"] for n in names], width, label="pooled")
-    for k, c in enumerate(classes, start=1):
-        ax.bar(x + k * width, [metrics["by_asset_class"][c][n]["qlike"] for n in names], width, label=c)
-    ax.set_xticks(x + width * len(classes) / 2, names)
-    ax.set_ylabel("QLIKE (lower is better)")
-    ax.set_title(f"Test QLIKE, protocol={metrics['protocol']['name']}{' (LEAKY)' if metrics['leaky'] else ''}, h={metrics['horizon']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "qlike_by_model.png", dpi=120)
-    plt.close(fig)
-
-    p = result.predictions
-    asset = p["asset"].value_counts().index[0]
-    one = p[p["asset"] == asset].sort_values("date")
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(one["date"], one["target"], color="black", lw=0.8, label="realised")
-    for name in [n for n in ("cnn", "har", "gjr") if n in p]:
-        ax.plot(one["date"], one[name], lw=0.9, label=name)
-    ax.set_ylabel(f"daily vol over next {metrics['horizon']} days")
-    ax.set_title(f"{asset}: forecasts vs realised (test period)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "forecast_vs_realised.png", dpi=120)
-    plt.close(fig)
-    return ["qlike_by_model.png", "forecast_vs_realised.png"]
-
-
 def write_report(result: RiskRunResult, out: Path) -> dict:
     """Write metrics.json, state, predictions.csv.gz, report.md and PNG figures; return the metrics."""
     out.mkdir(parents=True, exist_ok=True)
@@ -112,8 +74,10 @@ def write_report(result: RiskRunResult, out: Path) -> dict:
                 result.extras, result.data_report, complete=result.extras.get("run_complete", True))
     metrics = result.metrics()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    figures = _figures(result, out)
-    md = ["# Risk evaluation", "", markdown_table(metrics), ""] + [f"![{f}]({f})" for f in figures]
+    window, caption = result.example if result.example is not None else (None, "")
+    figures = write_html_report(metrics, result.predictions, result.__dict__.get("portfolio_path", pd.DataFrame()), window, caption, out)
+    md = ["# Risk evaluation", "", markdown_table(metrics), "", "Full report: [report.html](report.html)", ""]
+    md += [f"![{f}]({f})" for f in figures]
     (out / "report.md").write_text("\n".join(md) + "\n")
     log.info("report written to %s", out)
     return metrics

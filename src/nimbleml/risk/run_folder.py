@@ -8,7 +8,9 @@ timings, fallbacks, CNN history, data report, whether the run completed) and ``c
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,22 @@ from nimbleml.errors import NimbleError
 
 if TYPE_CHECKING:
     from nimbleml.risk.experiment import RiskRunResult
+
+
+def data_fingerprint(data: str) -> dict:
+    """sha256 of every data file a run read (a market folder's CSVs, or the arch package's data
+    files for ``data="arch"``), and one combined hash over (relative path, file hash) pairs."""
+    if data == "arch":
+        import arch.data
+
+        root = Path(arch.data.__file__).parent
+    else:
+        root = Path(data)
+    files = sorted(Path(d) / f for d, _, names in os.walk(root, followlinks=True) for f in names
+                   if f.endswith((".csv", ".csv.gz")))
+    per_file = {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    combined = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in per_file.items()).encode()).hexdigest()
+    return {"root": str(root), "files": len(per_file), "sha256": combined, "per_file": per_file}
 
 
 def write_state(out: Path, cfg: Any, predictions: pd.DataFrame, splits: list[dict], fit_seconds: dict,
@@ -37,7 +55,7 @@ def write_state(out: Path, cfg: Any, predictions: pd.DataFrame, splits: list[dic
 def load_run(folder: Path) -> RiskRunResult:
     """Rebuild a run's result from its folder; the return history is reloaded from the run's data."""
     from nimbleml.risk.data import load_panel
-    from nimbleml.risk.experiment import RiskRunConfig, RiskRunResult
+    from nimbleml.risk.experiment import RiskRunConfig, RiskRunResult, example_window
     from nimbleml.risk.features import compute_features
 
     folder = Path(folder)
@@ -59,4 +77,5 @@ def load_run(folder: Path) -> RiskRunResult:
         predict_seconds=state["predict_seconds"],
         extras=extras,
         returns=[a.returns for a in fp.assets],
+        example=example_window(fp, predictions),
     )
