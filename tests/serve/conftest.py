@@ -99,7 +99,7 @@ def start_server(model: Path, tmp: Path, *args: str, keys: bool = True, timeout_
     return Server(process, info["http"], info["grpc"], log)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(rec_bundle: Path, tmp_path_factory) -> Iterator[Server]:
     srv = start_server(rec_bundle, tmp_path_factory.mktemp("srv"), "--grpc-port", "0")
     yield srv

@@ -13,6 +13,7 @@ BENCH_TARGETS: dict[str, str] = {
     "rec": "nimbleml.commands.bench_rec",
     "risk": "nimbleml.commands.bench_risk",
     "retrieve": "nimbleml.rec.retrieve_bench",
+    "serve": "nimbleml.commands.serve_bench",
 }
 
 

@@ -13,6 +13,7 @@ batched and run in a worker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -92,6 +93,27 @@ def _left_pad(values: np.ndarray, length: int) -> np.ndarray:
     if len(tail):
         out[length - len(tail):] = tail
     return out
+
+
+def ranker_inputs(bundle: Bundle, history: np.ndarray, behaviors: np.ndarray | None,
+                  candidates: np.ndarray) -> dict[str, np.ndarray]:
+    """One request's ranker inputs in the graph's order, validated against the bundle's specs."""
+    specs = {s.name: s for s in bundle.graphs["ranker"].inputs}
+    want = specs["candidates"].shape[0]
+    if len(candidates) != want:
+        raise Rejected(422, f"candidates: expected exactly {want} item ids, got {len(candidates)}")
+    _check_ids(candidates, specs["candidates"], "candidates")
+    _check_ids(history, specs["history"], "history")
+    length = specs["history"].shape[0]
+    row = {"history": _left_pad(history, length), "candidates": candidates}
+    if "behaviors" in specs:
+        if behaviors is None:
+            behaviors = np.where(history != 0, int(specs["behaviors"].low or 1), 0)
+        elif len(behaviors) != len(history):
+            raise Rejected(422, f"behaviors: {len(behaviors)} codes for {len(history)} history items")
+        _check_ids(behaviors, specs["behaviors"], "behaviors")
+        row["behaviors"] = _left_pad(behaviors, length)
+    return {name: row[name] for name in specs}
 
 
 class Service:
@@ -199,25 +221,6 @@ class Service:
         if self.operation != operation:
             raise Rejected(404, f"this server answers {self.operation}, not {operation}")
 
-    def _ranker_row(self, bundle: Bundle, history: np.ndarray, behaviors: np.ndarray | None,
-                    candidates: np.ndarray) -> dict[str, np.ndarray]:
-        specs = {s.name: s for s in bundle.graphs["ranker"].inputs}
-        want = specs["candidates"].shape[0]
-        if len(candidates) != want:
-            raise Rejected(422, f"candidates: expected exactly {want} item ids, got {len(candidates)}")
-        _check_ids(candidates, specs["candidates"], "candidates")
-        _check_ids(history, specs["history"], "history")
-        length = specs["history"].shape[0]
-        row = {"history": _left_pad(history, length), "candidates": candidates}
-        if "behaviors" in specs:
-            if behaviors is None:
-                behaviors = np.where(history != 0, int(specs["behaviors"].low or 1), 0)
-            elif len(behaviors) != len(history):
-                raise Rejected(422, f"behaviors: {len(behaviors)} codes for {len(history)} history items")
-            _check_ids(behaviors, specs["behaviors"], "behaviors")
-            row["behaviors"] = _left_pad(behaviors, length)
-        return {name: row[name] for name in specs}  # the graph's input order
-
     async def _history(self, user: str):
         try:
             return await self.store.get(user)
@@ -257,7 +260,7 @@ class Service:
             history, behaviors = stored.items, stored.behaviors
         else:
             raise Rejected(422, "give user_id (history from the store) or history (item ids, oldest first)")
-        row = self._ranker_row(bundle, history, behaviors, candidates)
+        row = ranker_inputs(bundle, history, behaviors, candidates)
         scores = None
         if stored is not None:
             scores = self._cached_scores(version, request.user_id, stored.version, history, candidates)
@@ -288,7 +291,7 @@ class Service:
             self.metrics.store_errors.inc()
             raise Rejected(503, str(exc), 1.0) from exc
         if "state" in bundle.graphs and history.version == new_version:
-            row = self._ranker_row(bundle, history.items, history.behaviors, np.full(specs["candidates"].shape[0],
+            row = ranker_inputs(bundle, history.items, history.behaviors, np.full(specs["candidates"].shape[0],
                                    int(specs["candidates"].low or 1), dtype=np.int64))
             self._refresh_state(request.user_id, version, new_version, row)
         return IngestResponse(user_id=request.user_id, history_length=len(history.items), version=new_version)
@@ -361,7 +364,10 @@ class Service:
 
     # ------------------------------------------------------------------ admin: versions and workers
     def models(self) -> dict:
+        stable = self.bundles[self.versions.stable]
+        inputs = {name: [dataclasses.asdict(i) for i in g.inputs] for name, g in stable.graphs.items()}
         return {**self.versions.to_dict(), "operation": self.operation, "backend": self.config.pool.backend,
+                "inputs": inputs,
                 "workers": [{"index": w.index, "pid": w.pid, "ready": w in self.pool.ready_workers(),
                              "inflight_batches": len(w.inflight)} for w in self.pool.workers],
                 "worker_restarts": self.pool.restarts}

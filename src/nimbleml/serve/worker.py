@@ -2,7 +2,8 @@
 
 It speaks a small message protocol over two pipes (pickled tuples, numpy arrays inside):
 
-- in:  ``("run", rid, version, graph, inputs)``, ``("load", rid, version, folder)``,
+- in:  ``("run", rid, version, graph, inputs)``, ``("load", rid, version, folder)`` (loaded on a
+  side thread while the loop keeps serving),
   ``("unload", rid, version)``, ``("stop",)``
 - out: ``("ready", pid)`` once the first bundles are loaded and warmed, then
   ``("ok", rid, array_or_None)`` or ``("err", rid, message)`` per message.
@@ -58,6 +59,17 @@ def _reader(conn: Connection, inbox: queue.Queue) -> None:
             return
 
 
+def _load_beside(rid: int, version: str, folder: str, backend: str, threads: int, warm_batches: tuple[int, ...],
+                 inbox: queue.Queue) -> None:
+    """Build and warm a bundle on a side thread; the main loop registers it when it arrives."""
+    try:
+        bundle = LoadedBundle(folder, backend, threads)
+        bundle.warm(warm_batches)
+        inbox.put(("loaded", rid, version, bundle))
+    except Exception as exc:  # reported to the front end as this load's error
+        inbox.put(("loaded", rid, version, exc))
+
+
 def worker_main(inbox_conn: Connection, outbox_conn: Connection, bundles: dict[str, str], backend: str,
                 threads: int, warm_batches: tuple[int, ...]) -> None:
     """Entry point of a worker process (spawned; everything it gets is picklable)."""
@@ -85,10 +97,14 @@ def worker_main(inbox_conn: Connection, outbox_conn: Connection, bundles: dict[s
             if kind == "run":
                 _, _, version, graph, inputs = message
                 outbox_conn.send(("ok", rid, loaded[version].run(graph, inputs)))
-            elif kind == "load":
+            elif kind == "load":  # load and warm beside the serving loop: traffic keeps flowing meanwhile
                 _, _, version, folder = message
-                bundle = LoadedBundle(folder, backend, threads)
-                bundle.warm(warm_batches)
+                threading.Thread(target=_load_beside, args=(rid, version, folder, backend, threads, warm_batches,
+                                                            inbox), daemon=True).start()
+            elif kind == "loaded":
+                _, _, version, bundle = message
+                if isinstance(bundle, Exception):
+                    raise bundle
                 loaded[version] = bundle
                 outbox_conn.send(("ok", rid, None))
             elif kind == "unload":

@@ -1,0 +1,361 @@
+"""`nimbleml bench serve`: a naive server against ours, side by side in one run, on this machine.
+
+- **naive**: what a user would write: FastAPI + pydantic, PyTorch eager FP32, one forward
+  per request (``--naive`` mode of this module, run as its own process).
+- **nimbleml**: ``nimbleml serve`` on the same model (fastest runtime backend, workers,
+  dynamic batching, lean hot path); also with its hot routes through FastAPI
+  (``nimbleml_fastapi_route``) to show what the lean path buys.
+- **ray_serve**: the same bundle as a Ray Serve deployment (``serve/ray_app.py``).
+
+For each, the highest offered rate (Poisson, open loop) whose p99 stays <= 50 ms with >= 99 %
+answered 2xx, and the server processes' CPU per answered request. Then a 2x overload of ours
+with the tier mix. The generator's own ceiling against a trivial server is recorded, so the
+ratio can be read even where the generator limits it. Writes ``serve_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from nimbleml.environment import environment
+from nimbleml.errors import NimbleError
+from nimbleml.serve.loadgen import LoadPlan, http_request, loopback_target, request_bodies, run_load
+
+log = logging.getLogger(__name__)
+
+HELP = "naive FastAPI + eager server vs nimbleml serve (and Ray Serve): max req/s at p99 <= 50 ms, 2x overload"
+TIERS = ("premium", "standard", "free")
+OVERLOAD_MIX = {"premium": 0.1, "standard": 0.6, "free": 0.3}
+
+
+# ---------------------------------------------------------------------------- servers under test
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise NimbleError(f"server for {url} exited with {process.returncode}", fix="see its log in the out folder")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise NimbleError(f"server for {url} did not come up in {timeout_s:.0f} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds) of one process from /proc (Linux), None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its descendants (the server's workers), seconds."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None:
+                parents[int(entry.name)], cpu[int(entry.name)] = stat
+    total, frontier = 0.0, [pid]
+    while frontier:
+        current = frontier.pop()
+        total += cpu.get(current, 0.0)
+        frontier.extend(child for child, parent in parents.items() if parent == current)
+    return total
+
+
+class NaiveRecommendIn(BaseModel):
+    """The naive server's request: a pydantic model, validated field by field."""
+
+    history: list[int]
+    candidates: list[int]
+
+
+def naive_app(model_dir: Path):
+    """The naive server: FastAPI + pydantic + eager FP32 torch, one forward per request."""
+    import torch
+    from fastapi import FastAPI
+
+    from nimbleml.rec.train import load_checkpoint
+
+    model = load_checkpoint(model_dir)
+    length = model.config.max_len
+    app = FastAPI()
+
+    @app.post("/v1/recommend")
+    def recommend(request: NaiveRecommendIn) -> dict:
+        history = ([0] * length + request.history)[-length:]
+        with torch.no_grad():
+            scores = model(torch.tensor([history]), torch.tensor([request.candidates]))[0]
+        order = torch.argsort(scores, descending=True).tolist()
+        items = [{"item": request.candidates[i], "score": float(scores[i]) if torch.isfinite(scores[i]) else None}
+                 for i in order]
+        return {"items": items, "model_version": "naive"}
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "alive"}
+
+    return app
+
+
+class _Trivial(asyncio.Protocol):
+    """Answers every request at once with a fixed 200: the generator's ceiling, not a server's."""
+
+    RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+    def connection_made(self, transport) -> None:
+        import httptools
+
+        self.transport = transport
+        self.parser = httptools.HttpRequestParser(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        self.transport.write(self.RESPONSE)
+
+
+async def _trivial_main(port: int) -> None:
+    server = await asyncio.get_running_loop().create_server(_Trivial, "127.0.0.1", port, backlog=4096)
+    await server.serve_forever()
+
+
+def _start(cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+
+# ---------------------------------------------------------------------------- measurements
+def capacity(url: str, route: str, bodies: list[bytes], key: str | None, pids: list[int], start_rps: float,
+             factor: float, max_rps: float, step_s: float, slo_ms: float, processes: int, label: str) -> dict:
+    """Raise the offered rate by ``factor`` until two steps in a row miss the SLO; the best passing step wins."""
+    target = loopback_target(f"{url}{route}")
+    requests = {"standard": [http_request(target, b, key) for b in bodies]}
+    steps, best, misses, rate = [], None, 0, start_rps
+    while rate <= max_rps and misses < 2:
+        cpu_before = sum(_cpu_seconds(p) for p in pids)
+        result = run_load(LoadPlan(target, rate, step_s, requests, {"standard": 1.0}, processes=processes,
+                                   timeout_s=2.0, seed=len(steps)))
+        cpu = sum(_cpu_seconds(p) for p in pids) - cpu_before
+        summary = result.summary()
+        ok_share = summary["ok"] / max(1, summary["sent"])
+        passed = summary["p99_ms"] is not None and summary["p99_ms"] <= slo_ms and ok_share >= 0.99
+        step = {"offered_rps": round(rate, 1), "throughput_rps": summary["throughput_rps"], "p50_ms": summary["p50_ms"],
+                "p99_ms": summary["p99_ms"], "ok_share": round(ok_share, 4), "passed": passed,
+                "cpu_ms_per_request": round(1000 * cpu / summary["answered"], 3) if pids and summary["answered"] else None,
+                "generator_cpu_s": summary["generator_cpu_s"], "load_average": list(os.getloadavg())}
+        steps.append(step)
+        log.info("%s: offered %.0f req/s -> %.0f ok/s, p99 %s ms, ok %.3f %s", label, rate, summary["throughput_rps"],
+                 summary["p99_ms"], ok_share, "pass" if passed else "MISS")
+        if passed:
+            misses = 0
+            if best is None or step["throughput_rps"] > best["throughput_rps"]:
+                best = step
+        else:
+            misses += 1
+        rate *= factor
+    return {"max_rps": best["throughput_rps"] if best else 0.0, "p99_ms": best["p99_ms"] if best else None,
+            "offered_rps": best["offered_rps"] if best else None,
+            "cpu_ms_per_request": best["cpu_ms_per_request"] if best else None, "steps": steps}
+
+
+def overload(url: str, bodies: list[bytes], keys: dict[str, str], rps: float, duration_s: float, processes: int) -> dict:
+    target = loopback_target(f"{url}/v1/recommend")
+    requests = {tier: [http_request(target, b, keys[tier]) for b in bodies] for tier in OVERLOAD_MIX}
+    before = httpx.get(f"{url}/v1/models").json()["worker_restarts"]
+    result = run_load(LoadPlan(target, rps, duration_s, requests, dict(OVERLOAD_MIX), processes=processes,
+                               timeout_s=5.0))
+    summary = result.summary()
+    after = httpx.get(f"{url}/v1/models").json()["worker_restarts"]
+    return {"offered_rps": round(rps, 1), **summary, "worker_restarts": after - before}
+
+
+def _ray_capacity(bundle: Path, backend: str, args: argparse.Namespace, bodies: list[bytes]) -> dict:
+    """Start a local Ray Serve with the same bundle; measure it with the same generator."""
+    import ray
+    from ray import serve
+
+    from nimbleml.serve.ray_app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"bundle": str(bundle), "backend": backend}), name="nimbleml", route_prefix="/v1/recommend")
+        url = f"http://127.0.0.1:{port}"
+        httpx.post(f"{url}/v1/recommend", content=bodies[0], timeout=30)
+        return capacity(url, "/v1/recommend", bodies, None, [], args.start_rps, args.factor, args.max_rps,
+                        args.step_s, args.slo_ms, args.processes, "ray_serve")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _table(result: dict) -> Table:
+    table = Table(title="nimbleml bench serve: max req/s with p99 <= 50 ms (same machine, same generator)")
+    for column in ("server", "max req/s", "p99 ms", "CPU ms/request"):
+        table.add_column(column, justify="right" if column != "server" else "left")
+    for name in ("generator", "naive", "nimbleml", "nimbleml_fastapi_route", "ray_serve"):
+        row = result.get(name)
+        if row:
+            table.add_row(name, str(row.get("max_rps")), str(row.get("p99_ms")), str(row.get("cpu_ms_per_request")))
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    from nimbleml.commands.serve import prepare_model
+    from nimbleml.runtime.backends import best_backend
+    from nimbleml.serve.bundle import Bundle
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    bundle_dir = prepare_model(args.model)
+    bundle = Bundle.load(bundle_dir)
+    if bundle.operation != "recommend":
+        raise NimbleError("bench serve measures a recommender", path=args.model, fix="pass a `nimbleml rec train` folder")
+    backend = args.backend or best_backend()
+    bodies = request_bodies({n: [vars(i) for i in g.inputs] for n, g in bundle.graphs.items()}, "recommend", 256)
+    keys = {tier: f"bench-{tier}" for tier in TIERS}
+    key_env = {"NIMBLEML_API_KEYS": ",".join(f"{k}={t}" for t, k in keys.items()) + ",bench-admin=premium:admin"}
+    here = [sys.executable, "-m", "nimbleml.commands.serve_bench"]
+    result: dict = {"command": " ".join(sys.argv), "model": str(args.model), "backend": backend,
+                    "load_average_at_start": list(os.getloadavg())}
+    search = dict(start_rps=args.start_rps, factor=args.factor, max_rps=args.max_rps, step_s=args.step_s,
+                  slo_ms=args.slo_ms, processes=args.processes)
+
+    def measure(name: str, cmd: list[str], url: str, health: str, key: str | None, env: dict | None = None) -> dict:
+        process = _start(cmd, args.out / f"{name}.log", env)
+        try:
+            _wait_http(f"{url}{health}", process)
+            return capacity(url, "/v1/recommend", bodies, key, [process.pid], label=name, **search)
+        finally:
+            _stop(process)
+
+    port = _free_port()
+    process = _start([*here, "--trivial", "--port", str(port)], args.out / "trivial.log")
+    try:
+        time.sleep(1.0)
+        url = f"http://127.0.0.1:{port}"
+        result["generator"] = capacity(url, "/", bodies, None, [], label="generator", **{
+            **search, "start_rps": 500.0, "factor": 1.5, "max_rps": args.max_rps * 4})
+    finally:
+        _stop(process)
+
+    port = _free_port()
+    result["naive"] = measure("naive", [*here, "--naive", str(args.model), "--port", str(port)],
+                              f"http://127.0.0.1:{port}", "/healthz", None)
+    serve_cmd = [sys.executable, "-m", "nimbleml.cli", "serve", "--model", str(bundle_dir), "--backend", backend,
+                 "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    if args.workers:
+        serve_cmd += ["--workers", str(args.workers)]
+    variants = [("nimbleml", "lean")] + ([] if args.skip_fastapi_route else [("nimbleml_fastapi_route", "fastapi")])
+    for name, http in variants:
+        port = _free_port()
+        result[name] = measure(name, [*serve_cmd, "--port", str(port), "--http", http], f"http://127.0.0.1:{port}",
+                               "/readyz", keys["standard"], key_env)
+    result["ratio"] = round(result["nimbleml"]["max_rps"] / max(1e-9, result["naive"]["max_rps"]), 2)
+
+    port = _free_port()
+    process = _start([*serve_cmd, "--port", str(port)], args.out / "overload.log", key_env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(f"{url}/readyz", process)
+        rate = 2 * max(result["nimbleml"]["max_rps"], 1.0)
+        result["overload"] = overload(url, bodies, keys, rate, args.overload_s, args.processes)
+    finally:
+        _stop(process)
+
+    if not args.skip_ray:
+        try:
+            result["ray_serve"] = _ray_capacity(bundle_dir, backend, args, bodies)
+        except Exception as exc:  # Ray is optional here: record why it is missing rather than lose the run
+            log.error("Ray Serve measurement failed: %s", exc)
+            result["ray_serve"] = {"max_rps": None, "error": f"{type(exc).__name__}: {exc}"}
+    result["load_average_at_end"] = list(os.getloadavg())
+    result["environment"] = environment()
+    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    (args.out / "serve_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    console = Console()
+    console.print(_table(result))
+    over = result["overload"]
+    console.print(f"ratio {result['ratio']}x; 2x overload ({over['offered_rps']} req/s): sent {over['sent']}, "
+                  f"answered {over['answered']}, " + ", ".join(
+                      f"{t} p99 {b['p99_ms']} ms rejected {b['rejected']}" for t, b in over["by_tier"].items()))
+    console.print(f"wrote {args.out / 'serve_bench.json'}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="a `nimbleml rec train` model folder")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench/serve"), help="output folder")
+    parser.add_argument("--backend", default=None, help="runtime backend for ours (default: fastest available)")
+    parser.add_argument("--workers", type=int, default=0, help="our worker processes (default: cores - 1)")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--slo-ms", type=float, default=50.0, help="p99 objective, ms")
+    parser.add_argument("--start-rps", type=float, default=100.0, help="first offered rate of each search")
+    parser.add_argument("--factor", type=float, default=1.25, help="rate multiplier between steps")
+    parser.add_argument("--max-rps", type=float, default=6000.0, help="stop searching above this rate")
+    parser.add_argument("--step-s", type=float, default=3.0, help="seconds of arrivals per step")
+    parser.add_argument("--overload-s", type=float, default=8.0, help="seconds of the 2x overload run")
+    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument("--skip-ray", action="store_true", help="leave out Ray Serve")
+    parser.add_argument("--skip-fastapi-route", action="store_true", help="leave out ours with FastAPI hot routes")
+
+
+def _main() -> None:
+    """Process entry for the servers this benchmark starts (naive, trivial)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--naive", type=Path)
+    parser.add_argument("--trivial", action="store_true")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    if args.trivial:
+        import uvloop
+
+        uvloop.run(_trivial_main(args.port))
+    else:
+        import uvicorn
+
+        uvicorn.run(naive_app(args.naive), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,149 @@
+"""Faults under load: a worker killed, Redis restarted, the model swapped; every request answered."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from nimbleml.serve.loadgen import LoadPlan, http_request, loopback_target, run_load
+from tests.serve.conftest import KEYS, start_server
+
+CANDIDATES = list(range(1, 51))
+
+
+def load_in_background(url: str, rps: float, duration_s: float) -> tuple[threading.Thread, dict]:
+    """Open-loop Recommend load in a thread; the outcome lands in the returned dict.
+
+    It uses the premium key, which load shedding never refuses: on a busy 2-core machine the
+    standard tier may be shed (429) by design, and these tests are about faults, not shedding."""
+    target = loopback_target(f"{url}/v1/recommend")
+    rng = np.random.default_rng(0)
+    bodies = [f'{{"history":{rng.integers(1, 300, 100).tolist()},"candidates":{CANDIDATES}}}'.encode() for _ in range(16)]
+    plan = LoadPlan(target, rps, duration_s, {"standard": [http_request(target, b, KEYS["premium"]) for b in bodies]},
+                    {"standard": 1.0}, processes=1, timeout_s=20.0)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=run_load(plan)))
+    thread.start()
+    return thread, out
+
+
+def test_killed_worker_is_restarted_and_every_request_answered(rec_bundle, tmp_path):
+    server = start_server(rec_bundle, tmp_path, "--workers", "2")
+    try:
+        before = server.worker_pids()
+        thread, out = load_in_background(server.url, rps=60, duration_s=5)
+        time.sleep(2.0)
+        os.kill(before[0], signal.SIGKILL)
+        thread.join(60)
+        result = out["result"]
+        statuses = set(result.status.tolist())
+        assert 0 not in statuses, "a request got no answer"
+        assert statuses <= {200, 503}, statuses  # in-flight requests of the dead worker: 503, never silence
+        assert (result.status == 200).mean() > 0.8
+        deadline = time.monotonic() + 60
+        while len(server.worker_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        after = server.worker_pids()
+        assert len(after) == 2 and before[0] not in after
+        models = httpx.get(f"{server.url}/v1/models").json()
+        assert models["worker_restarts"] == 1
+        assert "nimbleml_worker_restarts_total 1.0" in httpx.get(f"{server.url}/metrics").text
+    finally:
+        assert server.stop() == 0
+
+
+def test_model_swap_under_load_fails_no_request(rec_bundle, second_bundle, tmp_path):
+    server = start_server(rec_bundle, tmp_path)
+    admin = {"x-api-key": KEYS["admin"]}
+    try:
+        first = httpx.get(f"{server.url}/v1/models").json()["stable"]
+        thread, out = load_in_background(server.url, rps=50, duration_s=6)
+        time.sleep(1.0)
+        loaded = httpx.post(f"{server.url}/v1/admin/models", json={"model": str(second_bundle), "share": 0.5},
+                            headers=admin, timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["candidate"] == "tiny-v2"
+        time.sleep(1.0)
+        assert httpx.post(f"{server.url}/v1/admin/rollback", headers=admin, timeout=60).status_code == 200
+        again = httpx.post(f"{server.url}/v1/admin/models", json={"model": str(second_bundle), "share": 0.2},
+                           headers=admin, timeout=60)
+        assert again.status_code == 200, again.text
+        promoted = httpx.post(f"{server.url}/v1/admin/promote", headers=admin, timeout=60)
+        assert promoted.status_code == 200 and promoted.json()["stable"] == "tiny-v2"
+        thread.join(60)
+        result = out["result"]
+        assert (result.status == 200).all(), np.unique(result.status, return_counts=True)
+        assert first != "tiny-v2"
+        answer = httpx.post(f"{server.url}/v1/recommend", json={"history": [1], "candidates": CANDIDATES},
+                            headers={"x-api-key": KEYS["standard"]}).json()
+        assert answer["model_version"] == "tiny-v2"
+    finally:
+        assert server.stop() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_redis(port: int, folder) -> subprocess.Popen:
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--appendonly", "yes",
+         "--appendfsync", "always", "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    for _ in range(100):
+        try:
+            client.ping()
+            return process
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def test_redis_restart_gives_clear_503s_then_recovers_without_losing_acknowledged_clicks(rec_bundle, tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    port = _free_port()
+    redis_proc = _start_redis(port, tmp_path)
+    server = start_server(rec_bundle, tmp_path, "--redis", f"redis://127.0.0.1:{port}/0")
+    key = {"x-api-key": KEYS["standard"]}
+    acknowledged, refused = [], []
+    try:
+        with httpx.Client(base_url=server.url, headers=key, timeout=10) as client:
+            for i in range(1, 121):
+                if i == 40:
+                    redis_proc.terminate()  # SIGTERM: redis finishes its append-only file and exits
+                    redis_proc.wait(10)
+                if i == 80:
+                    redis_proc = _start_redis(port, tmp_path)
+                answer = client.post("/v1/ingest", json={"user_id": "u1", "item_id": i, "ts": i})
+                if answer.status_code == 200:
+                    acknowledged.append(i)
+                else:
+                    assert answer.status_code == 503, answer.text
+                    assert "history store" in answer.json()["error"]
+                    refused.append(i)
+            assert refused and set(range(40, 80)) >= set(refused)  # 503s only while Redis was down
+            assert acknowledged[-1] == 120  # and recovery after it came back
+            stored = [int(v.split(b":")[0]) for v in reversed(
+                __import__("redis").Redis(port=port).lrange("nimbleml:history:u1", 0, -1))]
+            assert stored == acknowledged[-100:]  # every acknowledged click is there, in order
+            answer = client.post("/v1/recommend", json={"user_id": "u1", "candidates": CANDIDATES})
+            assert answer.status_code == 200
+    finally:
+        assert server.stop() == 0
+        redis_proc.terminate()
+        redis_proc.wait(10)
