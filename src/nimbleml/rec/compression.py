@@ -71,6 +71,7 @@ ONNX_FILE = "model.onnx"
 # ops int8 recipes quantise: the matrix products and the embedding tables. The attention and
 # history masks (Where) carry -inf, which has no int8 range, so they stay float.
 INT8_OPS = ["MatMul", "Gemm", "Gather"]
+HISTORY_WIDTH = 100  # events per request in the serving contract (the graphs' history width)
 
 
 @dataclass
@@ -136,13 +137,13 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     }
 
 
-def finetune(model: SeqRec, context: RecipeContext, seconds: float | None = None) -> dict:
+def finetune(model: SeqRec, context: RecipeContext) -> dict:
     """Fine-tune on the task loss with the parent's training settings, a lower learning rate
     and a time limit; keeps the best validation epoch. Returns a summary for variant.json."""
     config = context.config
     train_config = replace(
         context.train_config, lr=config.finetune_lr, epochs=1000, patience=2, eval_every=1,
-        time_limit_s=config.finetune_seconds if seconds is None else seconds,
+        time_limit_s=config.finetune_seconds,
         max_valid_users=config.finetune_valid_users, seed=config.seed, threads=config.threads,
     )
     data = context.data
@@ -176,11 +177,20 @@ def sample_candidates(rng: np.random.Generator, popularity: np.ndarray, n_rows: 
     return rng.choice(len(weights), size=(n_rows, n), p=weights / weights.sum())
 
 
-def serving_inputs(model: SeqRec, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None) -> dict:
-    """The serving contract's named inputs: history, candidates (and behaviors when used)."""
-    inputs = {"history": history.astype(np.int64), "candidates": candidates.astype(np.int64)}
-    if model.config.use_behavior:
-        inputs["behaviors"] = np.asarray(behaviors, dtype=np.int64)
+def _serving_width(rows: np.ndarray) -> np.ndarray:
+    """(B, L) -> (B, HISTORY_WIDTH) int64: the last events, left-padded with 0."""
+    rows = np.asarray(rows, dtype=np.int64)[:, -HISTORY_WIDTH:]
+    return np.pad(rows, ((0, 0), (HISTORY_WIDTH - rows.shape[1], 0)))
+
+
+def serving_inputs(
+    config: SeqRecConfig, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """The serving contract's named inputs: history (B, 100), candidates (B, C), and
+    behaviors (B, 100) when the model uses them (the model itself keeps the last max_len)."""
+    inputs = {"history": _serving_width(history), "candidates": np.asarray(candidates, dtype=np.int64)}
+    if config.use_behavior:
+        inputs["behaviors"] = _serving_width(behaviors)
     return inputs
 
 
@@ -195,15 +205,13 @@ def calibration_batches(model: SeqRec, context: RecipeContext) -> Iterator[dict[
     for start in range(0, len(rows), config.calibration_batch):
         batch = rows[start : start + config.calibration_batch]
         candidates = sample_candidates(rng, popularity, len(batch))
-        yield serving_inputs(model, windows.inputs[batch], candidates, windows.behaviors[batch])
+        yield serving_inputs(model.config, windows.inputs[batch], candidates, windows.behaviors[batch])
 
 
 def export_serving(model: SeqRec, path: Path) -> Path:
     """ONNX of the serving-shaped forward, inputs named by the serving contract."""
-    max_len = model.config.max_len
-    example = serving_inputs(
-        model, np.ones((2, max_len), dtype=np.int64), np.ones((2, 50), dtype=np.int64), np.ones((2, max_len))
-    )
+    ones = np.ones((2, HISTORY_WIDTH), dtype=np.int64)
+    example = serving_inputs(model.config, ones, ones[:, :50], ones)
     return export_onnx(ServingRanker(model).eval(), {k: torch.as_tensor(v) for k, v in example.items()}, path)
 
 
@@ -215,13 +223,7 @@ class OnnxScorer:
         self.config = config
 
     def score(self, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
-        history = np.asarray(history)[:, -self.config.max_len :]
-        if behaviors is not None:
-            behaviors = np.asarray(behaviors)[:, -self.config.max_len :]
-        inputs = {"history": history.astype(np.int64), "candidates": np.asarray(candidates, dtype=np.int64)}
-        if self.config.use_behavior:
-            inputs["behaviors"] = np.asarray(behaviors, dtype=np.int64)
-        return self.runner.predict(inputs)
+        return self.runner.predict(serving_inputs(self.config, history, candidates, behaviors))
 
     def score_all(self, history: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
         raise NimbleError("an ONNX serving graph scores candidate lists only", fix="use the 50-candidate protocol")
