@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -29,7 +31,16 @@ from nimbleml.rec.data import FORMATS, PrepareReport, SequenceData, leave_last_o
 from nimbleml.rec.evaluate import SeqRecScorer, evaluate_protocols, repeat_targets
 from nimbleml.rec.model import SeqRec, SeqRecConfig
 from nimbleml.rec.retrieve import IndexSpec, ItemIndex, item_table, recommend
-from nimbleml.rec.train import TrainConfig, TrainResult, load_checkpoint, save_checkpoint, train
+from nimbleml.rec.train import (
+    TrainConfig,
+    TrainResult,
+    init_process_group,
+    launch_local,
+    load_checkpoint,
+    process_group,
+    save_checkpoint,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +208,10 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def train_and_evaluate(
     data: SequenceData, out: Path, preset: str = "default", seed: int = 0, epochs: int | None = None,
-    loss: str | None = None, threads: int | None = None,
+    loss: str | None = None, threads: int | None = None, precision: str | None = None,
 ) -> tuple[dict, TrainResult]:
-    """Train the preset on ``data``, save the checkpoint and metrics.json under ``out``."""
+    """Train the preset on ``data``, save the checkpoint and metrics.json under ``out``.
+    In a multi-process group only rank 0 evaluates and writes; the others return ({}, result)."""
     if preset not in TRAIN_PRESETS:
         raise NimbleError(f"unknown preset {preset!r}", fix=f"use one of {', '.join(TRAIN_PRESETS)}")
     config = TrainConfig(**TRAIN_PRESETS[preset].to_dict())
@@ -210,22 +222,38 @@ def train_and_evaluate(
         config.loss = loss  # type: ignore[assignment]
     if threads is not None:
         config.threads = threads
+    if precision is not None:
+        config.precision = precision  # type: ignore[assignment]
     model = build_model(preset, data)
     result = train(model, data, config)
+    rank, world = process_group()
+    if rank != 0:
+        return {}, result
     save_checkpoint(model, {"preset": preset, "train": config.to_dict(), "result": result.to_dict()}, out)
     metrics = evaluate_all(model, data, seed=seed)
     metrics.update(epochs=result.epochs_run, best_epoch=result.best_epoch, train_seconds=result.train_seconds,
-                   loss=config.loss, preset=preset, environment=environment())
+                   loss=config.loss, precision=config.precision, processes=world, preset=preset,
+                   environment=environment())
     _write_json(out / METRICS_FILE, metrics)
     return metrics, result
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train on prepared data (--data), evaluate on the test targets, write everything to --out."""
+    """Train on prepared data (--data), evaluate on the test targets, write everything to --out.
+
+    --nproc N > 1 starts N local processes (DistributedDataParallel, gloo on CPU, NCCL on
+    GPUs); under torchrun (WORLD_SIZE set) this process joins torchrun's group instead."""
+    if args.nproc > 1:
+        launch_local(run_train, args.nproc, argparse.Namespace(**{**vars(args), "nproc": 1}))
+        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        init_process_group()
     data = SequenceData.load(Path(args.data))
     metrics, result = train_and_evaluate(
-        data, Path(args.out), args.preset, args.seed, args.epochs, args.loss, args.threads
+        data, Path(args.out), args.preset, args.seed, args.epochs, args.loss, args.threads, args.precision
     )
+    if not metrics:  # not rank 0: it wrote nothing
+        return 0
     console = Console()
     console.print(_metrics_table(metrics))
     console.print(
@@ -325,7 +353,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss", default=None, choices=["ce", "sampled_softmax", "bce"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in all (default 2), split over --nproc")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="local training processes (DDP); for many machines run torchrun instead (see README)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="bf16 = torch.autocast mixed precision")
     p.add_argument("--out", required=True, help="output folder for the model and metrics.json")
     p.set_defaults(func=run_train)
 

@@ -23,17 +23,25 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from nimbleml.errors import NimbleError
+from nimbleml.logs import configure_logging
 from nimbleml.progress import make_progress
 from nimbleml.rec.data import LeaveLastOut, SequenceData, leave_last_out, left_padded
 from nimbleml.rec.evaluate import SeqRecScorer, evaluate_full, evaluate_sampled
@@ -73,6 +81,9 @@ class TrainConfig:
     seed: int = 0  # seeds torch and numpy: same data + config + seed = same model
     threads: int = 2  # torch CPU threads
     device: str | None = None  # "cpu", "cuda", ...; None picks CUDA when available
+    # "bf16": torch.autocast to bfloat16 for the step's matmuls (weights, optimiser and loss
+    # stay float32), the paper's mixed precision; "fp32" = plain float32
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,33 +179,36 @@ class PrefixRepeats:
         recency = torch.where(valid, t - p + 1, 0)
         return cls(items=inputs.unsqueeze(1).expand(-1, width, -1)[mask], recency=recency[mask])
 
-    def bonus(self, model: SeqRec, states: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        """(n, D) states of rows -> (n, T) repeat bonus of their history items."""
-        return model.repeat_bonus(states, self.recency[rows])
+    def bonus(self, model: SeqRec, states: torch.Tensor) -> torch.Tensor:
+        """(N, D) states -> (N, T) repeat bonus of each row's history items."""
+        return model.repeat_bonus(states, self.recency)
+
+
+def _ce_chunk(
+    model: SeqRec, states: torch.Tensor, targets: torch.Tensor, items: torch.Tensor | None, recency: torch.Tensor | None
+) -> torch.Tensor:
+    """Summed cross-entropy of a chunk of rows over the whole catalogue (plus repeat bonuses)."""
+    logits = states @ model.item_emb.weight.T
+    if items is not None:
+        logits = logits.scatter_add(1, items, model.repeat_bonus(states, recency).to(logits.dtype))
+    logits[:, 0] = float("-inf")  # never predict padding
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def _ce_loss(
     model: SeqRec, states: torch.Tensor, targets: torch.Tensor, chunk_rows: int, repeats: PrefixRepeats | None = None
 ) -> torch.Tensor:
-    """Full-softmax cross-entropy, summed over rows, computed chunk by chunk.
-
-    states (N, D) are detached, the chunks back-propagated one at a time into states.grad
-    and the item table, and the summed gradient is returned for one backward through the
-    encoder. ``repeats`` adds the repeat bonus of each row's history items to their logits.
-    Returns the mean loss (a float tensor without graph)."""
-    weight = model.item_emb.weight
-    total = states.new_zeros(())
-    n = len(states)
-    for start in range(0, n, chunk_rows):
+    """Full-softmax cross-entropy, the mean over rows, computed chunk by chunk with activation
+    checkpointing: each chunk's (rows, n_items) logits are dropped after its forward and
+    recomputed in backward, so memory stays at one chunk while the loss is a single graph
+    (which DistributedDataParallel needs). ``repeats`` adds the repeat bonus of each row's
+    history items to their logits."""
+    total = states.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(states), chunk_rows):
         rows = slice(start, start + chunk_rows)
-        logits = states[rows] @ weight.T
-        if repeats is not None:
-            logits = logits.scatter_add(1, repeats.items[rows], repeats.bonus(model, states[rows], rows))
-        logits[:, 0] = float("-inf")  # never predict padding
-        loss = F.cross_entropy(logits, targets[start : start + chunk_rows], reduction="sum") / n
-        loss.backward()
-        total += loss.detach()
-    return total
+        items, recency = (None, None) if repeats is None else (repeats.items[rows], repeats.recency[rows])
+        total = total + checkpoint(_ce_chunk, model, states[rows], targets[rows], items, recency, use_reentrant=False)
+    return total / max(len(states), 1)
 
 
 def _proposal_log_q(popularity: np.ndarray, negatives_from: str) -> torch.Tensor:
@@ -256,10 +270,100 @@ def _bce_loss(
     )
 
 
+class LossStep(nn.Module):
+    """The loss of one batch as a module, so DistributedDataParallel can wrap it (it averages
+    the gradients of the parameters used in ``forward`` across processes during backward).
+
+    forward(inputs, targets, behaviors): (B, T) int64 each -> scalar mean loss over the
+    trained positions; under ``precision="bf16"`` the step runs in torch.autocast (bfloat16
+    matmuls, float32 weights, softmax and loss)."""
+
+    def __init__(self, model: SeqRec, config: TrainConfig, log_q: torch.Tensor, generator: torch.Generator):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.log_q = log_q
+        self.generator = generator
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, behaviors: torch.Tensor) -> torch.Tensor:
+        model, config = self.model, self.config
+        mask = inputs != 0
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            hidden = model.encode(inputs, behaviors if model.config.use_behavior else None)
+            sequence = torch.cat([inputs, targets[:, -1:]], 1)
+            repeats = PrefixRepeats.from_inputs(inputs, mask) if model.config.repeat_scores else None
+            if config.loss == "ce":
+                loss = _ce_loss(model, hidden[mask], targets[mask], config.ce_chunk_rows, repeats)
+            elif config.loss == "sampled_softmax":
+                seen_dots = None
+                if repeats is not None:  # (B, T, T) in batch space, then the trained rows
+                    seen_dots = torch.bmm(hidden, model.item_emb(inputs).transpose(1, 2))[mask]
+                loss = _sampled_softmax_loss(
+                    model, hidden[mask], targets[mask], config.n_negatives, self.log_q, self.generator, repeats, seen_dots
+                )
+            else:
+                loss = _bce_loss(model, hidden, targets, sequence, mask, self.generator)
+            if config.bce_weight > 0 and config.loss != "bce":
+                loss = loss + config.bce_weight * _bce_loss(model, hidden, targets, sequence, mask, self.generator)
+        return loss.float()
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_process_group() -> None:
+    """Join the process group the environment describes (torchrun's RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT): NCCL when CUDA is available, else gloo."""
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _local_worker(rank: int, world: int, port: int, function: Callable[..., object], args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    if rank == 0:
+        configure_logging(verbose=False)
+    else:
+        logging.disable(logging.INFO)  # one process reports
+    init_process_group()
+    try:
+        function(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_local(function: Callable[..., object], nproc: int, *args: object) -> None:
+    """Run ``function(*args)`` in ``nproc`` processes on this machine, joined in one process
+    group on 127.0.0.1 (what ``torchrun --nproc-per-node N`` does); returns when all finish."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_local_worker, args=(nproc, port, function, args), nprocs=nproc, join=True)
+
+
+def _from_rank0(value: object) -> object:
+    """Rank 0's value on every process (itself when not distributed)."""
+    if process_group()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) -> TrainResult:
     """Fit ``model`` on the training part of ``data``; keeps the weights of the epoch with the
-    best validation NDCG@10 (full catalogue) and returns what happened."""
+    best validation NDCG@10 (full catalogue) and returns what happened.
+
+    Inside an initialised torch.distributed process group (``rec train --nproc N`` or
+    torchrun) every process takes its share of each batch and DistributedDataParallel
+    averages the gradients, so N processes take the same steps on the same batches as one;
+    rank 0 evaluates and decides when to stop, and every process keeps the same weights."""
     config = config or TrainConfig()
+    if config.precision not in ("fp32", "bf16"):
+        raise NimbleError(f"unknown precision {config.precision!r}", fix="use fp32 or bf16")
     if config.loss not in ("ce", "sampled_softmax", "bce"):
         raise NimbleError(f"unknown loss {config.loss!r}", fix="use ce, sampled_softmax or bce")
     if config.loss == "bce" and model.config.repeat_scores:
@@ -269,11 +373,14 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
             f"data has {data.n_items} items but the model was built for {model.config.n_items}",
             fix="build the model from this data's n_items",
         )
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    rank, world = process_group()
+    torch.set_num_threads(max(1, config.threads // world) if world > 1 else config.threads)
+    torch.manual_seed(config.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
+    rng = np.random.default_rng(config.seed)  # the same batches on every process
     generator = torch.Generator().manual_seed(config.seed)
     device = pick_device(config.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     model.to(device)
     max_len = model.config.max_len
 
@@ -290,15 +397,47 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
     track_sampled = data.n_items - 1 - max((len(np.unique(s)) for s in valid_seen), default=0) >= 100
     log_q = _proposal_log_q(data.item_popularity(), config.negatives_from).to(device)
 
+    step = LossStep(model, config, log_q, generator)
+    if world > 1:
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(config.seed + rank)  # dropout differs per process, like separate batch rows
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scorer = SeqRecScorer(model, device=device)
     result = TrainResult(best_epoch=0, epochs_run=0, train_seconds=0.0, best_valid={"ndcg@10": -1.0})
     best_state: dict[str, torch.Tensor] | None = None
     since_best = 0
     log.info(
-        "training %s on %d sequences (%d users, %d items), loss=%s, device=%s",
-        type(model).__name__, len(windows), data.n_users, data.n_items, config.loss, device,
+        "training %s on %d sequences (%d users, %d items), loss=%s, precision=%s, device=%s, process %d of %d",
+        type(model).__name__, len(windows), data.n_users, data.n_items, config.loss, config.precision, device,
+        rank + 1, world,
     )
+    def _validate(epoch: int, loss: float) -> bool:
+        """Evaluate on the validation users, log and record it; True when it is the best so far."""
+        valid = evaluate_full(
+            scorer, split.valid_input[valid_users], split.valid_target[valid_users], valid_behaviors,
+            exclude_history=model.config.exclude_history, ks=(10,),
+        ).to_dict()
+        sampled: dict = {"hr@10": None, "ndcg@10": None}  # catalogue too small for 100 negatives
+        if track_sampled:
+            sampled = evaluate_sampled(
+                scorer, split.valid_input[valid_users], split.valid_target[valid_users], data.n_items,
+                valid_behaviors, max_users=None, seed=config.seed, seen=valid_seen,
+                exclude_history=model.config.exclude_history,
+            ).to_dict()
+        row = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - start}
+        row.update({f"valid_{k}": v for k, v in valid.items() if k != "n_users"})
+        row.update({f"valid_sampled100_{k}": sampled[k] for k in ("hr@10", "ndcg@10")})
+        result.history.append(row)
+        log.info(
+            "epoch %d: loss %.4f, valid ndcg@10 %.4f hr@10 %.4f, sampled-100 ndcg@10 %s (%.0f s)",
+            epoch, row["loss"], valid["ndcg@10"], valid["hr@10"],
+            "n/a" if sampled["ndcg@10"] is None else f"{sampled['ndcg@10']:.4f}", row["seconds"],
+        )
+        if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
+            result.best_valid = valid
+            return True
+        return False
+
     start = time.perf_counter()
     with make_progress() as progress:
         n_batches = math.ceil(len(windows) / config.batch_size)
@@ -307,73 +446,27 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
             model.train()
             epoch_loss, epoch_rows = 0.0, 0
             for rows in windows.batches(config.batch_size, rng):
-                inputs, targets, behaviors = _batch_tensors(windows, rows, device)
-                mask = inputs != 0
+                if len(rows) < world:  # every process needs rows; all skip the same batches
+                    continue
+                inputs, targets, behaviors = _batch_tensors(windows, rows[rank::world], device)
                 optimizer.zero_grad(set_to_none=True)
-                hidden = model.encode(inputs, behaviors if model.config.use_behavior else None)
-                sequence = torch.cat([inputs, targets[:, -1:]], 1)
-                aux = None
-                if config.bce_weight > 0 and config.loss != "bce":
-                    aux = config.bce_weight * _bce_loss(model, hidden, targets, sequence, mask, generator)
-                repeats = PrefixRepeats.from_inputs(inputs, mask) if model.config.repeat_scores else None
-                if config.loss == "ce":
-                    states = hidden[mask]
-                    detached = states.detach().requires_grad_(True)
-                    loss = _ce_loss(model, detached, targets[mask], config.ce_chunk_rows, repeats)
-                    # one backward through the encoder: the chunked CE gradient plus the aux term
-                    tensors, grads = [states], [detached.grad]
-                    if aux is not None:
-                        tensors.append(aux)
-                        grads.append(None)
-                        loss = loss + aux.detach()
-                    torch.autograd.backward(tensors, grads)
-                else:
-                    if config.loss == "sampled_softmax":
-                        seen_dots = None
-                        if repeats is not None:  # (B, T, T) in batch space, then the trained rows
-                            seen_dots = torch.bmm(hidden, model.item_emb(inputs).transpose(1, 2))[mask]
-                        loss = _sampled_softmax_loss(
-                            model, hidden[mask], targets[mask], config.n_negatives, log_q, generator, repeats, seen_dots
-                        )
-                    else:
-                        loss = _bce_loss(model, hidden, targets, sequence, mask, generator)
-                    if aux is not None:
-                        loss = loss + aux
-                    loss.backward()
+                loss = step(inputs, targets, behaviors)
+                loss.backward()
                 optimizer.step()
                 with torch.no_grad():
                     model.item_emb.weight[0].zero_()
-                n_rows = int(mask.sum())
+                n_rows = int((inputs != 0).sum())
                 epoch_loss += float(loss.detach()) * n_rows
                 epoch_rows += n_rows
                 progress.update(task, advance=1, info=f"epoch {epoch} loss {epoch_loss / max(epoch_rows, 1):.3f}")
             result.epochs_run = epoch
             elapsed = time.perf_counter() - start
-            out_of_time = config.time_limit_s is not None and elapsed > config.time_limit_s
+            out_of_time = _from_rank0(config.time_limit_s is not None and elapsed > config.time_limit_s)
             if epoch % config.eval_every and epoch != config.epochs and not out_of_time:
                 continue
-            valid = evaluate_full(
-                scorer, split.valid_input[valid_users], split.valid_target[valid_users], valid_behaviors,
-                exclude_history=model.config.exclude_history, ks=(10,),
-            ).to_dict()
-            sampled: dict = {"hr@10": None, "ndcg@10": None}  # catalogue too small for 100 negatives
-            if track_sampled:
-                sampled = evaluate_sampled(
-                    scorer, split.valid_input[valid_users], split.valid_target[valid_users], data.n_items,
-                    valid_behaviors, max_users=None, seed=config.seed, seen=valid_seen,
-                    exclude_history=model.config.exclude_history,
-                ).to_dict()
-            row = {"epoch": epoch, "loss": epoch_loss / max(epoch_rows, 1), "seconds": time.perf_counter() - start}
-            row.update({f"valid_{k}": v for k, v in valid.items() if k != "n_users"})
-            row.update({f"valid_sampled100_{k}": sampled[k] for k in ("hr@10", "ndcg@10")})
-            result.history.append(row)
-            log.info(
-                "epoch %d: loss %.4f, valid ndcg@10 %.4f hr@10 %.4f, sampled-100 ndcg@10 %s (%.0f s)",
-                epoch, row["loss"], valid["ndcg@10"], valid["hr@10"],
-                "n/a" if sampled["ndcg@10"] is None else f"{sampled['ndcg@10']:.4f}", row["seconds"],
-            )
-            if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
-                result.best_valid, result.best_epoch, since_best = valid, epoch, 0
+            improved = _from_rank0(_validate(epoch, epoch_loss / max(epoch_rows, 1)) if rank == 0 else None)
+            if improved:
+                result.best_epoch, since_best = epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 since_best += 1
