@@ -41,7 +41,32 @@ def run_demo(args: argparse.Namespace) -> int:
         console.rule("[bold]Recommendation: SYNTHETIC Taobao-format behaviour log (generated, not real data)")
         run_rec_demo(args.out / "rec", seed=args.seed)
         summary["rec"] = {"seconds": time.perf_counter() - t1, "report": str(args.out / "rec")}
+        t2 = time.perf_counter()
+        console.rule("[bold]Compression and runtimes: the demo ranker's variants side by side (SYNTHETIC data)")
+        summary["bench_rec"] = {**_bench_rec_demo(args.out), "seconds": time.perf_counter() - t2}
+        from nimbleml.commands.loadtest import demo_burst
+
+        t3 = time.perf_counter()
+        console.rule("[bold]Serving: nimbleml serve on loopback, a 5 s burst from the load generator (SYNTHETIC data)")
+        burst = demo_burst(args.out / "rec" / "model", args.out / "serve", console)
+        summary["serve"] = {**burst, "seconds": time.perf_counter() - t3}
     summary["total_seconds"] = time.perf_counter() - t0
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"demo finished in {summary['total_seconds']:.0f} s; reports under {args.out}")
     return 0
+
+
+# the variants the demo builds: fast ones, so the whole demo stays a few minutes on 2 cores
+DEMO_VARIANTS = "serving,prune-structured,quantize-dynamic,quantize-static"
+
+
+def _bench_rec_demo(out: Path) -> dict:
+    """`nimbleml bench rec --quick` on the demo's model: export, compress, every CPU runtime."""
+    from nimbleml.commands import bench_rec
+
+    parser = argparse.ArgumentParser()
+    bench_rec.add_arguments(parser)
+    bench_args = parser.parse_args(["--model", str(out / "rec" / "model"), "--data", str(out / "rec" / "data"),
+                                    "--out", str(out / "bench_rec"), "--variants", DEMO_VARIANTS, "--quick"])
+    bench_rec.run(bench_args)
+    return {"report": str(out / "bench_rec" / "bench.json")}

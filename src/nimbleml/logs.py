@@ -8,11 +8,13 @@ from rich.logging import RichHandler
 
 
 def configure_logging(verbose: bool = False) -> None:
-    """Send library logs to stderr through rich; INFO by default, DEBUG with --verbose."""
+    """Send nimbleml's logs to stderr through rich (INFO; DEBUG with --verbose). Other libraries
+    log at WARNING and above only: the ONNX exporter and quantiser write hundreds of INFO lines."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
         datefmt="[%X]",
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    logging.getLogger("nimbleml").setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -14,7 +14,6 @@ eager FP32 with torch's default threads, at its own best batch size.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nimbleml.bench.harness import BenchConfig, BenchRow, Candidate, cpu_limits, flops_per_call, measure
+from nimbleml.bench.report import rows_table, write_bench
 from nimbleml.commands.model_folder import ModelFolder, open_model_folder, to_numpy
 from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
@@ -52,7 +52,9 @@ VARIANTS: dict[str, list[str]] = {
     "distill": ["distill"],
     "distill+quantize-static": ["distill", "quantize-static"],
 }
-CPU_BACKENDS = ("torch", "onnxruntime", "openvino")
+QUALITY_COLUMNS = {"hr@10": "HR@10", "ndcg@10": "NDCG@10", "full_ndcg@10": "full NDCG@10"}
+CPU_BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino")
+COMPILED_VARIANTS = ("serving",)  # torch.compile takes minutes per model on 2 cores: the uncompressed ranker only
 
 # The paper's Table I (Shao et al.): V100 GPU figures and the CPU figures from its text.
 PAPER_TABLE = [
@@ -159,6 +161,12 @@ def _real_inputs(probe: _QualityProbe) -> Callable[[int], dict[str, np.ndarray]]
     return make
 
 
+def QUICK_COMPRESS(cls):  # noqa: N802 - a preset, named like one
+    """Seconds-long budgets for tests and the demo (the numbers then say the path works, not how well)."""
+    return cls(finetune_seconds=3.0, prune_rounds=2, distill_seconds=8.0, calibration_users=128, valid_users=300,
+               finetune_valid_users=200)
+
+
 def _build_variant(name: str, args: argparse.Namespace, quick: bool) -> Path:
     """The variant's model folder, built by rec.compression unless it exists (and --rebuild is off)."""
     if not VARIANTS[name]:
@@ -169,7 +177,7 @@ def _build_variant(name: str, args: argparse.Namespace, quick: bool) -> Path:
         return folder
     from nimbleml.rec.compression import CompressConfig, compress_model
 
-    config = CompressConfig.quick() if quick else CompressConfig()
+    config = QUICK_COMPRESS(CompressConfig) if quick else CompressConfig()
     started = time.perf_counter()
     compress_model(args.model, args.data, VARIANTS[name], folder, config)
     log.info("built %s in %.0f s", name, time.perf_counter() - started)
@@ -197,6 +205,8 @@ def _candidates(name: str, folder: ModelFolder, backends: list[str], work: Path,
     out = []
     for backend in backends:
         cls = get_backend(backend)
+        if backend == "torch-compile" and name not in COMPILED_VARIANTS:
+            continue
         if cls.needs_module:
             if int8:
                 continue  # the int8 graph exists only as ONNX
@@ -215,24 +225,11 @@ def _weights_mb(path: Path) -> float:
 
 
 def _variant_extra(folder: ModelFolder) -> dict:
-    keep = ("recipes", "sparsity", "params_m", "build_seconds", "valid_ndcg@10_before", "valid_ndcg@10_after")
-    return {k: folder.variant[k] for k in keep if k in folder.variant}
-
-
-def table(rows: list[BenchRow], baseline: BenchRow | None) -> Table:
-    out = Table(title="recommender variants x runtimes (one request = 100 events + 50 candidates)")
-    for column in ("variant", "backend", "params M", "MB", "MFLOP/req", "p50 b1 ms", "p99 b1 ms", "best batch",
-                   "req/s", "x base", "p50 / base", "% peak", "HR@10", "NDCG@10", "full NDCG@10"):
-        out.add_column(column, justify="right" if column not in ("variant", "backend") else "left")
-    for row in rows:
-        speed = row.throughput_rps / baseline.throughput_rps if baseline else float("nan")
-        lat = row.p50_ms_b1 / baseline.p50_ms_b1 if baseline else float("nan")
-        out.add_row(row.variant, row.backend, f"{row.params_m:.3f}", f"{row.size_mb:.2f}",
-                    f"{row.flops_per_request / 1e6:.2f}", f"{row.p50_ms_b1:.3f}", f"{row.p99_ms_b1:.3f}",
-                    str(row.best_batch), f"{row.throughput_rps:,.0f}", f"{speed:.2f}", f"{lat:.2f}",
-                    f"{100 * row.peak_fraction:.2f}", f"{row.quality.get('hr@10', float('nan')):.4f}",
-                    f"{row.quality.get('ndcg@10', float('nan')):.4f}",
-                    f"{row.quality.get('full_ndcg@10', float('nan')):.4f}")
+    variant = folder.variant
+    out = {k: variant[k] for k in ("recipes", "params_m", "build_seconds") if k in variant}
+    for when in ("before", "after"):
+        if f"valid_{when}" in variant:
+            out[f"valid_ndcg@10_{when}"] = variant[f"valid_{when}"].get("ndcg@10")
     return out
 
 
@@ -244,7 +241,7 @@ def best_row(rows: list[BenchRow], baseline: BenchRow, tolerance: float = 0.01) 
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(width=max(Console().width, 180))  # the table has 15 columns
     started = time.perf_counter()
     variants = _pick(args.variants, list(VARIANTS), "variant")
     if "baseline" not in variants:
@@ -291,13 +288,13 @@ def run(args: argparse.Namespace) -> int:
         "flops_peak_gflops": limits.fp32_theoretical_gflops,
         "batch_sizes": list(config.batch_sizes),
         "model": str(args.model), "data": str(args.data),
-        "rows": [r.to_dict() for r in rows],
         "summary": summary,
         "paper": PAPER_TABLE,
         "wall_seconds": time.perf_counter() - started,
     }
-    (args.out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
-    console.print(table(rows, baseline))
+    write_bench(args.out, payload, rows, baseline, QUALITY_COLUMNS)
+    console.print(rows_table(rows, baseline, "recommender variants x runtimes (one request = 100 events + 50 candidates)",
+                             QUALITY_COLUMNS))
     paper = Table(title="the paper's Table I figures (not measured here)")
     for column in ("variant", "p50 ms", "req/s"):
         paper.add_column(column)
