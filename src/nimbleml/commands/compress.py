@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
         config.finetune_seconds = args.finetune_seconds
     if args.distill_seconds is not None:
         config.distill_seconds = args.distill_seconds
+    config.student_dim = args.student_dim
     out = compress_model(Path(args.model), Path(args.data), args.recipe, Path(args.out), config)
     variant = json.loads((out / VARIANT_FILE).read_text())
     table = Table(title=f"compressed {variant['parent']} -> {out} ({variant['precision']})")
@@ -47,6 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--finetune-seconds", type=float, default=None, help="time limit per fine-tune (default 60)")
     p.add_argument("--distill-seconds", type=float, default=None, help="distillation time limit (default 240)")
+    p.add_argument("--student-dim", type=int, default=None,
+                   help="distill: the student's width (default: the width at 20%% of the teacher's parameters)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)

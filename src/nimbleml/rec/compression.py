@@ -91,6 +91,7 @@ class CompressConfig:
     attention_window: int = 16  # local: events a query sees (plus the global ones)
     n_global: int = 2  # local: the user's first events every query still sees
     student_fraction: float = 0.2  # distill: student parameters / teacher parameters (paper: 32M -> 6.4M)
+    student_dim: int | None = None  # distill: the student's width; None = the width that meets student_fraction
     distill_seconds: float = 240.0  # distill: training time limit, checked after each batch
     distill_batch_size: int = 128  # distill: user sequences per step
     distill_lr: float = 2e-3  # distill: Adam learning rate (the student starts mostly from scratch)
@@ -484,7 +485,10 @@ class DistillRecipe(Recipe):
     def apply(self, model: SeqRec, context: RecipeContext) -> SeqRec:
         config = context.config
         torch.manual_seed(config.seed)
-        student = SeqRec(student_config(model, config.student_fraction))
+        layout = student_config(model, config.student_fraction)
+        if config.student_dim is not None:
+            layout = SeqRecConfig(**{**layout.to_dict(), "dim": config.student_dim})
+        student = SeqRec(layout)
         if model.config.use_category:
             student.set_item_category(model.item_category)
         with torch.no_grad():
