@@ -340,7 +340,7 @@ class StructuredPruneRecipe(Recipe):
         }
         shrunk = SeqRec(SeqRecConfig(**{**model.config.to_dict(), **sizes}))
         shrunk.load_state_dict(model.state_dict())  # shapes must match the new config exactly
-        context.report.update(kept=report.kept, importance=report.importance, removed_params=report.removed_params,
+        context.report.update(sizes=sizes, importance=report.importance, removed_params=report.removed_params,
                               finetune=finetune(shrunk, context))
         return shrunk
 
