@@ -131,3 +131,21 @@ def test_grpc_recommend_health_and_errors(server):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         ingest = stub.Ingest(serving_pb2.IngestRequest(user_id="g1", item_id=4, ts=1), metadata=meta, timeout=5)
         assert ingest.history_length == 1
+
+
+@pytest.mark.parametrize("mode", ["asgi", "fastapi"])
+def test_uvicorn_modes_answer_the_same(rec_bundle, server, tmp_path, mode):
+    """The two uvicorn-based HTTP modes (kept for comparison in the benchmark) give the same answers."""
+    from tests.serve.conftest import start_server
+
+    other = start_server(rec_bundle, tmp_path, "--http", mode)
+    try:
+        body = {"history": [5, 6, 7], "candidates": CANDIDATES}
+        ours = post(server, "/v1/recommend", body).json()
+        theirs = post(other, "/v1/recommend", body)
+        assert theirs.status_code == 200 and theirs.json()["items"] == ours["items"]
+        assert post(other, "/v1/recommend", {"history": [1], "candidates": CANDIDATES[:3]}).status_code == 422
+        assert post(other, "/v1/recommend", body, key=None).status_code == 401
+        assert post(other, "/v1/recommend", b"x" * 70_000).status_code == 413
+    finally:
+        assert other.stop() == 0

@@ -10,6 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -91,6 +96,36 @@ def run_loadtest(args: argparse.Namespace) -> int:
     Console().print(summary_table(payload, title))
     Console().print(f"throughput {payload['throughput_rps']} req/s; wrote {args.out / 'loadtest.json'}")
     return 0
+
+
+def demo_burst(model_dir: Path, out: Path, console: Console, rps: float = 150.0, duration_s: float = 5.0) -> dict:
+    """Start `nimbleml serve` on loopback with one key per tier, send a short burst, stop it; the summary."""
+    keys = {tier: f"demo-{tier}" for tier in ("premium", "standard", "free")}
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready.json"
+        env = {**os.environ, "NIMBLEML_API_KEYS": ",".join(f"{k}={t}" for t, k in keys.items())}
+        cmd = [sys.executable, "-m", "nimbleml.cli", "serve", "--model", str(model_dir), "--port", "0",
+               "--ready-file", str(ready)]
+        with (out / "server.log").open("w") as log_file:
+            server = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            try:
+                deadline = time.monotonic() + 300
+                while not ready.exists():
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise NimbleError("the demo server did not start", path=out / "server.log")
+                    time.sleep(0.2)
+                url = f"http://127.0.0.1:{json.loads(ready.read_text())['http']}"
+                mix = {"premium": 0.1, "standard": 0.6, "free": 0.3}
+                result = run_load(build_plan(url, rps, duration_s, mix, keys))
+                title = f"demo burst: {rps:g} req/s for {duration_s:g} s (synthetic model)"
+                payload = write_result(result, out, {"url": url, "rps": rps, "duration_s": duration_s, "mix": mix}, title)
+            finally:
+                server.send_signal(signal.SIGTERM)
+                server.wait(60)
+    console.print(summary_table(payload, title))
+    console.print(f"throughput {payload['throughput_rps']} req/s, p99 {payload['p99_ms']} ms; server stopped")
+    return {k: payload[k] for k in ("sent", "answered", "ok", "rejected", "throughput_rps", "p50_ms", "p99_ms")}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

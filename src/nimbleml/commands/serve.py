@@ -26,19 +26,21 @@ from nimbleml.serve.service import ServeConfig, Service
 log = logging.getLogger(__name__)
 
 
-def prepare_model(folder: Path) -> Path:
-    """Any model folder -> a serving bundle folder (prepared once, re-used while the weights match)."""
+def prepare_model(folder: Path, out: Path | None = None) -> Path:
+    """Any model folder -> a serving bundle folder (prepared once, re-used while the weights match).
+
+    out: where the bundle goes (default: ``serving/`` inside the model folder)."""
     folder = Path(folder)
     if (folder / MANIFEST).is_file():
         return folder
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         from nimbleml.rec.serving import prepare_bundle
 
-        return prepare_bundle(folder)
+        return prepare_bundle(folder, out)
     from nimbleml.risk.serving import is_risk_model, prepare_risk_bundle
 
     if is_risk_model(folder):
-        return prepare_risk_bundle(folder)
+        return prepare_risk_bundle(folder, out)
     raise NimbleError("not a model folder nimbleml can serve", path=folder,
                       fix="pass a `nimbleml rec train` model folder, a risk model folder, or a prepared bundle")
 
@@ -83,13 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
     parser.add_argument("--keys", type=Path, default=None, help="API keys JSON file (default: $NIMBLEML_API_KEYS)")
     parser.add_argument("--risk-limits", type=Path, default=None, help='JSON {"ASSET": volatility limit} for breach flags')
-    parser.add_argument("--http", choices=("lean", "fastapi"), default="lean", help="hot-route HTTP path")
+    parser.add_argument("--http", choices=("fast", "asgi", "fastapi"), default="fast",
+                        help="HTTP server: fast (httptools, hot routes direct), asgi (uvicorn + lean ASGI), fastapi")
     parser.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here once serving")
 
 
 def run_serve(args: argparse.Namespace) -> int:
     service = build_service(args)
-    run(service, ListenConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, lean=args.http == "lean",
+    run(service, ListenConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, http=args.http,
                               ready_file=args.ready_file))
     return 0
 

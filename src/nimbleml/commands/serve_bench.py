@@ -3,8 +3,9 @@
 - **naive**: what a user would write: FastAPI + pydantic, PyTorch eager FP32, one forward
   per request (``--naive`` mode of this module, run as its own process).
 - **nimbleml**: ``nimbleml serve`` on the same model (fastest runtime backend, workers,
-  dynamic batching, lean hot path); also with its hot routes through FastAPI
-  (``nimbleml_fastapi_route``) to show what the lean path buys.
+  dynamic batching, our httptools hot path); also behind uvicorn with the lean ASGI hot path
+  (``nimbleml_asgi``) and with every route through FastAPI (``nimbleml_fastapi_route``), to
+  show what each HTTP layer costs.
 - **ray_serve**: the same bundle as a Ray Serve deployment (``serve/ray_app.py``).
 
 For each, the highest offered rate (Poisson, open loop) whose p99 stays <= 50 ms with >= 99 %
@@ -20,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -207,6 +209,39 @@ def overload(url: str, bodies: list[bytes], keys: dict[str, str], rps: float, du
     return {"offered_rps": round(rps, 1), **summary, "worker_restarts": after - before}
 
 
+def state_paths(url: str, pid: int, bodies: list[bytes], key: str, rps: float, duration_s: float,
+                processes: int, users: int = 200) -> dict:
+    """Recommend for known users, cached state (``user_id``) against the full forward (the same
+    history in the body), at the same offered rate: latency and server CPU per request of each."""
+    import msgspec
+
+    histories = [msgspec.json.decode(b)["history"][-20:] for b in bodies[:users]]
+    candidates = msgspec.json.decode(bodies[0])["candidates"]
+    with httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=30) as client:
+        for user, history in enumerate(histories):
+            for ts, item in enumerate(history):
+                client.post("/v1/ingest", json={"user_id": f"bench-{user}", "item_id": item, "ts": ts}).raise_for_status()
+        time.sleep(1.0)  # the background state updates finish
+    target = loopback_target(f"{url}/v1/recommend")
+    variants = {
+        "cached": [msgspec.json.encode({"user_id": f"bench-{u}", "candidates": candidates}) for u in range(len(histories))],
+        "full": [msgspec.json.encode({"history": h, "candidates": candidates}) for h in histories],
+    }
+    out = {}
+    for name, path_bodies in variants.items():
+        requests = {"standard": [http_request(target, b, key) for b in path_bodies]}
+        before = _cpu_seconds(pid)
+        summary = run_load(LoadPlan(target, rps, duration_s, requests, {"standard": 1.0}, processes=processes)).summary()
+        cpu = _cpu_seconds(pid) - before
+        out[name] = {"offered_rps": rps, "ok": summary["ok"], "sent": summary["sent"], "p50_ms": summary["p50_ms"],
+                     "p99_ms": summary["p99_ms"],
+                     "cpu_ms_per_request": round(1000 * cpu / summary["answered"], 3) if summary["answered"] else None}
+    metrics = httpx.get(f"{url}/metrics").text
+    out["cached_answers"] = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                                if line.startswith('nimbleml_recommend_path_total{path="cached"}'))
+    return out
+
+
 def _ray_capacity(bundle: Path, backend: str, args: argparse.Namespace, bodies: list[bytes]) -> dict:
     """Start a local Ray Serve with the same bundle; measure it with the same generator."""
     import ray
@@ -233,7 +268,7 @@ def _table(result: dict) -> Table:
     table = Table(title="nimbleml bench serve: max req/s with p99 <= 50 ms (same machine, same generator)")
     for column in ("server", "max req/s", "p99 ms", "CPU ms/request"):
         table.add_column(column, justify="right" if column != "server" else "left")
-    for name in ("generator", "naive", "nimbleml", "nimbleml_fastapi_route", "ray_serve"):
+    for name in ("generator", "naive", "nimbleml", "nimbleml_asgi", "nimbleml_fastapi_route", "ray_serve"):
         row = result.get(name)
         if row:
             table.add_row(name, str(row.get("max_rps")), str(row.get("p99_ms")), str(row.get("cpu_ms_per_request")))
@@ -245,8 +280,9 @@ def run(args: argparse.Namespace) -> int:
     from nimbleml.runtime.backends import best_backend
     from nimbleml.serve.bundle import Bundle
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: no orphaned servers
     args.out.mkdir(parents=True, exist_ok=True)
-    bundle_dir = prepare_model(args.model)
+    bundle_dir = prepare_model(args.model, args.out / "bundle")
     bundle = Bundle.load(bundle_dir)
     if bundle.operation != "recommend":
         raise NimbleError("bench serve measures a recommender", path=args.model, fix="pass a `nimbleml rec train` folder")
@@ -285,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
                  "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     if args.workers:
         serve_cmd += ["--workers", str(args.workers)]
-    variants = [("nimbleml", "lean")] + ([] if args.skip_fastapi_route else [("nimbleml_fastapi_route", "fastapi")])
+    variants = [("nimbleml", "fast")] + ([] if args.skip_fastapi_route else [
+        ("nimbleml_asgi", "asgi"), ("nimbleml_fastapi_route", "fastapi")])
     for name, http in variants:
         port = _free_port()
         result[name] = measure(name, [*serve_cmd, "--port", str(port), "--http", http], f"http://127.0.0.1:{port}",
@@ -299,6 +336,9 @@ def run(args: argparse.Namespace) -> int:
         _wait_http(f"{url}/readyz", process)
         rate = 2 * max(result["nimbleml"]["max_rps"], 1.0)
         result["overload"] = overload(url, bodies, keys, rate, args.overload_s, args.processes)
+        time.sleep(2.0)  # let the overload's queues drain before measuring the two Recommend paths
+        result["state_paths"] = state_paths(url, process.pid, bodies, keys["standard"],
+                                            max(50.0, result["nimbleml"]["max_rps"] / 2), args.step_s, args.processes)
     finally:
         _stop(process)
 
@@ -318,6 +358,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"ratio {result['ratio']}x; 2x overload ({over['offered_rps']} req/s): sent {over['sent']}, "
                   f"answered {over['answered']}, " + ", ".join(
                       f"{t} p99 {b['p99_ms']} ms rejected {b['rejected']}" for t, b in over["by_tier"].items()))
+    paths = result["state_paths"]
+    console.print(f"known-user Recommend at {paths['cached']['offered_rps']:g} req/s: cached state p50/p99 "
+                  f"{paths['cached']['p50_ms']}/{paths['cached']['p99_ms']} ms, {paths['cached']['cpu_ms_per_request']} "
+                  f"CPU ms; full forward {paths['full']['p50_ms']}/{paths['full']['p99_ms']} ms, "
+                  f"{paths['full']['cpu_ms_per_request']} CPU ms")
     console.print(f"wrote {args.out / 'serve_bench.json'}")
     return 0
 
@@ -330,14 +375,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--slo-ms", type=float, default=50.0, help="p99 objective, ms")
-    parser.add_argument("--start-rps", type=float, default=100.0, help="first offered rate of each search")
+    parser.add_argument("--start-rps", type=float, default=50.0, help="first offered rate of each search")
     parser.add_argument("--factor", type=float, default=1.25, help="rate multiplier between steps")
     parser.add_argument("--max-rps", type=float, default=6000.0, help="stop searching above this rate")
     parser.add_argument("--step-s", type=float, default=3.0, help="seconds of arrivals per step")
     parser.add_argument("--overload-s", type=float, default=8.0, help="seconds of the 2x overload run")
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument("--skip-ray", action="store_true", help="leave out Ray Serve")
-    parser.add_argument("--skip-fastapi-route", action="store_true", help="leave out ours with FastAPI hot routes")
+    parser.add_argument("--skip-fastapi-route", action="store_true",
+                        help="leave out ours behind uvicorn (lean ASGI and all-FastAPI variants)")
 
 
 def _main() -> None:

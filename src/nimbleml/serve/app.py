@@ -1,13 +1,16 @@
-"""HTTP front end: FastAPI for the API surface and /docs, a lean ASGI path for the hot routes.
+"""HTTP front end: FastAPI for the API surface and /docs, a lean path for the hot routes.
 
 Per-request HTTP, JSON and validation cost more than the model here (a naive FastAPI +
-pydantic route spends ~2 ms of its ~3 ms outside the forward), so the three hot routes
-(``POST /v1/recommend``, ``/v1/ingest``, ``/v1/risk``) are answered by ``HotRoutes``, a plain
-ASGI callable in front of FastAPI: no routing tree, no dependency injection, no pydantic;
-msgspec decodes and validates the body in one C pass and encodes the answer. FastAPI still
-declares the same routes, with the msgspec schemas in the OpenAPI document, and answers them
-through the same ``Handler`` when the lean path is switched off (``lean=False``, measured by
-``nimbleml bench serve``). uvicorn runs it on uvloop with the httptools parser.
+pydantic route spends ~2 ms of its ~3 ms outside the forward), so the hot POST routes
+(``/v1/recommend``, ``/v1/ingest``, ``/v1/risk``) go to ``Handler``: no routing tree, no
+dependency injection, no pydantic; msgspec decodes and validates the body in one C pass and
+encodes the answer. FastAPI declares the same routes, with the msgspec schemas in the OpenAPI
+document, and answers them through the same ``Handler`` when reached.
+
+Three ways to serve it, measured side by side by ``nimbleml bench serve``: ``fast`` (default,
+``http_server.py``: our httptools protocol answers hot routes, FastAPI the rest), ``asgi``
+(uvicorn + ``HotRoutes``, an ASGI callable in front of FastAPI) and ``fastapi`` (uvicorn +
+FastAPI for every route).
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ async def _now(value: object) -> object:
     return value
 
 
-def _key_from(headers: list[tuple[bytes, bytes]]) -> str | None:
+def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == b"x-api-key":
             return value.decode("latin-1")
@@ -138,7 +141,7 @@ class HotRoutes:
             more = message.get("more_body", False)
             if size > limit:
                 break
-        status, payload, headers = await self.handler.handle(scope["path"], _key_from(scope["headers"]), b"".join(chunks))
+        status, payload, headers = await self.handler.handle(scope["path"], key_from_headers(scope["headers"]), b"".join(chunks))
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", JSON), (b"content-length", str(len(payload)).encode()), *headers]})
         await send({"type": "http.response.body", "body": payload})
@@ -149,8 +152,8 @@ def _openapi_body(name: str) -> dict:
         "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
 
 
-def build_app(service: Service, lean: bool = True, max_body_bytes: int = MAX_BODY_BYTES) -> Callable:
-    """The ASGI app: FastAPI (docs, health, metrics, admin) behind the lean hot path when ``lean``."""
+def build_api(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[Handler, FastAPI]:
+    """The hot-route handler and the FastAPI app (docs, health, metrics, admin, and the hot routes too)."""
     handler = Handler(service, max_body_bytes)
     app = FastAPI(title="nimbleml serve", version="1",
                   description="Real-time ranking and risk forecasts. Send your key as 'x-api-key' or 'Authorization: Bearer'.")
@@ -158,7 +161,7 @@ def build_app(service: Service, lean: bool = True, max_body_bytes: int = MAX_BOD
     def post_route(path: str, route: Route) -> None:
         async def endpoint(request: Request) -> Response:
             body = await request.body()
-            status, payload, headers = await handler.handle(path, _key_from(request.scope["headers"]), body)
+            status, payload, headers = await handler.handle(path, key_from_headers(request.scope["headers"]), body)
             return Response(payload, status, {k.decode(): v.decode() for k, v in headers}, media_type="application/json")
 
         extra = _openapi_body(route.request_type.__name__) if route.request_type else {}
@@ -197,4 +200,10 @@ def build_app(service: Service, lean: bool = True, max_body_bytes: int = MAX_BOD
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    return handler, app
+
+
+def build_app(service: Service, lean: bool = True, max_body_bytes: int = MAX_BODY_BYTES) -> Callable:
+    """The ASGI app for uvicorn: FastAPI behind the lean hot path when ``lean``."""
+    handler, app = build_api(service, max_body_bytes)
     return HotRoutes(handler, app) if lean else app

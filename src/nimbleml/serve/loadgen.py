@@ -18,7 +18,7 @@ import ipaddress
 import multiprocessing as mp
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httptools
@@ -87,7 +87,6 @@ class LoadResult:
     tiers: list[str]
     duration_s: float
     generator_cpu_s: float = 0.0  # CPU time the generator processes used
-    meta: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         """The stable keys of loadtest.json."""

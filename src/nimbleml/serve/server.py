@@ -19,7 +19,8 @@ from pathlib import Path
 import uvicorn
 
 from nimbleml.errors import NimbleError
-from nimbleml.serve.app import build_app
+from nimbleml.serve.app import build_api, build_app
+from nimbleml.serve.http_server import FastHttpServer
 from nimbleml.serve.service import Service
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class ListenConfig:
     host: str = "127.0.0.1"  # loopback by default; other addresses need API keys
     port: int = 8000  # HTTP port; 0 picks a free one
     grpc_port: int | None = None  # gRPC port; None = no gRPC, 0 picks a free one
-    lean: bool = True  # hot routes on the lean ASGI path (False: through FastAPI, for comparison)
+    http: str = "fast"  # "fast" (our httptools server), "asgi" (uvicorn + lean ASGI), "fastapi" (uvicorn + FastAPI)
     ready_file: Path | None = None  # written with {"http": port, "grpc": port, "pid": pid} once serving
 
 
@@ -64,9 +65,15 @@ async def serve(service: Service, listen: ListenConfig) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((listen.host, listen.port))
     http_port = sock.getsockname()[1]
-    config = uvicorn.Config(build_app(service, lean=listen.lean), loop="none", http="httptools", lifespan="off",
-                            access_log=False, log_level="warning", timeout_keep_alive=30, backlog=4096)
-    server = _Server(config)
+    if listen.http == "fast":
+        handler, app = build_api(service)
+        http_server: FastHttpServer | _Server = FastHttpServer(handler, app)
+    else:
+        config = uvicorn.Config(build_app(service, lean=listen.http == "asgi"), loop="none", http="httptools",
+                                lifespan="off", access_log=False, log_level="warning", timeout_keep_alive=30,
+                                backlog=4096)
+        http_server = _Server(config)
+    stop = asyncio.Event()
     grpc_server = None
     grpc_port = None
     if listen.grpc_port is not None:
@@ -75,14 +82,25 @@ async def serve(service: Service, listen: ListenConfig) -> None:
         grpc_server, grpc_port, _ = await start_grpc(service, listen.host, listen.grpc_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-    if listen.ready_file is not None:
-        listen.ready_file.write_text(json.dumps({"http": http_port, "grpc": grpc_port, "pid": os.getpid()}))
-    log.info("serving %s on http://%s:%d%s with %d worker(s) on %s", service.operation, listen.host, http_port,
-             f" and gRPC port {grpc_port}" if grpc_port else "", service.config.pool.workers,
-             service.config.pool.backend)
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await server.serve(sockets=[sock])
+        if isinstance(http_server, FastHttpServer):
+            await http_server.start(sock)
+        else:
+            serving = loop.create_task(http_server.serve(sockets=[sock]))
+            while not http_server.started and not serving.done():
+                await asyncio.sleep(0.01)
+        if listen.ready_file is not None:  # written once the port accepts connections
+            listen.ready_file.write_text(json.dumps({"http": http_port, "grpc": grpc_port, "pid": os.getpid()}))
+        log.info("serving %s on http://%s:%d (%s)%s with %d worker(s) on %s", service.operation, listen.host,
+                 http_port, listen.http, f" and gRPC port {grpc_port}" if grpc_port else "",
+                 service.config.pool.workers, service.config.pool.backend)
+        await stop.wait()
+        if isinstance(http_server, FastHttpServer):
+            await http_server.stop()
+        else:
+            http_server.should_exit = True
+            await serving
     finally:
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
