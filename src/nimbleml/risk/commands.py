@@ -51,6 +51,9 @@ _FLAG_FIELDS: dict[str, tuple[str, object]] = {
     "scaler": ("features.scaler", str),
     "bond_returns": ("features.bond_returns", str),
     "span": ("features.span", str),
+    "exogenous": ("features.exogenous", lambda v: tuple(x.strip() for x in v.split(",") if x.strip())),
+    "rates_dir": ("features.rates_dir", str),
+    "pca": ("features.pca_components", int),
     "seed": ("seed", int),
 }
 
@@ -90,6 +93,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--scaler", choices=("minmax", "robust"), help=f"default {d.features.scaler}")
     ev.add_argument("--bond-returns", choices=("yield_change", "duration"), help=f"default {d.features.bond_returns}")
     ev.add_argument("--span", choices=("common", "all"), help="common (default): dates every asset class covers")
+    ev.add_argument("--exogenous", help="extra inputs, comma list of rates (yields, term spread) and vix (2014-2018 only)")
+    ev.add_argument("--rates-dir", help="FRED yields folder for --exogenous rates (default: <data>/rates)")
+    ev.add_argument("--pca", type=int, help="project the scaled features on N principal components fitted on training rows")
     ev.add_argument("--seed", type=int, help="default 0")
     ev.add_argument("--out", required=True, type=Path, help="run folder")
     ev.set_defaults(func=run_evaluate)

@@ -13,11 +13,15 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
+from sklearn.decomposition import PCA
 
 from nimbleml.errors import NimbleError
+from nimbleml.risk.exogenous import align_causal, load_exogenous
 from nimbleml.risk.samples import ASSET_CLASSES, RiskSamples
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,9 @@ class FeatureConfig:
     scaler: str = "minmax"  # "minmax" (paper, to [0, 1]) | "robust" (median / IQR)
     bond_returns: str = "yield_change"  # "yield_change" (decimal) | "duration" (-D * dy, par-bond duration)
     span: str = "common"  # "common": sample dates where every loaded asset class has data | "all"
+    exogenous: tuple[str, ...] = ()  # extra inputs: "rates" (yields, term spread), "vix" (see risk.exogenous)
+    rates_dir: str | None = None  # FRED yields folder for "rates"; None: <market folder>/rates
+    pca_components: int | None = None  # project scaled features on this many principal components (fitted on train)
 
     def __post_init__(self) -> None:
         if self.horizon < 1:
@@ -70,6 +77,9 @@ class FeatureConfig:
             raise NimbleError(f"unknown bond return {self.bond_returns!r}", fix="use yield_change or duration")
         if self.span not in ("common", "all"):
             raise NimbleError(f"unknown span {self.span!r}", fix="use common or all")
+        self.exogenous = tuple(self.exogenous)
+        if self.pca_components is not None and self.pca_components < 1:
+            raise NimbleError(f"pca_components must be >= 1, got {self.pca_components}", fix="e.g. --pca 5")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,6 +220,10 @@ def compute_features(panel, config: FeatureConfig) -> FeaturePanel:
     is an error.
     """
     need = config.window + MIN_LOOKBACK + config.horizon
+    exog = None
+    if config.exogenous:
+        rates_dir = config.rates_dir or (str(Path(panel.source) / "rates") if panel.source != "arch" else None)
+        exog = load_exogenous(config.exogenous, Path(rates_dir) if rates_dir else None)
     assets: list[AssetFeatures] = []
     excluded: dict[str, str] = {}
     for name, frame in panel.frame.groupby("asset", sort=True):
@@ -220,7 +234,10 @@ def compute_features(panel, config: FeatureConfig) -> FeaturePanel:
                 f"{MIN_LOOKBACK}-day volatility and {config.horizon}-day horizon need"
             )
             continue
-        assets.append(_asset_features(frame.reset_index(drop=True), str(name), asset_class, config))
+        a = _asset_features(frame.reset_index(drop=True), str(name), asset_class, config)
+        if exog is not None:
+            a.features = np.hstack([a.features, align_causal(exog, a.dates)])
+        assets.append(a)
     if not assets:
         first = next(iter(excluded.items()))
         raise NimbleError(
@@ -259,6 +276,7 @@ def compute_features(panel, config: FeatureConfig) -> FeaturePanel:
     fp = FeaturePanel(
         assets=assets,
         config=config,
+        feature_names=list(FEATURE_NAMES) + ([c for c in exog.columns] if exog is not None else []),
         excluded=excluded,
         sample_asset=np.concatenate(sample_asset),
         sample_row=np.concatenate(sample_row),
@@ -283,6 +301,10 @@ class FeatureScaler:
     scale_: np.ndarray | None = None  # (F,) divided by
     mean_: np.ndarray | None = None  # (F,) for the z-score rule
     std_: np.ndarray | None = None
+    pca_components: int | None = None  # project on this many principal components of the scaled training rows
+    pca_: PCA | None = None
+    pca_center_: np.ndarray | None = None  # (k,) min of the training projections (rescaled to [0, 1] like the inputs)
+    pca_scale_: np.ndarray | None = None
 
     def fit(self, rows: np.ndarray) -> FeatureScaler:
         """rows: (n, F) unscaled feature rows of the training samples' days."""
@@ -301,12 +323,32 @@ class FeatureScaler:
         else:
             q25, q50, q75 = np.quantile(clipped, [0.25, 0.5, 0.75], axis=0)
             self.center_, self.scale_ = q50, np.maximum(q75 - q25, 1e-12)
+        if self.pca_components is not None:
+            scaled = self._scale(rows)
+            k = min(self.pca_components, rows.shape[1])
+            self.pca_ = PCA(n_components=k, random_state=0).fit(scaled)
+            z = self.pca_.transform(scaled)
+            self.pca_center_ = z.min(axis=0)
+            self.pca_scale_ = np.maximum(z.max(axis=0) - self.pca_center_, 1e-12)
         return self
 
-    def transform(self, rows: np.ndarray) -> np.ndarray:
-        """Clip (winsorize mode only) and scale; float32."""
+    def _scale(self, rows: np.ndarray) -> np.ndarray:
         x = np.clip(rows, self.lower_, self.upper_) if self.outliers == "winsorize" else rows
-        return ((x - self.center_) / self.scale_).astype(np.float32)
+        return (x - self.center_) / self.scale_
+
+    def transform(self, rows: np.ndarray) -> np.ndarray:
+        """Clip (winsorize mode only), scale and (with PCA) project; float32 (n, F) or (n, k)."""
+        x = self._scale(rows)
+        if self.pca_ is not None:
+            finite = np.isfinite(x).all(axis=1)
+            z = np.full((len(x), self.pca_.n_components_), np.nan)
+            z[finite] = (self.pca_.transform(x[finite]) - self.pca_center_) / self.pca_scale_
+            x = z
+        return x.astype(np.float32)
+
+    def output_names(self, names: list[str]) -> list[str]:
+        """Names of the transformed columns: the inputs, or pc1..pck with PCA."""
+        return [f"pc{i + 1}" for i in range(self.pca_.n_components_)] if self.pca_ is not None else list(names)
 
     def is_outlier(self, rows: np.ndarray) -> np.ndarray:
         """(n,) True where any feature has |z| above the threshold (training z-score rule)."""
@@ -326,7 +368,8 @@ def _raw_rows(fp: FeaturePanel, index: np.ndarray) -> np.ndarray:
 def fit_scaler(fp: FeaturePanel, train_index: np.ndarray) -> FeatureScaler:
     """Fit the configured scaler on the day-t rows of the training candidates only."""
     cfg = fp.config
-    return FeatureScaler(cfg.scaler, cfg.outliers, cfg.winsor_quantiles, cfg.zscore_threshold).fit(_raw_rows(fp, train_index))
+    return FeatureScaler(cfg.scaler, cfg.outliers, cfg.winsor_quantiles, cfg.zscore_threshold,
+                         pca_components=cfg.pca_components).fit(_raw_rows(fp, train_index))
 
 
 def zscore_keep(fp: FeaturePanel, scaler: FeatureScaler, train_index: np.ndarray) -> np.ndarray:
@@ -348,7 +391,8 @@ def zscore_keep(fp: FeaturePanel, scaler: FeatureScaler, train_index: np.ndarray
 
 def build_samples(fp: FeaturePanel, scaler: FeatureScaler, index: np.ndarray, leaky: bool = False) -> RiskSamples:
     """Scaled windows, targets and HAR lags of the selected candidates, in the order of ``index``."""
-    w, nf = fp.config.window, len(fp.feature_names)
+    names = scaler.output_names(fp.feature_names)
+    w, nf = fp.config.window, len(names)
     n = len(index)
     windows = np.empty((n, nf, w), np.float32)
     target, har, har_range = np.empty(n), np.empty((n, 3)), np.empty((n, 3))
@@ -373,7 +417,7 @@ def build_samples(fp: FeaturePanel, scaler: FeatureScaler, index: np.ndarray, le
         har=har,
         har_range=har_range,
         returns=[a.returns for a in fp.assets],
-        feature_names=list(fp.feature_names),
+        feature_names=names,
         asset_names=fp.asset_names,
         horizon=fp.config.horizon,
         leaky=leaky,
