@@ -7,7 +7,14 @@ the same history mask for all (see ``rec.evaluate``). metrics.json keys:
 ``candidates50.{hr@10,ndcg@10,mrr}``, ``candidates50_novel.{...}`` (users whose target is not
 a repeat), ``baselines.<name>.<protocol>.{...}``, ``baselines.<name>.selected`` (validation
 choice), ``exclude_history``, ``repeat_target_share``,
-``n_users``, ``n_items``, ``epochs``, ``train_seconds``.
+``n_users``, ``n_items``, ``epochs``, ``train_seconds``, ``precision``, ``processes``.
+
+Multi-process training: ``rec train --nproc N`` starts N local processes itself. On many
+machines, start the same command with torchrun on every node (rank 0's node as endpoint);
+each process joins torchrun's group and only global rank 0 evaluates and writes::
+
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \
+        .venv/bin/nimbleml rec train --data runs/video/data --out runs/video/model-ddp
 """
 
 from __future__ import annotations

@@ -482,7 +482,7 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
         model.load_state_dict(best_state)
     model.eval()
     result.train_seconds = time.perf_counter() - start
-    log.info(
+    (log.info if rank == 0 else log.debug)(  # the other processes never validated
         "stopped after %d epochs (%s); best epoch %d, valid ndcg@10 %.4f, %.0f s",
         result.epochs_run, result.stopped_because, result.best_epoch, result.best_valid["ndcg@10"], result.train_seconds,
     )
