@@ -189,11 +189,10 @@ class DynamicBatcher(Generic[T, R]):
             oldest = min(self._lanes[level][0].enqueued for level in lower if self._lanes[level])
             wait_s = oldest + cfg.max_queue_delay_ms / 1000.0 - time.monotonic()
             if queued < self._full_size() and wait_s > 0:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), wait_s)
-                except asyncio.TimeoutError:
-                    pass
+                self._wakeup.clear()  # a timer, not wait_for: no task per wait on the hot path
+                timer = asyncio.get_running_loop().call_later(wait_s, self._wakeup.set)
+                await self._wakeup.wait()
+                timer.cancel()
                 continue
             if self._inflight >= cfg.max_inflight_batches:
                 # wait for a batch to finish (or a priority request); meanwhile the queue grows,

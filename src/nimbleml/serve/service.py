@@ -143,6 +143,7 @@ class Service:
         self._background: set[asyncio.Task] = set()
         self._admin_lock = asyncio.Lock()
         self._using: Counter = Counter()  # requests in progress per version (a retired version waits for 0)
+        self._observers: dict[tuple[str, str, int], tuple] = {}  # metric series per (route, tier, status)
         self.started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -188,8 +189,13 @@ class Service:
 
     def observe(self, route: str, tier: str, status: int, seconds: float) -> None:
         """Record one answered request (metrics + the shedder's latency window)."""
-        self.metrics.requests.labels(route=route, tier=tier, status=str(status)).inc()
-        self.metrics.latency.labels(route=route, tier=tier).observe(seconds)
+        children = self._observers.get((route, tier, status))
+        if children is None:  # labels() costs a lock and a tuple per call: look each series up once
+            children = (self.metrics.requests.labels(route=route, tier=tier, status=str(status)),
+                        self.metrics.latency.labels(route=route, tier=tier))
+            self._observers[(route, tier, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if status < 400:
             self.admission.latency.add(seconds * 1000.0)
 
