@@ -120,3 +120,16 @@ def test_index_and_recommend_commands_and_a_stale_index(tmp_path, capsys) -> Non
     bad = parse(["rec", "recommend", "--model", str(tmp_path), "--history", "12 x"])
     with pytest.raises(NimbleError, match="not a list of item ids"):
         bad.func(bad)
+
+
+def test_recommend_passes_behaviours_to_a_behaviour_model(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    model = SeqRec(SeqRecConfig.small(300, use_behavior=True)).eval()
+    save_checkpoint(model, {}, tmp_path)
+    ItemIndex.build(item_table(model)).save(tmp_path)
+    for extra in ([], ["--behaviors", "1 2 4"]):
+        args = parse(["rec", "recommend", "--model", str(tmp_path), "--history", "12 7 93", *extra])
+        assert args.func(args) == 0
+    bad = parse(["rec", "recommend", "--model", str(tmp_path), "--history", "12 7 93", "--behaviors", "1 2"])
+    with pytest.raises(NimbleError, match="one code per"):
+        bad.func(bad)

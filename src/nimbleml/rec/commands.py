@@ -309,14 +309,14 @@ def run_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_history(text: str, n_items: int, max_len: int) -> np.ndarray:
-    """ "12 7 93" (dense item ids, oldest first) -> (1, max_len) left-padded int64 row."""
+def parse_history(text: str, n_items: int, max_len: int, what: str = "item ids") -> np.ndarray:
+    """ "12 7 93" (dense ids in 1..n_items, oldest first) -> (1, max_len) left-padded int64 row."""
     try:
         ids = [int(token) for token in text.replace(",", " ").split()]
     except ValueError as exc:
-        raise NimbleError(f"history {text!r} is not a list of item ids", fix='pass e.g. --history "12 7 93"') from exc
+        raise NimbleError(f"{text!r} is not a list of {what}", fix='pass e.g. --history "12 7 93"') from exc
     if not ids or min(ids) < 1 or max(ids) > n_items:
-        raise NimbleError(f"history needs 1+ item ids in 1..{n_items}, got {text!r}",
+        raise NimbleError(f"needs 1+ {what} in 1..{n_items}, got {text!r}",
                           fix="use the dense ids of the prepared data the model was trained on")
     row = np.zeros((1, max_len), dtype=np.int64)
     ids = ids[-max_len:]
@@ -328,8 +328,14 @@ def run_recommend(args: argparse.Namespace) -> int:
     """Top --k items for one history: retrieve --candidates from the model's index, rank them."""
     model = load_checkpoint(Path(args.model))
     history = parse_history(args.history, model.config.n_items, model.config.max_len)
+    behaviors = None
+    if model.config.use_behavior:  # one code per event (1 pv, 2 cart, 3 fav, 4 buy); default: all page views
+        codes = args.behaviors or " ".join(["1"] * int((history > 0).sum()))
+        behaviors = parse_history(codes, model.config.n_behaviors - 1, model.config.max_len, "behaviour codes")
+        if ((behaviors > 0) != (history > 0)).any():
+            raise NimbleError("--behaviors needs one code per --history item", fix='e.g. --behaviors "1 1 2"')
     index = ItemIndex.load(Path(args.model), model)
-    (result,) = recommend(model, index, history, k=args.k, n_candidates=max(args.candidates, args.k))
+    (result,) = recommend(model, index, history, k=args.k, n_candidates=max(args.candidates, args.k), behaviors=behaviors)
     table = Table(title=f"top {args.k} of {args.candidates} retrieved ({index.spec.factory})")
     table.add_column("rank", justify="right")
     table.add_column("item", justify="right")
@@ -385,6 +391,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--history", required=True, help='dense item ids, oldest first, e.g. "12 7 93"')
     p.add_argument("--k", type=int, default=10, help="items to return")
     p.add_argument("--candidates", type=int, default=50, help="items retrieved before ranking")
+    p.add_argument("--behaviors", default=None,
+                   help='behaviour codes per history item (1 pv, 2 cart, 3 fav, 4 buy) for models trained with them; default all pv')
     p.set_defaults(func=run_recommend)
     return rec
 
