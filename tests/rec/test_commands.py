@@ -61,9 +61,11 @@ def test_train_on_missing_data_is_a_nimble_error(tmp_path) -> None:
 def test_history_exclusion_follows_the_repeat_share() -> None:
     data = make_data()  # walks i, i+1, ...: shorter than the catalogue, so no user repeats an item
     assert commands.repeat_share(data) == 0.0
-    assert commands.model_config("small", data).exclude_history
+    config = commands.model_config("small", data)
+    assert config.exclude_history and not config.repeat_scores
     data.items[data.offsets[0] + 1] = data.items[data.offsets[0]]  # one repeat among the training events
     for u in range(1, data.n_users):
         data.items[data.offsets[u] + 1] = data.items[data.offsets[u]]
     assert commands.repeat_share(data) > 0.05
-    assert not commands.model_config("small", data).exclude_history
+    config = commands.model_config("small", data)
+    assert not config.exclude_history and config.repeat_scores  # repeats are scored, not masked
