@@ -16,7 +16,7 @@ def run(coro):
 def test_batches_form_by_size_and_each_caller_gets_its_own_result():
     sizes: list[int] = []
 
-    async def double(items):
+    async def double(items, priority):
         sizes.append(len(items))
         return [2 * x for x in items]
 
@@ -31,7 +31,7 @@ def test_batches_form_by_size_and_each_caller_gets_its_own_result():
 
 
 def test_a_lone_request_leaves_after_the_delay():
-    async def echo(items):
+    async def echo(items, priority):
         return items
 
     async def main():
@@ -46,7 +46,7 @@ def test_a_lone_request_leaves_after_the_delay():
 def test_preferred_sizes_cut_batches():
     sizes: list[int] = []
 
-    async def echo(items):
+    async def echo(items, priority):
         sizes.append(len(items))
         return items
 
@@ -62,9 +62,11 @@ def test_preferred_sizes_cut_batches():
 
 def test_priority_lane_bypasses_a_busy_batcher():
     order: list[str] = []
+    priorities: list[int] = []
     release = None
 
-    async def slow(items):
+    async def slow(items, priority):
+        priorities.append(priority)
         if items[0].startswith("low"):
             await release.wait()
         order.extend(items)
@@ -85,10 +87,11 @@ def test_priority_lane_bypasses_a_busy_batcher():
 
     assert run(main()) == "high"
     assert order[0] == "high"  # answered while the low-priority batches were stuck
+    assert priorities[:2] == [2, 0]  # run_batch learns each batch's lane
 
 
 def test_full_lane_rejects_at_once():
-    async def never(items):
+    async def never(items, priority):
         await asyncio.Event().wait()
 
     async def main():
@@ -111,7 +114,7 @@ def test_full_lane_rejects_at_once():
 
 
 def test_deadline_rejects_instead_of_answering_late():
-    async def slow(items):
+    async def slow(items, priority):
         await asyncio.sleep(0.3)
         return items
 
@@ -129,7 +132,7 @@ def test_deadline_rejects_instead_of_answering_late():
 
 
 def test_a_failing_batch_fails_every_caller():
-    async def boom(items):
+    async def boom(items, priority):
         raise RuntimeError("worker died")
 
     async def main():

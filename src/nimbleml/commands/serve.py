@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0 = any free port)")
     parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: no gRPC; 0 = any free)")
     parser.add_argument("--redis", default=None, help="history store URL, e.g. redis://127.0.0.1:6379/0 (default: in process)")
-    parser.add_argument("--max-batch", type=int, default=32, help="largest batch a worker runs")
+    parser.add_argument("--max-batch", type=int, default=16, help="largest batch a worker runs")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch, ms")
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="answer 504 instead of later than this, ms")
     parser.add_argument("--target-p99-ms", type=float, default=50.0, help="p99 above which low tiers are shed, ms")

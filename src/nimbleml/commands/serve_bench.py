@@ -372,7 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/bench/serve"), help="output folder")
     parser.add_argument("--backend", default=None, help="runtime backend for ours (default: fastest available)")
     parser.add_argument("--workers", type=int, default=0, help="our worker processes (default: cores - 1)")
-    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--slo-ms", type=float, default=50.0, help="p99 objective, ms")
     parser.add_argument("--start-rps", type=float, default=50.0, help="first offered rate of each search")

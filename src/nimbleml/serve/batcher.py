@@ -39,7 +39,7 @@ class DeadlineExceeded(Exception):
 class BatcherConfig:
     """Triton-style dynamic batcher settings."""
 
-    max_batch_size: int = 32  # requests per batch at most (32 keeps one batch under ~10 ms on 1 CPU core)
+    max_batch_size: int = 16  # requests per batch at most: ~10 ms of one core for the default ranker (its cost per row is flat past ~4, so bigger batches only delay the priority lane)
     max_queue_delay_ms: float = 2.0  # longest a request waits for others to join its batch, milliseconds
     preferred_batch_sizes: tuple[int, ...] = ()  # sizes to cut batches at when the queue holds more (Triton's preferred_batch_size)
     max_queue_size: int = 512  # queued requests per priority lane; beyond it requests are rejected at once
@@ -58,6 +58,7 @@ class _Pending(Generic[T]):
     item: T
     future: asyncio.Future
     deadline: float | None  # time.monotonic() seconds, or None
+    priority: int = 1  # its lane
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -78,15 +79,16 @@ def _expire(future: asyncio.Future) -> None:
 
 
 class DynamicBatcher(Generic[T, R]):
-    """Collect submitted items into batches and run them with ``run_batch(items) -> results``.
+    """Collect submitted items into batches and run them with ``run_batch(items, priority) -> results``.
 
-    ``run_batch`` must return one result per item, in order; if it raises, every item of that
-    batch gets the exception.
+    ``run_batch`` gets the batch's best (lowest) priority level, so whatever runs it can serve
+    urgent batches first; it must return one result per item, in order; if it raises, every
+    item of that batch gets the exception.
     """
 
     def __init__(
         self,
-        run_batch: Callable[[list[T]], Awaitable[Sequence[R]]],
+        run_batch: Callable[[list[T], int], Awaitable[Sequence[R]]],
         config: BatcherConfig | None = None,
         on_batch: Callable[[int], None] | None = None,
     ):
@@ -140,7 +142,7 @@ class DynamicBatcher(Generic[T, R]):
             deadline = time.monotonic() + timeout_s
             timer = loop.call_later(timeout_s, _expire, future)  # reject at the deadline, not after the batch
             future.add_done_callback(lambda _: timer.cancel())
-        lane.append(_Pending(item, future, deadline))
+        lane.append(_Pending(item, future, deadline, level))
         self._wakeup.set()
         return await future
 
@@ -218,7 +220,7 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _run(self, batch: list[_Pending[T]], slot: bool) -> None:
         try:
-            results = await self._run_batch([p.item for p in batch])
+            results = await self._run_batch([p.item for p in batch], min(p.priority for p in batch))
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
             for pending, result in zip(batch, results):

@@ -19,8 +19,8 @@ from nimbleml.serve.schemas import ErrorResponse, RankedItem, RecommendRequest, 
 from nimbleml.serve.service import Rejected, ranker_inputs
 from nimbleml.serve.worker import LoadedBundle
 
-# Ray Serve's autoscaler: replicas follow the requests queued per replica (here, about one full batch)
-AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32,
+# Ray Serve's autoscaler: replicas follow the requests queued per replica (here, one full batch)
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16,
                "upscale_delay_s": 5, "downscale_delay_s": 30}
 
 
@@ -33,11 +33,11 @@ class RankerDeployment:
         import msgspec
 
         self.model = LoadedBundle(bundle, backend, threads)
-        self.model.warm((1, 32))
+        self.model.warm((1, 16))
         self.decoder = msgspec.json.Decoder(RecommendRequest)
         self.encoder = msgspec.json.Encoder()
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)  # the same batching as our server
     async def _rank(self, rows: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
         inputs = {name: np.stack([row[name] for row in rows]) for name in rows[0]}
         return list(self.model.run("ranker", inputs))

@@ -44,7 +44,7 @@ class PoolConfig:
     workers: int = 1  # worker processes; on 2 cores one worker beside the front end keeps both busy
     backend: str = "onnxruntime"  # a file backend of nimbleml.runtime.backends
     threads: int = 1  # intra-op threads per worker session
-    warm_batches: tuple[int, ...] = (1, 32)  # dummy batch sizes run at load, before traffic
+    warm_batches: tuple[int, ...] = (1, 16)  # dummy batch sizes run at load, before traffic
     start_timeout_s: float = 180.0  # loading + warming one worker, seconds
     ready_wait_s: float = 5.0  # how long a request waits for a ready worker when none is, seconds
 
@@ -212,10 +212,11 @@ class WorkerPool:
                 raise WorkerCrashed("no worker is ready (restarting after a crash?)")
             await asyncio.sleep(0.01)
 
-    async def run(self, version: str, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    async def run(self, version: str, graph: str, inputs: dict[str, np.ndarray], priority: int = 1) -> np.ndarray:
+        """Run one batch; a worker runs its waiting batches lowest ``priority`` first."""
         worker = await self._pick()
         rid = next(self._rids)
-        return await worker.send(("run", rid, version, graph, inputs), rid, version)
+        return await worker.send(("run", rid, version, graph, inputs, priority), rid, version)
 
     async def _broadcast(self, message_of: Callable[[int], tuple], version: str) -> None:
         futures = []

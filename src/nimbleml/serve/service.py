@@ -206,9 +206,9 @@ class Service:
         if batcher is None:
             histogram = self.metrics.batch_size.labels(graph=graph)
 
-            async def run_batch(rows: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+            async def run_batch(rows: list[dict[str, np.ndarray]], priority: int) -> list[np.ndarray]:
                 inputs = {name: np.stack([row[name] for row in rows]) for name in rows[0]}
-                out = await self.pool.run(version, graph, inputs)
+                out = await self.pool.run(version, graph, inputs, priority)
                 return list(out)
 
             batcher = DynamicBatcher(run_batch, self.config.batcher, on_batch=histogram.observe)

@@ -2,7 +2,7 @@
 
 It speaks a small message protocol over two pipes (pickled tuples, numpy arrays inside):
 
-- in:  ``("run", rid, version, graph, inputs)``, ``("load", rid, version, folder)`` (loaded on a
+- in:  ``("run", rid, version, graph, inputs, priority)`` (waiting batches run lowest priority first), ``("load", rid, version, folder)`` (loaded on a
   side thread while the loop keeps serving),
   ``("unload", rid, version)``, ``("stop",)``
 - out: ``("ready", pid)`` once the first bundles are loaded and warmed, then
@@ -14,6 +14,7 @@ writes never block on a busy worker.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -50,24 +51,31 @@ class LoadedBundle:
         return self.graphs[graph].predict(inputs)
 
 
-def _reader(conn: Connection, inbox: queue.Queue) -> None:
+CONTROL = -1  # load/unload/stop go before any batch
+_ORDER = itertools.count()  # FIFO within a priority (and no comparison of the messages themselves)
+
+
+def _reader(conn: Connection, inbox: queue.PriorityQueue) -> None:
+    """Drain the pipe into a priority queue: a premium batch waits behind at most the running one."""
     while True:
         try:
-            inbox.put(conn.recv())
+            message = conn.recv()
         except (EOFError, OSError):  # the front end went away: stop the worker
-            inbox.put(("stop",))
+            inbox.put((CONTROL, next(_ORDER), ("stop",)))
             return
+        priority = message[5] if message[0] == "run" else CONTROL
+        inbox.put((priority, next(_ORDER), message))
 
 
 def _load_beside(rid: int, version: str, folder: str, backend: str, threads: int, warm_batches: tuple[int, ...],
-                 inbox: queue.Queue) -> None:
+                 inbox: queue.PriorityQueue) -> None:
     """Build and warm a bundle on a side thread; the main loop registers it when it arrives."""
     try:
         bundle = LoadedBundle(folder, backend, threads)
         bundle.warm(warm_batches)
-        inbox.put(("loaded", rid, version, bundle))
+        inbox.put((CONTROL, next(_ORDER), ("loaded", rid, version, bundle)))
     except Exception as exc:  # reported to the front end as this load's error
-        inbox.put(("loaded", rid, version, exc))
+        inbox.put((CONTROL, next(_ORDER), ("loaded", rid, version, exc)))
 
 
 def worker_main(inbox_conn: Connection, outbox_conn: Connection, bundles: dict[str, str], backend: str,
@@ -84,18 +92,18 @@ def worker_main(inbox_conn: Connection, outbox_conn: Connection, bundles: dict[s
     except Exception as exc:  # the front end reports it and stops the server: a bad bundle is not transient
         outbox_conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
         return
-    inbox: queue.Queue = queue.Queue()
+    inbox: queue.PriorityQueue = queue.PriorityQueue()
     threading.Thread(target=_reader, args=(inbox_conn, inbox), daemon=True).start()
     outbox_conn.send(("ready", os.getpid()))
     while True:
-        message = inbox.get()
+        message = inbox.get()[2]
         kind = message[0]
         if kind == "stop":
             return
         rid = message[1]
         try:
             if kind == "run":
-                _, _, version, graph, inputs = message
+                _, _, version, graph, inputs, _ = message
                 outbox_conn.send(("ok", rid, loaded[version].run(graph, inputs)))
             elif kind == "load":  # load and warm beside the serving loop: traffic keeps flowing meanwhile
                 _, _, version, folder = message
