@@ -167,11 +167,13 @@ def _start(cmd: list[str], log_path: Path, env: dict | None = None) -> subproces
 # ---------------------------------------------------------------------------- measurements
 def capacity(url: str, route: str, bodies: list[bytes], key: str | None, pids: list[int], start_rps: float,
              factor: float, max_rps: float, step_s: float, slo_ms: float, processes: int, label: str) -> dict:
-    """Raise the offered rate by ``factor`` until two steps in a row miss the SLO; the best passing step wins."""
+    """Raise the offered rate by ``factor`` until three steps in a row miss the SLO; the best passing
+    step wins. A first, uncounted step at the start rate warms the server (first-call costs)."""
     target = loopback_target(f"{url}{route}")
     requests = {"standard": [http_request(target, b, key) for b in bodies]}
+    run_load(LoadPlan(target, start_rps, step_s, requests, {"standard": 1.0}, processes=processes, timeout_s=2.0))
     steps, best, misses, rate = [], None, 0, start_rps
-    while rate <= max_rps and misses < 2:
+    while rate <= max_rps and misses < 3:
         cpu_before = sum(_cpu_seconds(p) for p in pids)
         result = run_load(LoadPlan(target, rate, step_s, requests, {"standard": 1.0}, processes=processes,
                                    timeout_s=2.0, seed=len(steps)))
@@ -375,7 +377,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--slo-ms", type=float, default=50.0, help="p99 objective, ms")
-    parser.add_argument("--start-rps", type=float, default=50.0, help="first offered rate of each search")
+    parser.add_argument("--start-rps", type=float, default=25.0, help="first offered rate of each search")
     parser.add_argument("--factor", type=float, default=1.25, help="rate multiplier between steps")
     parser.add_argument("--max-rps", type=float, default=6000.0, help="stop searching above this rate")
     parser.add_argument("--step-s", type=float, default=3.0, help="seconds of arrivals per step")
