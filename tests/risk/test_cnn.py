@@ -114,3 +114,27 @@ def test_bad_inputs_raise() -> None:
         forecaster.fit(train, val)
     with pytest.raises(NimbleError, match="not fitted"):
         forecaster.predict(val)
+
+
+def test_warm_start_and_epoch_callback() -> None:
+    """A warm-started fold begins from the previous fold's weights; on_epoch sees every epoch and can stop the fit."""
+    train, val = synthetic_samples(600, 0), synthetic_samples(300, 1)
+    encoder = get_encoder("heatmap", image_size=16)
+    first = CNNForecaster(small_config(max_epochs=2), encoder, seed=3).fit(train, val)
+    seen: list[tuple[int, float]] = []
+    warm = CNNForecaster(small_config(max_epochs=1, lr=1e-12), encoder, seed=4)
+    warm.fit(train, val, warm_start=first, on_epoch=lambda e, q: seen.append((e, q)))
+    assert warm.warm_started_ and [e for e, _ in seen] == [1]
+    for name, tensor in first.state_dict().items():  # lr ~ 0: the weights stay where the warm start put them
+        np.testing.assert_allclose(warm.state_dict()[name].numpy(), tensor.numpy(), atol=1e-6)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch: int, _q: float) -> None:
+        raise Stop(epoch)
+
+    with pytest.raises(Stop):
+        CNNForecaster(small_config(max_epochs=3), encoder, seed=3).fit(train, val, on_epoch=stop)
+    with pytest.raises(NimbleError, match="architecture"):
+        CNNForecaster(small_config(filters=4), encoder, seed=3).fit(train, val, warm_start=first)

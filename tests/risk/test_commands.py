@@ -27,7 +27,9 @@ def market(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(market, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "wf"
-    argv = ["risk", "evaluate", "--data", str(market), "--protocol", "walk-forward", "--refit-months", "6",
+    small = out.parent / "small.toml"  # a small CNN through --config keeps the test fast
+    small.write_text("[cnn_overrides]\nfilters = 8\nn_conv = 3\nfc = [16, 8]\n")
+    argv = ["risk", "evaluate", "--config", str(small), "--data", str(market), "--protocol", "walk-forward", "--refit-months", "6",
             "--windows", "calm=2017-09-01:2017-12-31,late=2018-01-15:2018-04-30", "--epochs", "1", "--warm-epochs", "1",
             "--max-train-samples", "300", "--max-val-samples", "300", "--models", MODELS, "--mcs-reps", "100", "--out", str(out)]
     assert main(argv) == 0

@@ -29,7 +29,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,13 +162,21 @@ class CNNForecaster:
         self.precision = precision
 
     # ------------------------------------------------------------------ fit
-    def fit(self, train: RiskSamples, val: RiskSamples, warm_start: CNNForecaster | None = None) -> CNNForecaster:
+    def fit(
+        self,
+        train: RiskSamples,
+        val: RiskSamples,
+        warm_start: CNNForecaster | None = None,
+        on_epoch: Callable[[int, float], None] | None = None,
+    ) -> CNNForecaster:
         """Train on ``train``, early-stop and calibrate on ``val``; returns self.
 
         ``warm_start``: a fitted forecaster with the same architecture (e.g. the previous
         walk-forward fold's) whose weights start the training instead of a random init; the
         target transform is still fitted on this ``train``. Walk-forward folds use it so a
-        refit needs a few epochs rather than a full training run on CPU.
+        refit needs a few epochs rather than a full training run on CPU. ``on_epoch(epoch,
+        val_qlike)`` is called after every epoch (a tuner reports to its pruner there; an
+        exception it raises, e.g. optuna's TrialPruned, stops the fit).
         """
         started = time.perf_counter()
         self._check(train, "train")
@@ -232,6 +240,8 @@ class CNNForecaster:
                         "samples_per_s": seen / train_seconds,
                     }
                     self.history_.append(record)
+                    if on_epoch is not None:
+                        on_epoch(epoch, val_qlike)
                     progress.update(task, info=f"train loss {record['train_loss']:.4f}  val qlike {val_qlike:.4f}")
                     logger.info(
                         "epoch %d: train loss %.4f, val qlike %.4f (c=%.3f), %.0f samples/s",

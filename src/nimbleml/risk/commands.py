@@ -65,43 +65,54 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = risk.add_subparsers(dest="risk_command", required=True)
     ev = sub.add_parser("evaluate", help="fit the CNN and the baselines, print and write the comparison",
                         argument_default=argparse.SUPPRESS)
-    ev.add_argument("--config", type=Path, help="TOML file or a run's config.json; flags given here override it")
-    ev.add_argument("--data", help=f"'arch' (bundled real series) or a market folder like ../shared/data/market (default {d.data})")
-    ev.add_argument("--assets", type=int, help="keep the first N assets in sorted file-path order")
-    ev.add_argument("--horizon", type=int, help=f"forecast horizon h in trading days, 5 or 22 (default {d.features.horizon})")
-    ev.add_argument("--protocol", choices=PROTOCOLS, help=f"default {d.protocol}")
-    ev.add_argument("--test-start", help="first test date YYYY-MM-DD (2007-01-01 puts 2008 and 2020 out of sample)")
-    ev.add_argument("--test-end", help="end of the test period YYYY-MM-DD (exclusive)")
-    ev.add_argument("--refit-months", type=int, help=f"walk-forward refit cadence in months (default {d.refit_months}: yearly)")
-    ev.add_argument("--no-warm-start", action="store_true", help="walk-forward: train each fold's CNN from scratch")
-    ev.add_argument("--warm-epochs", type=int, help=f"max epochs of a warm-started walk-forward fold (default {d.warm_epochs})")
-    ev.add_argument("-j", "--jobs", type=int, help="parallel per-asset expert fits (-1: all cores; default 1)")
-    ev.add_argument("--executor", choices=EXECUTORS, help="joblib (local, default) or ray (a Ray cluster)")
-    ev.add_argument("--windows", help="stress windows name=YYYY-MM-DD:YYYY-MM-DD[,...] (default: 2008-09..2009-06, 2020-02..2020-06)")
-    ev.add_argument("--mcs-reps", type=int, help=f"Model Confidence Set bootstrap replications (default {d.mcs_reps})")
-    ev.add_argument("--weights", help="portfolio weights CSV with header asset,weight (default: equal weights)")
-    ev.add_argument("--encoder", help=f"heatmap (paper) | gaf | mtf | recurrence (default {d.encoder})")
-    ev.add_argument("--per-window-rescale", action="store_true", help="rescale each window to [0, 1] before imaging")
-    ev.add_argument("--epochs", type=int, help=f"CNN max epochs, early stopping on validation (default {d.epochs})")
-    ev.add_argument("--cnn-target", choices=("log_var", "qlike", "vol", "var"), help=f"default {d.cnn_target}")
-    ev.add_argument("--tuned", action="store_true", help="the paper's tuned CNN: 5x5 kernels, 3x3 pooling, lr 5e-4")
-    ev.add_argument("--no-linear-skip", action="store_true", help="the paper's CNN exactly, without our linear skip read-out")
-    ev.add_argument("--max-train-samples", type=int, help=f"CNN samples drawn per epoch (default {d.max_train_samples})")
-    ev.add_argument("--max-val-samples", type=int, help=f"CNN validation rows scored per epoch (default {d.max_val_samples})")
-    ev.add_argument("--models", help=f"comma list from {','.join(MODEL_NAMES)} (default all)")
-    ev.add_argument("--outliers", choices=("winsorize", "zscore", "none"), help=f"default {d.features.outliers} (cap-free)")
-    ev.add_argument("--scaler", choices=("minmax", "robust"), help=f"default {d.features.scaler}")
-    ev.add_argument("--bond-returns", choices=("yield_change", "duration"), help=f"default {d.features.bond_returns}")
-    ev.add_argument("--span", choices=("common", "all"), help="common (default): dates every asset class covers")
-    ev.add_argument("--exogenous", help="extra inputs, comma list of rates (yields, term spread) and vix (2014-2018 only)")
-    ev.add_argument("--rates-dir", help="FRED yields folder for --exogenous rates (default: <data>/rates)")
-    ev.add_argument("--pca", type=int, help="project the scaled features on N principal components fitted on training rows")
-    ev.add_argument("--seed", type=int, help="default 0")
-    ev.add_argument("--out", required=True, type=Path, help="run folder")
+    _run_options(ev, d)
     ev.set_defaults(func=run_evaluate)
+    tune = sub.add_parser("tune", help="Optuna TPE over the CNN settings on validation data; the test is scored once",
+                          argument_default=argparse.SUPPRESS)
+    _run_options(tune, d)  # the same options as evaluate: the base configuration to tune from
+    tune.add_argument("--trials", type=int, help="Optuna trials (default 20)")
+    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tune.set_defaults(func=run_tune)
     rep = sub.add_parser("report", help="recompute metrics.json and write report.html from a run folder (no refitting)")
     rep.add_argument("--from", dest="run_dir", required=True, type=Path, help="a folder written by `risk evaluate --out`")
     rep.set_defaults(func=run_report)
+
+
+def _run_options(p: argparse.ArgumentParser, d: RiskRunConfig) -> None:
+    """The options that build a RiskRunConfig (shared by evaluate and tune); d gives the defaults shown."""
+    p.add_argument("--config", type=Path, help="TOML file or a run's config.json; flags given here override it")
+    p.add_argument("--data", help=f"'arch' (bundled real series) or a market folder like ../shared/data/market (default {d.data})")
+    p.add_argument("--assets", type=int, help="keep the first N assets in sorted file-path order")
+    p.add_argument("--horizon", type=int, help=f"forecast horizon h in trading days, 5 or 22 (default {d.features.horizon})")
+    p.add_argument("--protocol", choices=PROTOCOLS, help=f"default {d.protocol}")
+    p.add_argument("--test-start", help="first test date YYYY-MM-DD (2007-01-01 puts 2008 and 2020 out of sample)")
+    p.add_argument("--test-end", help="end of the test period YYYY-MM-DD (exclusive)")
+    p.add_argument("--refit-months", type=int, help=f"walk-forward refit cadence in months (default {d.refit_months}: yearly)")
+    p.add_argument("--no-warm-start", action="store_true", help="walk-forward: train each fold's CNN from scratch")
+    p.add_argument("--warm-epochs", type=int, help=f"max epochs of a warm-started walk-forward fold (default {d.warm_epochs})")
+    p.add_argument("-j", "--jobs", type=int, help="parallel per-asset expert fits (-1: all cores; default 1)")
+    p.add_argument("--executor", choices=EXECUTORS, help="joblib (local, default) or ray (a Ray cluster)")
+    p.add_argument("--windows", help="stress windows name=YYYY-MM-DD:YYYY-MM-DD[,...] (default: 2008-09..2009-06, 2020-02..2020-06)")
+    p.add_argument("--mcs-reps", type=int, help=f"Model Confidence Set bootstrap replications (default {d.mcs_reps})")
+    p.add_argument("--weights", help="portfolio weights CSV with header asset,weight (default: equal weights)")
+    p.add_argument("--encoder", help=f"heatmap (paper) | gaf | mtf | recurrence (default {d.encoder})")
+    p.add_argument("--per-window-rescale", action="store_true", help="rescale each window to [0, 1] before imaging")
+    p.add_argument("--epochs", type=int, help=f"CNN max epochs, early stopping on validation (default {d.epochs})")
+    p.add_argument("--cnn-target", choices=("log_var", "qlike", "vol", "var"), help=f"default {d.cnn_target}")
+    p.add_argument("--tuned", action="store_true", help="the paper's tuned CNN: 5x5 kernels, 3x3 pooling, lr 5e-4")
+    p.add_argument("--no-linear-skip", action="store_true", help="the paper's CNN exactly, without our linear skip read-out")
+    p.add_argument("--max-train-samples", type=int, help=f"CNN samples drawn per epoch (default {d.max_train_samples})")
+    p.add_argument("--max-val-samples", type=int, help=f"CNN validation rows scored per epoch (default {d.max_val_samples})")
+    p.add_argument("--models", help=f"comma list from {','.join(MODEL_NAMES)} (default all)")
+    p.add_argument("--outliers", choices=("winsorize", "zscore", "none"), help=f"default {d.features.outliers} (cap-free)")
+    p.add_argument("--scaler", choices=("minmax", "robust"), help=f"default {d.features.scaler}")
+    p.add_argument("--bond-returns", choices=("yield_change", "duration"), help=f"default {d.features.bond_returns}")
+    p.add_argument("--span", choices=("common", "all"), help="common (default): dates every asset class covers")
+    p.add_argument("--exogenous", help="extra inputs, comma list of rates (yields, term spread) and vix (2014-2018 only)")
+    p.add_argument("--rates-dir", help="FRED yields folder for --exogenous rates (default: <data>/rates)")
+    p.add_argument("--pca", type=int, help="project the scaled features on N principal components fitted on training rows")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
 
 
 def read_config_file(path: Path) -> dict:
@@ -155,6 +166,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
         result.cnn.save(args.out / "model")  # the model-folder contract: CNNForecaster.load(DIR/model)
     metrics = write_report(result, args.out)
     print_table(metrics)
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from nimbleml.risk.report import print_table, write_report
+    from nimbleml.risk.tune import TuneConfig, run_tuning
+
+    base = config_from_args(args)
+    tune = TuneConfig(trials=getattr(args, "trials", TuneConfig.trials), timeout_s=getattr(args, "timeout", None))
+    out = run_tuning(base, tune, args.out)
+    result = out["result"]
+    result.extras["tuning"] = {k: v for k, v in out["summary"].items() if k != "trials"}
+    result.extras["environment"] = environment()
+    result.extras["data_fingerprint"] = data_fingerprint(base.data)
+    if result.cnn is not None:
+        result.cnn.save(args.out / "final" / "model")
+    print_table(write_report(result, args.out / "final"))
     return 0
 
 

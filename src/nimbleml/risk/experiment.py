@@ -6,6 +6,7 @@ loop on the same samples, so their scores are side by side and comparable.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -60,6 +61,7 @@ class RiskRunConfig:
     cnn_target: str = "qlike"  # qlike (train on the evaluation loss) | log_var | vol | var
     tuned: bool = False  # the paper's tuned CNN (5x5 kernels, 3x3 pooling, lr 5e-4)
     linear_skip: bool = True  # ours: linear read-out of the image added to the CNN output; False = paper's CNN
+    cnn_overrides: dict = field(default_factory=dict)  # RiskCNNConfig fields set on top (e.g. the tuner's kernel, pool, lr, dropout)
     max_train_samples: int | None = 25_000  # CNN samples drawn per epoch (overlapping windows are redundant); raise on a GPU
     max_val_samples: int | None = 20_000  # CNN validation rows scored per epoch (early stopping and calibration)
     models: tuple[str, ...] = MODEL_NAMES  # which forecasters to run
@@ -220,7 +222,7 @@ def example_window(fp, predictions: pd.DataFrame) -> tuple[np.ndarray, str]:
     return window, f"{asset} on {day.date()} (its most volatile test day): {len(fp.feature_names)} features x {fp.config.window} days"
 
 
-def _make_model(name: str, cfg: RiskRunConfig, n_features: int):
+def make_model(name: str, cfg: RiskRunConfig, n_features: int):
     if name in ("garch", "gjr"):
         return make_baseline(name, n_jobs=cfg.n_jobs, executor=cfg.executor)
     if name != "cnn":
@@ -230,6 +232,7 @@ def _make_model(name: str, cfg: RiskRunConfig, n_features: int):
     cnn_cfg.in_channels = encoder.channels(n_features)
     cnn_cfg.max_epochs = cfg.epochs
     cnn_cfg.linear_skip = cfg.linear_skip
+    cnn_cfg = dataclasses.replace(cnn_cfg, **cfg.cnn_overrides)
     return CNNForecaster(cnn_cfg, encoder, target=cfg.cnn_target, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
                          max_val_samples=cfg.max_val_samples)
 
@@ -251,7 +254,7 @@ def _fit_and_predict(name: str, cfg: RiskRunConfig, n_features: int, train: Risk
     the same data the CNN's fold sees); HAR picks its form on validation and refits on both;
     the paper's models and the CNN fit on train and use validation to choose and stop.
     """
-    model = _make_model(name, cfg, n_features)
+    model = make_model(name, cfg, n_features)
     t0 = time.perf_counter()
     if name == "cnn":
         if previous_cnn is not None:
