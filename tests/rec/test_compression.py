@@ -77,9 +77,12 @@ def test_chain_distill_then_int8(parent, tmp_path) -> None:
     model, variant, onnx_path = load_variant(out)
     assert variant["precision"] == "int8" and onnx_path is not None
     assert model.config.dim < 32 and [s["recipe"] for s in variant["steps"]] == ["distill", "quantize-static"]
-    # the chained folder can itself be compressed again
-    again = compress_model(out, data_dir, ["local"], tmp_path / "again", CONFIG)
-    assert load_variant(again)[1]["precision"] == "fp32"
+    with pytest.raises(NimbleError, match="already int8"):
+        compress_model(out, data_dir, ["local"], tmp_path / "again", CONFIG)
+    # a float compressed folder can be compressed again; its variant lists every recipe since training
+    local = compress_model(model_dir, data_dir, ["local"], tmp_path / "local", CONFIG)
+    again = compress_model(local, data_dir, ["quantize-dynamic"], tmp_path / "again", CONFIG)
+    assert load_variant(again)[1]["recipes"] == ["local", "quantize-dynamic"]
 
 
 @pytest.mark.parametrize("chain", [["quantize-static", "prune"], ["qat", "quantize-dynamic"], ["nope"], []])

@@ -614,7 +614,11 @@ def compress_model(
     config = config or CompressConfig()
     _check_chain(recipes)
     model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
-    model = load_checkpoint(model_dir)
+    model, parent_variant, parent_onnx = load_variant(model_dir)
+    if parent_onnx is not None:
+        raise NimbleError("this folder is already int8 (model.onnx): recipes after an int8 one would drop it",
+                          path=model_dir, fix="compress its float parent and put the int8 recipe last")
+    lineage = parent_variant.get("recipes", []) + recipes  # every recipe since `rec train`
     data = SequenceData.load(data_dir)
     if data.n_items != model.config.n_items:
         raise NimbleError(f"model has {model.config.n_items} items, data has {data.n_items}", path=data_dir,
@@ -642,10 +646,10 @@ def compress_model(
         after = validation_quality(model, context, context.onnx_path)
     saved = json.loads((model_dir / CONFIG_FILE).read_text())
     extras = {k: saved[k] for k in ("preset", "train") if k in saved}
-    save_checkpoint(model, {**extras, "compress": {"recipes": recipes, "parent": str(model_dir)}}, out_dir)
+    save_checkpoint(model, {**extras, "compress": {"recipes": lineage, "parent": str(model_dir)}}, out_dir)
     params = count_parameters(model)
     variant = {
-        "recipes": recipes,
+        "recipes": lineage,
         "parent": str(model_dir.resolve()),
         "params": params,
         "params_m": round(params["total"] / 1e6, 4),
