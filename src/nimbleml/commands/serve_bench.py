@@ -211,18 +211,24 @@ def overload(url: str, bodies: list[bytes], keys: dict[str, str], rps: float, du
     return {"offered_rps": round(rps, 1), **summary, "worker_restarts": after - before}
 
 
-def state_paths(url: str, pid: int, bodies: list[bytes], key: str, rps: float, duration_s: float,
+def state_paths(url: str, pid: int, bodies: list[bytes], key: str, ingest_key: str, rps: float, duration_s: float,
                 processes: int, users: int = 200) -> dict:
     """Recommend for known users, cached state (``user_id``) against the full forward (the same
-    history in the body), at the same offered rate: latency and server CPU per request of each."""
+    history in the body), at the same offered rate: latency and server CPU per request of each.
+    The clicks go in with ``ingest_key`` (premium: never shed), retried on 429/503 after Retry-After."""
     import msgspec
 
     histories = [msgspec.json.decode(b)["history"][-20:] for b in bodies[:users]]
     candidates = msgspec.json.decode(bodies[0])["candidates"]
-    with httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=30) as client:
+    with httpx.Client(base_url=url, headers={"x-api-key": ingest_key}, timeout=30) as client:
         for user, history in enumerate(histories):
             for ts, item in enumerate(history):
-                client.post("/v1/ingest", json={"user_id": f"bench-{user}", "item_id": item, "ts": ts}).raise_for_status()
+                for _ in range(20):
+                    answer = client.post("/v1/ingest", json={"user_id": f"bench-{user}", "item_id": item, "ts": ts})
+                    if answer.status_code not in (429, 503):
+                        break
+                    time.sleep(float(answer.headers.get("retry-after", "1")))
+                answer.raise_for_status()
         time.sleep(1.0)  # the background state updates finish
     target = loopback_target(f"{url}/v1/recommend")
     variants = {
@@ -277,6 +283,11 @@ def _table(result: dict) -> Table:
     return table
 
 
+def _save(result: dict, out: Path) -> None:
+    """Write serve_bench.json after every phase: a failure late in the run keeps what was measured."""
+    (out / "serve_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
     from nimbleml.commands.serve import prepare_model
     from nimbleml.runtime.backends import best_backend
@@ -294,7 +305,8 @@ def run(args: argparse.Namespace) -> int:
     key_env = {"NIMBLEML_API_KEYS": ",".join(f"{k}={t}" for t, k in keys.items()) + ",bench-admin=premium:admin"}
     here = [sys.executable, "-m", "nimbleml.commands.serve_bench"]
     result: dict = {"command": " ".join(sys.argv), "model": str(args.model), "backend": backend,
-                    "load_average_at_start": list(os.getloadavg())}
+                    "load_average_at_start": list(os.getloadavg()), "environment": environment(),
+                    "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}}
     search = dict(start_rps=args.start_rps, factor=args.factor, max_rps=args.max_rps, step_s=args.step_s,
                   slo_ms=args.slo_ms, processes=args.processes)
 
@@ -330,6 +342,9 @@ def run(args: argparse.Namespace) -> int:
         result[name] = measure(name, [*serve_cmd, "--port", str(port), "--http", http], f"http://127.0.0.1:{port}",
                                "/readyz", keys["standard"], key_env)
     result["ratio"] = round(result["nimbleml"]["max_rps"] / max(1e-9, result["naive"]["max_rps"]), 2)
+    if result["naive"]["cpu_ms_per_request"] and result["nimbleml"]["cpu_ms_per_request"]:
+        result["cpu_ratio"] = round(result["naive"]["cpu_ms_per_request"] / result["nimbleml"]["cpu_ms_per_request"], 2)
+    _save(result, args.out)
 
     port = _free_port()
     process = _start([*serve_cmd, "--port", str(port)], args.out / "overload.log", key_env)
@@ -339,8 +354,9 @@ def run(args: argparse.Namespace) -> int:
         rate = 2 * max(result["nimbleml"]["max_rps"], 1.0)
         result["overload"] = overload(url, bodies, keys, rate, args.overload_s, args.processes)
         time.sleep(2.0)  # let the overload's queues drain before measuring the two Recommend paths
-        result["state_paths"] = state_paths(url, process.pid, bodies, keys["standard"],
-                                            max(50.0, result["nimbleml"]["max_rps"] / 2), args.step_s, args.processes)
+        _save(result, args.out)
+        result["state_paths"] = state_paths(url, process.pid, bodies, keys["standard"], keys["premium"],
+                                            max(25.0, result["nimbleml"]["max_rps"] / 2), args.step_s, args.processes)
     finally:
         _stop(process)
 
@@ -351,9 +367,7 @@ def run(args: argparse.Namespace) -> int:
             log.error("Ray Serve measurement failed: %s", exc)
             result["ray_serve"] = {"max_rps": None, "error": f"{type(exc).__name__}: {exc}"}
     result["load_average_at_end"] = list(os.getloadavg())
-    result["environment"] = environment()
-    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-    (args.out / "serve_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    _save(result, args.out)
     console = Console()
     console.print(_table(result))
     over = result["overload"]
