@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from nimbleml.errors import NimbleError
+from nimbleml.rec.evaluate import SeqRecScorer
 from nimbleml.rec.model import SeqRec
 from nimbleml.rec.train import load_checkpoint
 
@@ -218,14 +219,29 @@ class ItemIndex:
 
 def user_states(model: SeqRec, history: np.ndarray, behaviors: np.ndarray | None = None,
                 batch_size: int = 1024) -> np.ndarray:
-    """(B, L) left-padded histories -> (B, D) float32 last-position states of the model."""
+    """(B, L) left-padded histories -> (B, D) float32 last-position states of the model.
+    Leading columns that are padding in every row of a batch are cut (positions count back
+    from the last event, so the states are unchanged)."""
     out = []
     with torch.no_grad():
         for start in range(0, len(history), batch_size):
-            hist = torch.as_tensor(np.asarray(history[start : start + batch_size], dtype=np.int64))
-            beh = None if behaviors is None else torch.as_tensor(np.asarray(behaviors[start : start + batch_size]))
+            block = np.asarray(history[start : start + batch_size], dtype=np.int64)
+            used = (block != 0).any(axis=0)
+            width = block.shape[1] - int(used.argmax()) if used.any() else 1
+            hist = torch.as_tensor(block[:, -width:])
+            beh = None if behaviors is None else torch.as_tensor(
+                np.asarray(behaviors[start : start + batch_size], dtype=np.int64)[:, -width:])
             out.append(model.eval().last_state(hist, beh).float().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.dim), dtype=np.float32)
+
+
+def rank_candidates(
+    model: SeqRec, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None = None
+) -> np.ndarray:
+    """The ranker's (B, C) scores of retrieved candidates (the serving forward, through
+    :class:`SeqRecScorer`); padding slots (id 0) of a short row score -inf."""
+    scores = SeqRecScorer(model).score(history, candidates, behaviors)
+    return np.where(candidates > 0, scores, -np.inf)
 
 
 @dataclass
@@ -249,12 +265,7 @@ def recommend(
     history = np.asarray(history, dtype=np.int64)
     exclude = [row[row > 0] for row in history] if model.config.exclude_history else None
     candidates, _ = index.search(user_states(model, history, behaviors), n_candidates, exclude)
-    with torch.no_grad():
-        scores = model.eval()(
-            torch.as_tensor(history), torch.as_tensor(candidates),
-            None if behaviors is None else torch.as_tensor(np.asarray(behaviors, dtype=np.int64)),
-        ).float().numpy()
-    scores = np.where(candidates > 0, scores, -np.inf)  # padding slots of a short row rank last
+    scores = rank_candidates(model, history, candidates, behaviors)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     out = []
     for row in range(len(history)):

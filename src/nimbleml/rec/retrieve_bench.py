@@ -36,7 +36,7 @@ from nimbleml.environment import environment
 from nimbleml.progress import track
 from nimbleml.rec.data import SequenceData, leave_last_out
 from nimbleml.rec.evaluate import RankingResult, SeqRecScorer, evaluate_full
-from nimbleml.rec.retrieve import ExactIndex, IndexSpec, ItemIndex, item_table, user_states
+from nimbleml.rec.retrieve import ExactIndex, IndexSpec, ItemIndex, item_table, rank_candidates, user_states
 from nimbleml.rec.train import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,7 @@ def two_stage(model_dir: Path, data: SequenceData, index: ItemIndex, max_users: 
     rows = [dict(pipeline="full ranking", **full.to_dict())]
     for name, retriever in (("exact top-50 -> rank", ExactIndex(item_table(model))), ("ANN top-50 -> rank", index)):
         candidates, _ = retriever.search(states, K, exclude)
-        with torch.no_grad():
-            scores = model(torch.as_tensor(history), torch.as_tensor(candidates),
-                           None if behaviors is None else torch.as_tensor(behaviors)).float().numpy()
-        scores = np.where(candidates > 0, scores, -np.inf)
+        scores = rank_candidates(model, history, candidates, behaviors)
         result = RankingResult.from_ranks("two_stage", _ranks_after_retrieval(candidates, scores, targets), (10, 50))
         rows.append(dict(pipeline=name, **result.to_dict()))
     return rows
