@@ -48,6 +48,13 @@ def test_bench_writes_rows_and_two_stage(tiny_run) -> None:
     assert 0.0 <= stages["ANN top-50 -> rank"]["hr@10"] <= stages["ANN top-50 -> rank"]["hr@50"] <= 1.0
 
 
+def test_a_target_not_retrieved_gets_no_credit() -> None:
+    candidates = np.array([[5, 6, 7], [5, 6, 7]])
+    scores = np.array([[0.1, 0.9, 0.5], [0.1, 0.9, 0.5]])
+    ranks = retrieve_bench._ranks_after_retrieval(candidates, scores, np.array([7, 8]), miss_rank=1000)
+    np.testing.assert_array_equal(ranks, [1, 1000])  # item 7 is second by score; item 8 was not retrieved
+
+
 def test_synthetic_table_keeps_the_geometry() -> None:
     table = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
     table[0] = 0

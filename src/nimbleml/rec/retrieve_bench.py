@@ -133,10 +133,13 @@ def synthetic_table(table: np.ndarray, n_items: int, seed: int) -> np.ndarray:
     return out
 
 
-def _ranks_after_retrieval(candidates: np.ndarray, scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def _ranks_after_retrieval(
+    candidates: np.ndarray, scores: np.ndarray, targets: np.ndarray, miss_rank: int
+) -> np.ndarray:
     """Rank of each target among its retrieved candidates ordered by the ranker's score
-    (pessimistic ties); a target not retrieved gets rank K (outside every top-k below K)."""
-    ranks = np.full(len(targets), K, dtype=np.int64)
+    (pessimistic ties); a target not retrieved gets ``miss_rank`` (the catalogue size: no
+    credit in HR@k or NDCG@k, next to none in MRR)."""
+    ranks = np.full(len(targets), miss_rank, dtype=np.int64)
     for u, target in enumerate(targets):
         hit = np.flatnonzero(candidates[u] == target)
         if len(hit):
@@ -160,7 +163,7 @@ def two_stage(model_dir: Path, data: SequenceData, index: ItemIndex, max_users: 
     for name, retriever in (("exact top-50 -> rank", ExactIndex(item_table(model))), ("ANN top-50 -> rank", index)):
         candidates, _ = retriever.search(states, K, exclude)
         scores = rank_candidates(model, history, candidates, behaviors)
-        result = RankingResult.from_ranks("two_stage", _ranks_after_retrieval(candidates, scores, targets), (10, 50))
+        result = RankingResult.from_ranks("two_stage", _ranks_after_retrieval(candidates, scores, targets, model.config.n_items), (10, 50))
         rows.append(dict(pipeline=name, **result.to_dict()))
     return rows
 
