@@ -26,7 +26,7 @@ from rich.table import Table
 
 from nimbleml.bench.harness import BenchConfig, BenchRow, Candidate, cpu_limits, flops_per_call, measure
 from nimbleml.bench.report import rows_table, write_bench
-from nimbleml.commands.model_folder import ModelFolder, open_model_folder, to_numpy
+from nimbleml.commands.model_folder import HISTORY_LEN, ModelFolder, open_model_folder
 from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
 from nimbleml.progress import track
@@ -124,6 +124,13 @@ class _QualityProbe:
         return float(result.metrics["ndcg@10"])
 
 
+def serving_width(rows: np.ndarray) -> np.ndarray:
+    """(B, L) left-padded ids -> (B, 100) int64: the serving contract's width, whatever the model's window."""
+    rows = np.asarray(rows, dtype=np.int64)[:, -HISTORY_LEN:]
+    pad = HISTORY_LEN - rows.shape[1]
+    return np.ascontiguousarray(np.pad(rows, ((0, 0), (pad, 0))) if pad else rows)
+
+
 class _PredictScorer:
     """A backend's ``predict`` as a ``rec.evaluate`` scorer (50-candidate protocols only)."""
 
@@ -134,10 +141,10 @@ class _PredictScorer:
         out = []
         for start in range(0, len(history), self.batch):
             rows = slice(start, start + self.batch)
-            inputs = {"history": np.ascontiguousarray(history[rows], dtype=np.int64),
+            inputs = {"history": serving_width(history[rows]),
                       "candidates": np.ascontiguousarray(candidates[rows], dtype=np.int64)}
             if self.use_behavior:
-                inputs["behaviors"] = np.ascontiguousarray(behaviors[rows], dtype=np.int64)
+                inputs["behaviors"] = serving_width(behaviors[rows])
             out.append(self.predict(inputs))
         return np.concatenate(out)
 
@@ -152,10 +159,10 @@ def _real_inputs(probe: _QualityProbe) -> Callable[[int], dict[str, np.ndarray]]
 
     def make(batch: int) -> dict[str, np.ndarray]:
         users = rng.choice(len(probe.split.test_target), batch)
-        inputs = {"history": probe.split.test_input[users].astype(np.int64),
+        inputs = {"history": serving_width(probe.split.test_input[users]),
                   "candidates": rng.integers(1, n_items + 1, (batch, 50), dtype=np.int64)}
         if probe.config.use_behavior:
-            inputs["behaviors"] = probe.split.test_behaviors[users].astype(np.int64)
+            inputs["behaviors"] = serving_width(probe.split.test_behaviors[users])
         return inputs
 
     return make

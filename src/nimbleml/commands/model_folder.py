@@ -20,6 +20,7 @@ from torch import nn
 from nimbleml.errors import NimbleError
 
 N_CANDIDATES = 50  # the serving contract: re-rank 50 candidates per request
+HISTORY_LEN = 100  # ...given the user's last 100 events (a model with a shorter window keeps its last max_len)
 
 
 @dataclass
@@ -54,9 +55,9 @@ def _read_json(path: Path) -> dict:
 
 
 def rec_inputs(config, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random valid recommender inputs: (B, max_len) left-padded history, (B, 50) candidates."""
+    """Random valid recommender inputs: (B, 100) left-padded history, (B, 50) candidates."""
     g = torch.Generator().manual_seed(seed)
-    length = config.max_len
+    length = HISTORY_LEN
     history = torch.randint(1, config.n_items + 1, (batch, length), generator=g)
     pad = torch.randint(0, length // 2, (batch, 1), generator=g)
     history = history.masked_fill(torch.arange(length).unsqueeze(0) < pad, 0)
