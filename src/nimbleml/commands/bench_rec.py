@@ -168,9 +168,11 @@ def _real_inputs(probe: _QualityProbe) -> Callable[[int], dict[str, np.ndarray]]
     return make
 
 
-def QUICK_COMPRESS(cls):  # noqa: N802 - a preset, named like one
+def quick_compress_config():
     """Seconds-long budgets for tests and the demo (the numbers then say the path works, not how well)."""
-    return cls(finetune_seconds=3.0, prune_rounds=2, distill_seconds=8.0, calibration_users=128, valid_users=300,
+    from nimbleml.rec.compression import CompressConfig
+
+    return CompressConfig(finetune_seconds=3.0, prune_rounds=2, distill_seconds=8.0, calibration_users=128, valid_users=300,
                finetune_valid_users=200)
 
 
@@ -184,7 +186,7 @@ def _build_variant(name: str, args: argparse.Namespace, quick: bool) -> Path:
         return folder
     from nimbleml.rec.compression import CompressConfig, compress_model
 
-    config = QUICK_COMPRESS(CompressConfig) if quick else CompressConfig()
+    config = quick_compress_config() if quick else CompressConfig()
     started = time.perf_counter()
     compress_model(args.model, args.data, VARIANTS[name], folder, config)
     log.info("built %s in %.0f s", name, time.perf_counter() - started)
