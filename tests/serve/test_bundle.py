@@ -51,3 +51,34 @@ def test_broken_bundles_name_the_file(rec_bundle, tmp_path):
     (broken / "serving.json").write_text(json.dumps({"version": "x"}))
     with pytest.raises(NimbleError, match="bad serving manifest"):
         Bundle.load(broken)
+
+
+def test_rec_bundle_carries_an_exact_item_index(rec_bundle):
+    import faiss
+
+    bundle = Bundle.load(rec_bundle)
+    assert bundle.retrieval is not None and bundle.retrieval.first_id == 1 and bundle.exclude_history
+    index = faiss.read_index(str(rec_bundle / bundle.retrieval.file))
+    assert index.ntotal == N_ITEMS and isinstance(index, faiss.IndexFlat)  # a small catalogue: exact search
+    table = np.load(rec_bundle / "items.npy")
+    _, top = index.search(table[5:6], 1)
+    assert top[0, 0] + bundle.retrieval.first_id == np.argmax(table[1:] @ table[5]) + 1
+
+
+def test_prepare_takes_the_model_folders_index_and_refuses_a_stale_one(rec_model, tmp_path):
+    import faiss
+
+    from nimbleml.rec.retrieve import IndexSpec, ItemIndex, item_table
+    from nimbleml.rec.serving import prepare_bundle
+    from nimbleml.rec.train import load_checkpoint
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(rec_model, model_dir, ignore=shutil.ignore_patterns("serving"))
+    table = item_table(load_checkpoint(model_dir))
+    ItemIndex.build(table[::-1].copy()).save(model_dir)  # built from other weights
+    with pytest.raises(NimbleError, match="does not match"):
+        prepare_bundle(model_dir, tmp_path / "stale")
+    ItemIndex.build(table, IndexSpec(factory="HNSW16,Flat", search={"efSearch": 64})).save(model_dir)
+    bundle = Bundle.load(prepare_bundle(model_dir, tmp_path / "bundle"))
+    assert bundle.retrieval.search == {"efSearch": 64}
+    assert isinstance(faiss.read_index(str(bundle.folder / bundle.retrieval.file)), faiss.IndexHNSW)

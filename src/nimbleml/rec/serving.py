@@ -5,7 +5,9 @@ The bundle holds three things exported from one checkpoint: the ranker graph (hi
 user-state graph (history -> (D,) state, run in the background when a click arrives) and the
 item-embedding table (float32 (n_items + 1, D)), so a known user's Recommend is its cached
 state against 50 rows of the table. Input specs carry the valid id ranges, so the server rejects unknown item ids with
-a 4xx without knowing what an item is.
+a 4xx without knowing what an item is. Beside the table goes a faiss index over it (the model
+folder's own from ``nimbleml rec index``, or one built here), so a Recommend without
+candidates retrieves the user's top 50 from the whole catalogue and ranks them.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from torch import nn
 from nimbleml.errors import NimbleError
 from nimbleml.rec.compression import HISTORY_WIDTH, export_serving
 from nimbleml.rec.model import SeqRec, SeqRecConfig
+from nimbleml.rec.retrieve import INDEX_FILE, INDEX_META_FILE, IndexSpec, ItemIndex, item_table
 from nimbleml.rec.train import MODEL_FILE, load_checkpoint
 from nimbleml.runtime.export import check_onnx_file, export_onnx
-from nimbleml.serve.bundle import MANIFEST, Bundle, GraphSpec, InputSpec
+from nimbleml.serve.bundle import MANIFEST, Bundle, GraphSpec, InputSpec, RetrievalSpec
 
 log = logging.getLogger(__name__)
 
 N_CANDIDATES = 50  # the serving contract: re-rank 50 candidates
 BUNDLE_DIR = "serving"  # the bundle goes into this folder inside the model folder by default
 COMPRESSED_ONNX = "model.onnx"  # an int8 recipe's serving graph (helper C's compressed folders)
+EXACT_SEARCH_ITEMS = 50_000  # a folder without an index gets an exact one up to this many items, HNSW above
 
 
 class UserState(nn.Module):
@@ -70,6 +74,24 @@ def _specs(config: SeqRecConfig, names: list[str]) -> list[InputSpec]:
     return [every[name] for name in names]
 
 
+def _item_index(model_dir: Path, model: SeqRec) -> ItemIndex:
+    """The model folder's own index (checked against its weights: one NimbleError if stale), else a new one."""
+    if (model_dir / INDEX_FILE).is_file():
+        return ItemIndex.load(model_dir, model)
+    spec = IndexSpec(factory="Flat", search={}) if model.config.n_items <= EXACT_SEARCH_ITEMS else IndexSpec()
+    log.info("no %s in %s: building %s for serving", INDEX_FILE, model_dir, spec.factory)
+    return ItemIndex.build(item_table(model), spec)
+
+
+def _reusable(bundle: Bundle, version: str, model_dir: Path) -> bool:
+    """Same weights and, with a state graph, a retrieval index: the model folder's own where it has one."""
+    if bundle.version != version or "state" not in bundle.graphs:
+        return bundle.version == version
+    own, copied = model_dir / INDEX_META_FILE, bundle.folder / INDEX_META_FILE
+    return bundle.retrieval is not None and (
+        not own.is_file() or (copied.is_file() and own.read_text() == copied.read_text()))
+
+
 def prepare_bundle(model_dir: str | Path, out_dir: str | Path | None = None, force: bool = False) -> Path:
     """Export ``model_dir`` (config.json + model.safetensors, or a compressed folder) to a serving
     bundle; returns its folder. Re-uses a bundle already there for the same weights unless ``force``.
@@ -85,10 +107,12 @@ def prepare_bundle(model_dir: str | Path, out_dir: str | Path | None = None, for
     version = model_version(model_dir)
     if not force and (out / MANIFEST).is_file():
         try:
-            if Bundle.load(out).version == version:
+            if _reusable(Bundle.load(out), version, model_dir):
                 return out
         except NimbleError:
             log.warning("rebuilding the broken bundle in %s", out)
+    with_state = not config.repeat_scores and not compressed.is_file()
+    index = _item_index(model_dir, model) if with_state else None  # a stale index fails before the exports
     out.mkdir(parents=True, exist_ok=True)
     ranker_names = ["history", "candidates"] + (["behaviors"] if config.use_behavior else [])
     if compressed.is_file():  # an int8 recipe already wrote the serving graph: serve that one
@@ -96,17 +120,18 @@ def prepare_bundle(model_dir: str | Path, out_dir: str | Path | None = None, for
     else:
         export_serving(model, out / "ranker.onnx")
     graphs = {"ranker": GraphSpec("ranker.onnx", _specs(config, ranker_names), "scores")}
-    item_table = None
-    if not config.repeat_scores and not compressed.is_file():
+    table, retrieval = None, None
+    if index is not None:
         state_names = [n for n in ranker_names if n != "candidates"]
         ones = torch.ones((2, HISTORY_WIDTH), dtype=torch.int64)
         export_onnx(UserState(model).eval(), {n: ones for n in state_names}, out / "state.onnx", output_names=["state"])
-        np.save(out / "items.npy", model.item_emb.weight.detach().float().numpy())
+        np.save(out / "items.npy", item_table(model))
         graphs["state"] = GraphSpec("state.onnx", _specs(config, state_names), "state")
-        item_table = "items.npy"
+        table = "items.npy"
+        retrieval = RetrievalSpec(index.save(out).name, dict(index.spec.search), first_id=1)
     bundle = Bundle(
-        version=version, operation="recommend", graphs=graphs, item_table=item_table,
-        exclude_history=config.exclude_history,
+        version=version, operation="recommend", graphs=graphs, item_table=table,
+        exclude_history=config.exclude_history, retrieval=retrieval,
         extra={"n_items": config.n_items, "use_behavior": config.use_behavior, "source": str(model_dir.resolve())},
     )
     bundle.save(out)

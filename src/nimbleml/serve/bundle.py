@@ -3,8 +3,9 @@
 The workload adapters (``rec/serving.py``, ``risk/serving.py``) write it; the server only reads
 it. It lists the ONNX graphs (run through a ``runtime`` backend), each input's shape, dtype and
 valid id range (so requests are validated once at the boundary, without the server knowing
-what an item is), an optional embedding table for the cached-state path, and the operation
-the bundle answers (``recommend`` or ``risk``).
+what an item is), an optional embedding table for the cached-state path, an optional faiss
+index over that table for answering without candidates, and the operation the bundle answers
+(``recommend`` or ``risk``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ class GraphSpec:
 
 
 @dataclass
+class RetrievalSpec:
+    """A faiss index over the item table's rows: Recommend without candidates searches it with
+    the user's state (inner product), then ranks what it found with the ranker graph."""
+
+    file: str  # faiss index file, relative to the bundle folder
+    search: dict[str, float] = field(default_factory=dict)  # faiss ParameterSpace values (efSearch, nprobe)
+    first_id: int = 1  # the id of the index's vector 0 (item tables keep row 0 for padding)
+
+
+@dataclass
 class Bundle:
     """What ``serving.json`` holds; ``folder`` is where it was read from."""
 
@@ -55,7 +66,8 @@ class Bundle:
     operation: str  # "recommend" or "risk"
     graphs: dict[str, GraphSpec]  # recommend: "ranker" (+ "state"); risk: "forecast"
     item_table: str | None = None  # .npy (n_items + 1, dim) float32 for scoring cached user states
-    exclude_history: bool = False  # cached path: score items already in the history at -inf
+    exclude_history: bool = False  # cached path: score items already in the history at -inf; retrieval: skip them
+    retrieval: RetrievalSpec | None = None  # needs the "state" graph; None: every Recommend brings its candidates
     extra: dict = field(default_factory=dict)  # workload details the answer needs (e.g. risk limits)
     folder: Path = Path(".")
 
@@ -90,6 +102,7 @@ class Bundle:
             bundle = cls(
                 version=str(raw["version"]), operation=raw["operation"], graphs=graphs,
                 item_table=raw.get("item_table"), exclude_history=bool(raw.get("exclude_history", False)),
+                retrieval=RetrievalSpec(**raw["retrieval"]) if raw.get("retrieval") else None,
                 extra=dict(raw.get("extra", {})), folder=folder,
             )
         except (ValueError, KeyError, TypeError) as exc:
@@ -102,4 +115,7 @@ class Bundle:
                                   fix="prepare the bundle again")
         if bundle.item_table and not (folder / bundle.item_table).is_file():
             raise NimbleError("item table is missing", path=folder / bundle.item_table, fix="prepare the bundle again")
+        if bundle.retrieval and not (folder / bundle.retrieval.file).is_file():
+            raise NimbleError("item index is missing", path=folder / bundle.retrieval.file,
+                              fix="prepare the bundle again")
         return bundle

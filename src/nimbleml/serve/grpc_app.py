@@ -3,11 +3,17 @@
 It runs on the server's asyncio loop (``grpc.aio``) and calls the same ``Service``; a
 ``Rejected`` becomes the matching gRPC status (429 -> RESOURCE_EXHAUSTED with a
 ``retry-after`` trailer, 401 -> UNAUTHENTICATED, ...). The key travels in the ``x-api-key``
-metadata entry.
+metadata entry. A Recommend with no candidates (proto3 cannot tell an empty list from none)
+retrieves them, as an HTTP request without the field does.
+
+The health status follows the service's readiness (``ReadinessHealth``): NOT_SERVING while no
+worker is ready (starting, all draining or restarting) and for good once shutdown begins.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -64,7 +70,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
     async def Recommend(self, request, context):
         async def run(caller):
             answer = await self.service.recommend(caller, RecommendRequest(
-                candidates=list(request.candidates), user_id=request.user_id or None,
+                candidates=list(request.candidates) or None, user_id=request.user_id or None,
                 history=list(request.history) if request.has_history or request.history else None,
                 behaviors=list(request.behaviors) or None))
             return serving_pb2.RecommendResponse(
@@ -105,15 +111,50 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         return serving_pb2.ModelsResponse(json=json.dumps(self.service.models()))
 
 
-async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Start the gRPC server on host:port (0 = pick one); returns it, the bound port and its health servicer."""
+class ReadinessHealth:
+    """The standard health service's status for the server ("") and ``SERVICE_NAME``, following
+    ``service.ready()``: polled every ``every_s`` seconds, set only when it changes."""
+
+    def __init__(self, service: Service, every_s: float = 0.25):
+        self.service = service
+        self.every_s = every_s
+        self.servicer = health.aio.HealthServicer()
+        self._status: int | None = None
+        self._task: asyncio.Task | None = None
+
+    async def update(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if self.service.ready()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if status != self._status:
+            self._status = status
+            for name in ("", SERVICE_NAME):
+                await self.servicer.set(name, status)
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            await self.update()
+
+    async def start(self) -> None:
+        await self.update()
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING for good: the server is stopping."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.servicer.enter_graceful_shutdown()
+
+
+async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.Server, int, ReadinessHealth]:
+    """Start the gRPC server on host:port (0 = pick one); returns it, the bound port and its health follower."""
     server = grpc.aio.server()
     serving_pb2_grpc.add_ServingServicer_to_server(ServingServicer(service), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    readiness = ReadinessHealth(service)
+    health_pb2_grpc.add_HealthServicer_to_server(readiness.servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
+    await readiness.start()  # before the port opens: no health check sees the servicer's default
     await server.start()
-    status = health_pb2.HealthCheckResponse.SERVING if service.ready() else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, status)
-    return server, bound, health_servicer
+    return server, bound, readiness

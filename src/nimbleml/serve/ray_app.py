@@ -46,6 +46,8 @@ class RankerDeployment:
         """Rank a request that carries its history (Ray has no history store here)."""
         if request.history is None:
             raise Rejected(422, "the Ray deployment needs history (it keeps no user store)")
+        if request.candidates is None:
+            raise Rejected(422, "the Ray deployment ranks the candidates it is given: send them (it does no retrieval)")
         candidates = np.asarray(request.candidates, dtype=np.int64)
         behaviors = None if request.behaviors is None else np.asarray(request.behaviors, dtype=np.int64)
         row = ranker_inputs(self.model.bundle, np.asarray(request.history, dtype=np.int64), behaviors, candidates)

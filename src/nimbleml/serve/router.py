@@ -125,6 +125,11 @@ class _Worker:
         return future
 
     def stop(self) -> None:
+        self.ask_to_stop()
+        self.join()
+
+    def ask_to_stop(self) -> None:
+        """Stop reading its pipe and tell it to exit; on the event loop's thread."""
         if self.alive:
             self.alive = False
             asyncio.get_running_loop().remove_reader(self.outbox.fileno())
@@ -132,6 +137,9 @@ class _Worker:
                 self.inbox.send(("stop",))
             except OSError:
                 pass
+
+    def join(self) -> None:
+        """Wait for the process to exit (killed after 5 s) and close the pipes; blocks, any thread."""
         self.process.join(5)
         if self.process.is_alive():
             self.process.kill()
@@ -248,7 +256,8 @@ class WorkerPool:
         while worker.inflight:
             await asyncio.sleep(0.01)
         self.workers.remove(worker)
-        await asyncio.get_running_loop().run_in_executor(None, worker.stop)
+        worker.ask_to_stop()
+        await asyncio.get_running_loop().run_in_executor(None, worker.join)
         return fresh.index
 
     async def close(self) -> None:

@@ -17,9 +17,10 @@ ItemId = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
 
 class RecommendRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """Rank 50 candidates for a user: give ``user_id`` (history from the store) or ``history``."""
+    """Rank 50 candidates for a user: give ``user_id`` (history from the store) or ``history``.
+    Without ``candidates`` the server retrieves the user's top 50 from the whole catalogue first."""
 
-    candidates: Annotated[list[ItemId], msgspec.Meta(min_length=1, max_length=1024)]
+    candidates: Annotated[list[ItemId], msgspec.Meta(min_length=1, max_length=1024)] | None = None
     user_id: UserId | None = None
     history: Annotated[list[ItemId], msgspec.Meta(max_length=4096)] | None = None  # oldest first
     behaviors: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=255)]], msgspec.Meta(max_length=4096)] | None = None
@@ -33,7 +34,7 @@ class RankedItem(msgspec.Struct):
 class RecommendResponse(msgspec.Struct):
     items: list[RankedItem]  # best first
     model_version: str
-    path: str  # "cached" (user state from the last Ingest) or "full" (the whole forward)
+    path: str  # "cached" (user state from the last Ingest), "full" (the whole forward) or "retrieved" (no candidates)
 
 
 class IngestRequest(msgspec.Struct, forbid_unknown_fields=True):

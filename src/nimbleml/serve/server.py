@@ -74,12 +74,12 @@ async def serve(service: Service, listen: ListenConfig) -> None:
                                 backlog=4096)
         http_server = _Server(config)
     stop = asyncio.Event()
-    grpc_server = None
+    grpc_server = grpc_health = None
     grpc_port = None
     if listen.grpc_port is not None:
         from nimbleml.serve.grpc_app import start_grpc
 
-        grpc_server, grpc_port, _ = await start_grpc(service, listen.host, listen.grpc_port)
+        grpc_server, grpc_port, grpc_health = await start_grpc(service, listen.host, listen.grpc_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -96,6 +96,9 @@ async def serve(service: Service, listen: ListenConfig) -> None:
                  http_port, listen.http, f" and gRPC port {grpc_port}" if grpc_port else "",
                  service.config.pool.workers, service.config.pool.backend)
         await stop.wait()
+        service.begin_shutdown()  # /readyz and gRPC health say NOT_SERVING while requests in flight finish
+        if grpc_health is not None:
+            await grpc_health.shutdown()
         if isinstance(http_server, FastHttpServer):
             await http_server.stop()
         else:

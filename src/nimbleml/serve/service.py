@@ -8,6 +8,10 @@ Recommend for a known user whose state is fresh (computed in the background afte
 Ingest, for the current stable version) is the cached state against 50 rows of the item
 table, in the front end, without a worker round trip; everything else is the full forward,
 batched and run in a worker.
+
+Recommend without candidates retrieves them: the user's state (cached when fresh, else the
+bundle's state graph) searches the bundle's faiss index over the item table by inner product,
+the history is left out when the bundle excludes it, and the ranker orders the top ones.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from nimbleml.errors import NimbleError
 from nimbleml.serve.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, QueueFull
 from nimbleml.serve.bundle import Bundle, InputSpec
-from nimbleml.serve.history import HistoryStore, InProcessHistory, StoreUnavailable
+from nimbleml.serve.history import History, HistoryStore, InProcessHistory, StoreUnavailable
 from nimbleml.serve.keys import AuthError, Caller, KeyRing
 from nimbleml.serve.limiter import AdmissionController
 from nimbleml.serve.metrics import ServerMetrics
@@ -121,6 +126,21 @@ def ranker_inputs(bundle: Bundle, history: np.ndarray, behaviors: np.ndarray | N
     return {name: row[name] for name in specs}
 
 
+def open_index(bundle: Bundle) -> faiss.Index:
+    """The bundle's faiss index with its query-time parameters set; one NimbleError naming the file."""
+    spec = bundle.retrieval
+    path = bundle.folder / spec.file
+    faiss.omp_set_num_threads(1)  # one query at a time on the front end's loop: threads only cost
+    try:
+        index = faiss.read_index(str(path))
+        space = faiss.ParameterSpace()
+        for name, value in spec.search.items():
+            space.set_index_parameter(index, name, value)
+    except RuntimeError as exc:
+        raise NimbleError(f"unusable item index ({exc})", path=path, fix="prepare the bundle again") from exc
+    return index
+
+
 class Service:
     """Auth, admission, validation, batching, routing and versions for every operation."""
 
@@ -138,6 +158,7 @@ class Service:
         self.versions = ModelVersions(stable=bundle.version, folders={bundle.version: str(bundle.folder)})
         self.operation = bundle.operation
         self.item_tables: dict[str, np.ndarray] = {}
+        self.indexes: dict[str, faiss.Index] = {}  # version -> item index (bundles with retrieval)
         self.states: OrderedDict[str, _CachedState] = OrderedDict()
         self._batchers: dict[tuple[str, str], DynamicBatcher] = {}
         self._background: set[asyncio.Task] = set()
@@ -148,7 +169,7 @@ class Service:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self._open_tables(self.versions.stable)
+        self._open_tables(self.bundles[self.versions.stable])
         await self.pool.start(self.versions.folders)
         self.metrics.set_versions(self.versions.stable, None)
         self.started = True
@@ -162,13 +183,18 @@ class Service:
         await self.pool.close()
         await self.store.close()
 
-    def _open_tables(self, version: str) -> None:
-        bundle = self.bundles[version]
+    def _open_tables(self, bundle: Bundle) -> None:
         if bundle.item_table:
-            self.item_tables[version] = np.load(bundle.folder / bundle.item_table, mmap_mode="r")
+            self.item_tables[bundle.version] = np.load(bundle.folder / bundle.item_table, mmap_mode="r")
+        if bundle.retrieval:
+            self.indexes[bundle.version] = open_index(bundle)
 
     def ready(self) -> bool:
         return self.started and bool(self.pool.ready_workers())
+
+    def begin_shutdown(self) -> None:
+        """Readiness is false from now on; requests in flight still finish (``close`` ends the rest)."""
+        self.started = False
 
     # ------------------------------------------------------------------ auth and limits
     def caller(self, key: str | None, admin: bool = False) -> Caller:
@@ -239,13 +265,20 @@ class Service:
             self.metrics.store_errors.inc()
             raise Rejected(503, str(exc), 1.0) from exc
 
+    def _fresh_state(self, version: str, user: str, history_version: int) -> np.ndarray | None:
+        """The user's cached state if it was computed from this history on this version."""
+        cached = self.states.get(user)
+        if cached is None or cached.version != version or cached.history_version != history_version:
+            return None
+        return cached.state
+
     def _cached_scores(self, version: str, user: str, history_version: int, history: np.ndarray,
                        candidates: np.ndarray) -> np.ndarray | None:
-        cached = self.states.get(user)
+        state = self._fresh_state(version, user, history_version)
         table = self.item_tables.get(version)
-        if cached is None or table is None or cached.version != version or cached.history_version != history_version:
+        if state is None or table is None:
             return None
-        scores = table[candidates] @ cached.state
+        scores = table[candidates] @ state
         if self.bundles[version].exclude_history:
             scores = np.where(np.isin(candidates, history[history != 0]), -np.inf, scores)
         return scores.astype(np.float32)
@@ -261,7 +294,6 @@ class Service:
 
     async def _recommend(self, caller: Caller, request: RecommendRequest, version: str) -> RecommendResponse:
         bundle = self.bundles[version]
-        candidates = np.asarray(request.candidates, dtype=np.int64)
         behaviors = None if request.behaviors is None else np.asarray(request.behaviors, dtype=np.int64)
         if request.history is not None:
             history = np.asarray(request.history, dtype=np.int64)
@@ -271,6 +303,9 @@ class Service:
             history, behaviors = stored.items, stored.behaviors
         else:
             raise Rejected(422, "give user_id (history from the store) or history (item ids, oldest first)")
+        if request.candidates is None:
+            return await self._retrieve_and_rank(caller, request.user_id, version, history, behaviors, stored)
+        candidates = np.asarray(request.candidates, dtype=np.int64)
         row = ranker_inputs(bundle, history, behaviors, candidates)
         scores = None
         if stored is not None:
@@ -280,11 +315,51 @@ class Service:
             scores = await self._infer(version, "ranker", row, self.admission.tiers[caller.tier].priority)
             if stored is not None and stored.version and version == self.versions.stable:
                 self._refresh_state(request.user_id, version, stored.version, row)
+        return self._answer(version, path, candidates, scores)
+
+    def _answer(self, version: str, path: str, candidates: np.ndarray, scores: np.ndarray) -> RecommendResponse:
         self.metrics.recommend_path.labels(path=path).inc()
         order = np.argsort(-scores, kind="stable")
         # plain Python lists: per-element numpy scalars cost ~10x more; msgspec writes -inf as null
         items = [RankedItem(c, s) for c, s in zip(candidates[order].tolist(), scores[order].tolist())]
         return RecommendResponse(items=items, model_version=version, path=path)
+
+    async def _retrieve_and_rank(self, caller: Caller, user: str | None, version: str, history: np.ndarray,
+                                 behaviors: np.ndarray | None, stored: History | None) -> RecommendResponse:
+        """No candidates: the user's state searches the item index, the ranker orders what it found."""
+        bundle = self.bundles[version]
+        spec = {s.name: s for s in bundle.graphs["ranker"].inputs}["candidates"]
+        want = spec.shape[0]
+        if version not in self.indexes or "state" not in bundle.graphs:
+            raise Rejected(422, f"candidates: model {version} has no item index to retrieve from, so this model "
+                                f"needs candidates (send {want} item ids)")
+        row = ranker_inputs(bundle, history, behaviors, np.full(want, int(spec.low or 0), dtype=np.int64))
+        priority = self.admission.tiers[caller.tier].priority
+        state = None if stored is None else self._fresh_state(version, user, stored.version)
+        if state is None:
+            state = await self._infer(version, "state", {s.name: row[s.name] for s in bundle.graphs["state"].inputs},
+                                      priority)
+            if stored is not None and stored.version and version == self.versions.stable:
+                self._remember_state(user, version, stored.version, state)
+        window = row["history"]
+        seen = np.unique(window[window != 0]) if bundle.exclude_history else np.zeros(0, dtype=np.int64)
+        found = self._search(version, state, want, seen)
+        if len(found) == 0:  # the whole catalogue is in the history
+            return self._answer(version, "retrieved", found, np.zeros(0, dtype=np.float32))
+        # a catalogue with fewer items left than the ranker takes: repeat the first, answer only the real ones
+        row["candidates"] = np.concatenate([found, np.full(want - len(found), found[0], dtype=np.int64)])
+        scores = await self._infer(version, "ranker", row, priority)
+        return self._answer(version, "retrieved", found, np.asarray(scores)[: len(found)])
+
+    def _search(self, version: str, state: np.ndarray, k: int, exclude: np.ndarray) -> np.ndarray:
+        """The top ``k`` item ids by inner product with ``state``, none of ``exclude``
+        (fewer when the catalogue runs out)."""
+        index = self.indexes[version]
+        query = np.ascontiguousarray(state, dtype=np.float32).reshape(1, -1)
+        _, positions = index.search(query, min(k + len(exclude), index.ntotal))
+        positions = positions[0]
+        ids = positions[positions >= 0] + self.bundles[version].retrieval.first_id
+        return ids[~np.isin(ids, exclude)][:k].astype(np.int64)
 
     # ------------------------------------------------------------------ ingest and user state
     async def ingest(self, caller: Caller, request: IngestRequest) -> IngestResponse:
@@ -327,17 +402,21 @@ class Service:
                 return
             finally:
                 self._using[version] -= 1
-            current = self.states.get(user)
-            if current is None or current.history_version <= history_version:
-                self.states[user] = _CachedState(version, history_version, np.asarray(state, dtype=np.float32))
-                self.states.move_to_end(user)
-                while len(self.states) > self.config.state_cache_users:
-                    self.states.popitem(last=False)
+            self._remember_state(user, version, history_version, state)
             self.metrics.state_updates.labels(status="ok").inc()
 
         task = asyncio.get_running_loop().create_task(update())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _remember_state(self, user: str, version: str, history_version: int, state: np.ndarray) -> None:
+        """Cache a user's state unless a newer history's state is already there (LRU bounded)."""
+        current = self.states.get(user)
+        if current is None or current.history_version <= history_version:
+            self.states[user] = _CachedState(version, history_version, np.asarray(state, dtype=np.float32))
+            self.states.move_to_end(user)
+            while len(self.states) > self.config.state_cache_users:
+                self.states.popitem(last=False)
 
     # ------------------------------------------------------------------ risk
     async def risk(self, caller: Caller, request: RiskRequest) -> RiskResponse:
@@ -398,13 +477,18 @@ class Service:
                 raise Rejected(422, f"{folder} answers {bundle.operation}; this server answers {self.operation}")
             if bundle.version in self.bundles:
                 raise Rejected(409, f"version {bundle.version} is already loaded")
+            try:
+                self._open_tables(bundle)
+            except NimbleError as exc:
+                raise Rejected(422, str(exc)) from exc
             self.bundles[bundle.version] = bundle
             try:
                 await self.pool.load(bundle.version, str(bundle.folder))
             except (WorkerCrashed, WorkerError) as exc:
                 self.bundles.pop(bundle.version)
+                self.item_tables.pop(bundle.version, None)
+                self.indexes.pop(bundle.version, None)
                 raise Rejected(503, f"loading {bundle.version} failed: {exc}") from exc
-            self._open_tables(bundle.version)
             self.versions.folders[bundle.version] = str(bundle.folder)
             self.versions.candidate, self.versions.share = bundle.version, share
             self.metrics.set_versions(self.versions.stable, self.versions.candidate)
@@ -430,6 +514,7 @@ class Service:
         await self.pool.unload(version)
         self.bundles.pop(version, None)
         self.item_tables.pop(version, None)
+        self.indexes.pop(version, None)
         self.versions.folders.pop(version, None)
 
     async def promote(self) -> dict:
