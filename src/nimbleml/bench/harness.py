@@ -39,6 +39,8 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 32, 64, 128, 256)  # tried for throughput
     throughput_seconds: float = 1.5  # per batch size
     min_calls: int = 3  # per batch size, even past the time limit
+    input_pool: int = 32  # distinct inputs drawn per batch size and cycled while timing: a cost that
+    # depends on the data (trimmed padding) is then averaged over many requests, not one draw
 
 
 @dataclass
@@ -49,34 +51,46 @@ class LatencyStats:
     n: int
 
 
-def _timed_calls(predict: Callable[[Inputs], Any], inputs: Inputs, max_calls: int, seconds: float,
+def _timed_calls(predict: Callable[[Inputs], Any], inputs: Inputs | list[Inputs], max_calls: int, seconds: float,
                  min_calls: int = 3) -> np.ndarray:
+    """Seconds per call; a list of inputs is cycled (one call each, in order)."""
+    pool = inputs if isinstance(inputs, list) else [inputs]
     times = []
     deadline = time.perf_counter() + seconds
     while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() < deadline):
+        batch = pool[len(times) % len(pool)]
         t0 = time.perf_counter()
-        predict(inputs)
+        predict(batch)
         times.append(time.perf_counter() - t0)
     return np.asarray(times)
 
 
-def measure_latency(predict: Callable[[Inputs], Any], inputs: Inputs, config: BenchConfig) -> LatencyStats:
-    """Per-call latency of one request (batch 1): p50 / p99 over up to ``latency_runs`` calls."""
-    for _ in range(config.warmup):
-        predict(inputs)
-    times = _timed_calls(predict, inputs, config.latency_runs, config.latency_seconds, config.min_calls) * 1e3
+def measure_latency(predict: Callable[[Inputs], Any], inputs: Inputs | list[Inputs], config: BenchConfig) -> LatencyStats:
+    """Per-call latency of one request (batch 1): p50 / p99 over up to ``latency_runs`` calls,
+    cycling through ``inputs`` when it is a list (different requests)."""
+    pool = inputs if isinstance(inputs, list) else [inputs]
+    for i in range(config.warmup):
+        predict(pool[i % len(pool)])
+    times = _timed_calls(predict, pool, config.latency_runs, config.latency_seconds, config.min_calls) * 1e3
     return LatencyStats(float(np.percentile(times, 50)), float(np.percentile(times, 99)), float(times.mean()),
                         len(times))
 
 
+def input_pool(make_inputs: Callable[[int], Inputs], batch: int, config: BenchConfig) -> list[Inputs]:
+    """``config.input_pool`` draws of ``make_inputs(batch)``: the requests one row size is timed on."""
+    return [make_inputs(batch) for _ in range(max(1, config.input_pool))]
+
+
 def measure_throughput(predict: Callable[[Inputs], Any], make_inputs: Callable[[int], Inputs],
                        config: BenchConfig) -> dict[int, float]:
-    """Requests per second at each batch size (one call = ``batch`` requests, back to back)."""
+    """Requests per second at each batch size (one call = ``batch`` requests, back to back,
+    cycling through a pool of distinct batches)."""
     out = {}
     for batch in config.batch_sizes:
-        inputs = make_inputs(batch)
-        predict(inputs)  # warm this shape
-        times = _timed_calls(predict, inputs, 10_000, config.throughput_seconds, config.min_calls)
+        pool = input_pool(make_inputs, batch, config)
+        for inputs in pool[:2]:
+            predict(inputs)  # warm this shape
+        times = _timed_calls(predict, pool, 10_000, config.throughput_seconds, config.min_calls)
         out[batch] = float(batch * len(times) / times.sum())
     return out
 
@@ -206,7 +220,7 @@ def measure(candidate: Candidate, make_inputs: Callable[[int], Inputs], config: 
     gc.collect()
     before = rss_mb()
     predict = candidate.build()
-    latency = measure_latency(predict, make_inputs(1), config)
+    latency = measure_latency(predict, input_pool(make_inputs, 1, config), config)
     by_batch = measure_throughput(predict, make_inputs, config)
     best = max(by_batch, key=by_batch.get)
     quality = candidate.quality(predict) if candidate.quality is not None else {}

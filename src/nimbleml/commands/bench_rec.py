@@ -31,7 +31,8 @@ from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
 from nimbleml.progress import track
 from nimbleml.runtime.backends import available_backends, get_backend
-from nimbleml.runtime.export import export_onnx
+from nimbleml.runtime.export import export_onnx, has_dynamic_axis
+from nimbleml.runtime.padding import trim_left_padding
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,15 @@ VARIANTS: dict[str, list[str]] = {
     "qat": ["qat"],
     "distill": ["distill"],
     "distill+quantize-static": ["distill", "quantize-static"],
+    # "+trim": the same graph fed only the history columns some row of the batch uses (exact:
+    # padding keys are masked and positions count back from the latest event; runtime.padding)
+    "serving+trim": [],
+    "prune-structured+trim": ["prune-structured"],
+    "lowrank+trim": ["lowrank"],
+    "quantize-dynamic+trim": ["quantize-dynamic"],
+    "quantize-static+trim": ["quantize-static"],
 }
+TRIM = "+trim"
 QUALITY_COLUMNS = {"hr@10": "HR@10", "ndcg@10": "NDCG@10", "full_ndcg@10": "full NDCG@10"}
 CPU_BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino")
 COMPILED_VARIANTS = ("serving",)  # torch.compile takes minutes per model on 2 cores: the uncompressed ranker only
@@ -74,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-users", type=int, default=10_000,
                         help="random test users for the quality columns (same users for every row; 0 = all)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild variant folders that already exist")
+    parser.add_argument("--bucket-window", type=int, default=8,
+                        help="throughput batches are cut from a queue of this many batches of real test requests "
+                             "sorted by history length, as a length-bucketing batcher does (1 = random batches)")
     parser.add_argument("--quick", action="store_true", help="short timings and fine-tunes (tests, smoke runs)")
 
 
@@ -152,13 +164,28 @@ class _PredictScorer:
         raise NimbleError("a runtime backend scores candidate lists only", fix="use SeqRecScorer for the full catalogue")
 
 
-def _real_inputs(probe: _QualityProbe) -> Callable[[int], dict[str, np.ndarray]]:
-    """Batches of real test histories (not random ids): attention cost depends on padding."""
+def _real_inputs(probe: _QualityProbe, bucket_window: int = 1) -> Callable[[int], dict[str, np.ndarray]]:
+    """Batches of real test histories (not random ids): trimmed rows' cost depends on padding.
+
+    bucket_window > 1: each draw of ``bucket_window`` x batch random users is sorted by history
+    length and handed out one batch-sized slice at a time, as a batcher that groups queued
+    requests by length does; untrimmed rows cost the same either way."""
     rng = np.random.default_rng(1)
     n_items = probe.config.n_items
+    lengths = (probe.split.test_input != 0).sum(axis=1)
+    queued: dict[int, list[np.ndarray]] = {}
+
+    def draw(batch: int) -> np.ndarray:
+        if bucket_window <= 1 or batch == 1:
+            return rng.choice(len(lengths), batch)
+        if not queued.get(batch):
+            users = rng.choice(len(lengths), batch * bucket_window)
+            users = users[np.argsort(lengths[users], kind="stable")]
+            queued[batch] = [users[i : i + batch] for i in range(0, len(users), batch)]
+        return queued[batch].pop(int(rng.integers(len(queued[batch]))))
 
     def make(batch: int) -> dict[str, np.ndarray]:
-        users = rng.choice(len(probe.split.test_target), batch)
+        users = draw(batch)
         inputs = {"history": serving_width(probe.split.test_input[users]),
                   "candidates": rng.integers(1, n_items + 1, (batch, 50), dtype=np.int64)}
         if probe.config.use_behavior:
@@ -177,19 +204,28 @@ def quick_compress_config():
 
 
 def _build_variant(name: str, args: argparse.Namespace, quick: bool) -> Path:
-    """The variant's model folder, built by rec.compression unless it exists (and --rebuild is off)."""
-    if not VARIANTS[name]:
+    """The variant's model folder, built by rec.compression unless it exists (and --rebuild is off).
+
+    A chain whose first recipes are another variant's (``distill+quantize-static``) starts from
+    that variant's folder when it exists, so the student is trained once, not once per chain."""
+    recipes = VARIANTS[name]
+    if not recipes:
         return args.model
-    folder = args.out / "variants" / name
-    if (folder / "variant.json").exists() and not args.rebuild:
+    folder = args.out / "variants" / name.removesuffix(TRIM)
+    if (folder / "variant.json").exists() and (not args.rebuild or name.endswith(TRIM)):
         log.info("reusing %s", folder)
         return folder
     from nimbleml.rec.compression import CompressConfig, compress_model
 
+    parent, todo = args.model, recipes
+    prefix = next((other for other, chain in VARIANTS.items()
+                   if len(chain) < len(recipes) and chain and recipes[: len(chain)] == chain and TRIM not in other), None)
+    if prefix is not None and (args.out / "variants" / prefix / "variant.json").exists():
+        parent, todo = args.out / "variants" / prefix, recipes[len(VARIANTS[prefix]):]
     config = quick_compress_config() if quick else CompressConfig()
     started = time.perf_counter()
-    compress_model(args.model, args.data, VARIANTS[name], folder, config)
-    log.info("built %s in %.0f s", name, time.perf_counter() - started)
+    compress_model(parent, args.data, todo, folder, config)
+    log.info("built %s in %.0f s (from %s)", name, time.perf_counter() - started, parent)
     return folder
 
 
@@ -209,24 +245,42 @@ def _candidates(name: str, folder: ModelFolder, backends: list[str], work: Path,
     if int8:
         onnx_path = folder.onnx
     else:
-        onnx_path = export_onnx(folder.module, example, work / f"{name}.onnx", output_names=folder.output_names)
+        onnx_path = export_onnx(folder.module, example, work / f"{name}.onnx", output_names=folder.output_names,
+                                dynamic_dims=folder.dynamic_dims)
     size = onnx_path.stat().st_size / 2**20
+    trim = name.endswith(TRIM)
+    if trim:
+        _check_trimmable(onnx_path, folder)
     out = []
     for backend in backends:
         cls = get_backend(backend)
         if backend == "torch-compile" and name not in COMPILED_VARIANTS:
             continue
         if cls.needs_module:
-            if int8:
-                continue  # the int8 graph exists only as ONNX
+            if int8 or (trim and name != "serving+trim"):
+                continue  # the int8 graph exists only as ONNX; trimmed torch once, for the record
             build = (lambda cls=cls: cls.from_module(folder.module).predict)
         else:
             build = (lambda cls=cls: cls.load(onnx_path).predict)
+        if trim:
+            build = (lambda build=build: _trimmed(build(), folder.sequence_inputs))
         out.append(Candidate(name, backend, build, folder.params_m, size, flops,
                              lambda p: {**probe.candidates(p), "full_ndcg@10": full_ndcg},
                              extra={"precision": "int8" if int8 else "fp32", **_variant_extra(folder),
                                     **({"full_ndcg_from": "the fp32 weights the int8 graph was made from"} if int8 else {})}))
     return out
+
+
+def _trimmed(predict: Callable, names: tuple[str, ...]) -> Callable:
+    """``predict`` on the history columns that some row of the batch uses."""
+    return lambda inputs: predict(trim_left_padding(inputs, names))
+
+
+def _check_trimmable(onnx_path: Path, folder: ModelFolder) -> None:
+    """A graph exported before its history axis was dynamic cannot take trimmed inputs."""
+    if not has_dynamic_axis(onnx_path, "history", 1):
+        raise NimbleError(f"{onnx_path.name} has a fixed history width, so it cannot run trimmed inputs",
+                          path=onnx_path, fix="rebuild the variant (`nimbleml bench rec ... --rebuild`)")
 
 
 def _weights_mb(path: Path) -> float:
@@ -268,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     base_folder = open_model_folder(args.model)
     probe = _QualityProbe(args.data, base_folder, args.max_users)
     limits = cpu_limits()
-    make_inputs = _real_inputs(probe)
+    make_inputs = _real_inputs(probe, args.bucket_window)
 
     candidates: list[Candidate] = []
     for name in variants:
@@ -296,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
         "cpu": limits.to_dict(),
         "flops_peak_gflops": limits.fp32_theoretical_gflops,
         "batch_sizes": list(config.batch_sizes),
+        "bucket_window": args.bucket_window,  # throughput batches: slices of this many batches sorted by length
+        "input_pool": config.input_pool,  # distinct real requests (batches) cycled per timed size
         "model": str(args.model), "data": str(args.data),
         "summary": summary,
         "paper": PAPER_TABLE,

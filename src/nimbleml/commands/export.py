@@ -38,7 +38,8 @@ def export_folder(folder: ModelFolder, out: Path) -> Path:
     if folder.onnx is not None:
         shutil.copy(folder.onnx, out)
         return out
-    return export_onnx(folder.module, folder.make_inputs(4, 0), out, output_names=folder.output_names)
+    return export_onnx(folder.module, folder.make_inputs(4, 0), out, output_names=folder.output_names,
+                       dynamic_dims=folder.dynamic_dims)
 
 
 def parity_reports(folder: ModelFolder, onnx_path: Path, batch: int = 64) -> list[dict]:

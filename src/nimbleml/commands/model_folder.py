@@ -41,6 +41,12 @@ class ModelFolder:
     output_names: list[str]
     onnx: Path | None = None
     variant: dict = field(default_factory=dict)
+    # export_onnx's extra dynamic axes: left-padded inputs whose axis 1 may be trimmed (runtime.padding)
+    dynamic_dims: dict[str, dict[int, tuple[str, int]]] = field(default_factory=dict)
+
+    @property
+    def sequence_inputs(self) -> tuple[str, ...]:
+        return tuple(self.dynamic_dims)
 
     @property
     def params_m(self) -> float:
@@ -68,6 +74,7 @@ def rec_inputs(config, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _open_rec(path: Path) -> ModelFolder:
+    from nimbleml.rec.compression import SEQUENCE_DIMS
     from nimbleml.rec.model import ServingRanker
     from nimbleml.rec.train import load_checkpoint
 
@@ -86,7 +93,7 @@ def _open_rec(path: Path) -> ModelFolder:
             raise NimbleError(f"variant.json names {variant['onnx']} but the file is missing", path=onnx,
                               fix="re-run `nimbleml compress` for this folder")
     return ModelFolder("rec", path, ServingRanker(model).eval(), model, lambda b, s=0: rec_inputs(model.config, b, s),
-                       ["scores"], onnx, variant)
+                       ["scores"], onnx, variant, dynamic_dims=SEQUENCE_DIMS)
 
 
 class _RiskForward(nn.Module):

@@ -71,7 +71,10 @@ ONNX_FILE = "model.onnx"
 # ops int8 recipes quantise: the matrix products and the embedding tables. The attention and
 # history masks (Where) carry -inf, which has no int8 range, so they stay float.
 INT8_OPS = ["MatMul", "Gemm", "Gather"]
-HISTORY_WIDTH = 100  # events per request in the serving contract (the graphs' history width)
+HISTORY_WIDTH = 100  # events per request in the serving contract (the graphs' widest history)
+# the graphs' history axis is dynamic up to HISTORY_WIDTH, so callers may trim columns that are
+# padding in every row of a batch (runtime.padding; exact: padding keys are masked)
+SEQUENCE_DIMS = {"history": {1: ("events", HISTORY_WIDTH)}, "behaviors": {1: ("events", HISTORY_WIDTH)}}
 
 
 @dataclass
@@ -213,7 +216,8 @@ def export_serving(model: SeqRec, path: Path) -> Path:
     """ONNX of the serving-shaped forward, inputs named by the serving contract."""
     ones = np.ones((2, HISTORY_WIDTH), dtype=np.int64)
     example = serving_inputs(model.config, ones, ones[:, :50], ones)
-    return export_onnx(ServingRanker(model).eval(), {k: torch.as_tensor(v) for k, v in example.items()}, path)
+    return export_onnx(ServingRanker(model).eval(), {k: torch.as_tensor(v) for k, v in example.items()}, path,
+                       dynamic_dims=SEQUENCE_DIMS)
 
 
 class OnnxScorer:

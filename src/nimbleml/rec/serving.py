@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from nimbleml.errors import NimbleError
-from nimbleml.rec.compression import HISTORY_WIDTH, export_serving
+from nimbleml.rec.compression import HISTORY_WIDTH, SEQUENCE_DIMS, export_serving
 from nimbleml.rec.model import SeqRec, SeqRecConfig
 from nimbleml.rec.retrieve import INDEX_FILE, INDEX_META_FILE, IndexSpec, ItemIndex, item_table
 from nimbleml.rec.train import MODEL_FILE, load_checkpoint
-from nimbleml.runtime.export import check_onnx_file, export_onnx
+from nimbleml.runtime.export import check_onnx_file, export_onnx, has_dynamic_axis
 from nimbleml.serve.bundle import MANIFEST, Bundle, GraphSpec, InputSpec, RetrievalSpec
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,13 @@ def model_version(model_dir: Path) -> str:
     return f"{model_dir.resolve().name}-{digest}"
 
 
-def _specs(config: SeqRecConfig, names: list[str]) -> list[InputSpec]:
+def _specs(config: SeqRecConfig, names: list[str], graph: Path) -> list[InputSpec]:
+    trim = has_dynamic_axis(graph, "history", 1)  # int8 graphs made before the axis was dynamic: no
     every = {
-        "history": InputSpec("history", "int64", [HISTORY_WIDTH], low=1, high=config.n_items, pad=0),
+        "history": InputSpec("history", "int64", [HISTORY_WIDTH], low=1, high=config.n_items, pad=0, trim=trim),
         "candidates": InputSpec("candidates", "int64", [N_CANDIDATES], low=1, high=config.n_items),
-        "behaviors": InputSpec("behaviors", "int64", [HISTORY_WIDTH], low=1, high=config.n_behaviors - 1, pad=0),
+        "behaviors": InputSpec("behaviors", "int64", [HISTORY_WIDTH], low=1, high=config.n_behaviors - 1, pad=0,
+                               trim=trim),
     }
     return [every[name] for name in names]
 
@@ -119,14 +121,15 @@ def prepare_bundle(model_dir: str | Path, out_dir: str | Path | None = None, for
         shutil.copyfile(check_onnx_file(compressed), out / "ranker.onnx")
     else:
         export_serving(model, out / "ranker.onnx")
-    graphs = {"ranker": GraphSpec("ranker.onnx", _specs(config, ranker_names), "scores")}
+    graphs = {"ranker": GraphSpec("ranker.onnx", _specs(config, ranker_names, out / "ranker.onnx"), "scores")}
     table, retrieval = None, None
     if index is not None:
         state_names = [n for n in ranker_names if n != "candidates"]
         ones = torch.ones((2, HISTORY_WIDTH), dtype=torch.int64)
-        export_onnx(UserState(model).eval(), {n: ones for n in state_names}, out / "state.onnx", output_names=["state"])
+        export_onnx(UserState(model).eval(), {n: ones for n in state_names}, out / "state.onnx", output_names=["state"],
+                    dynamic_dims=SEQUENCE_DIMS)
         np.save(out / "items.npy", item_table(model))
-        graphs["state"] = GraphSpec("state.onnx", _specs(config, state_names), "state")
+        graphs["state"] = GraphSpec("state.onnx", _specs(config, state_names, out / "state.onnx"), "state")
         table = "items.npy"
         retrieval = RetrievalSpec(index.save(out).name, dict(index.spec.search), first_id=1)
     bundle = Bundle(

@@ -32,11 +32,15 @@ def export_onnx(
     path: str | Path,
     output_names: list[str] | None = None,
     opset: int = DEFAULT_OPSET,
+    dynamic_dims: dict[str, dict[int, tuple[str, int]]] | None = None,
 ) -> Path:
     """Write ``module`` as an ONNX graph with a dynamic batch axis (dim 0) on every input and output.
 
     example_inputs: name -> tensor, in the order of ``module.forward``'s positional arguments;
     use a batch of at least 2 so the exporter does not specialise the batch to 1.
+    dynamic_dims: further dynamic axes, input name -> {axis: (dim name, largest size)}; inputs
+    naming the same dim share it (e.g. a left-padded sequence axis the caller may trim).
+    Give example inputs at the largest size so the exporter does not specialise to it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +49,13 @@ def export_onnx(
         raise ValueError("export with a batch of at least 2 so the batch axis stays dynamic")
     batch = torch.export.Dim("batch", min=1, max=65536)
     dynamic_shapes = {name: {0: batch} for name in example_inputs}
+    shared: dict[str, torch.export.Dim] = {}
+    for name, axes in (dynamic_dims or {}).items():
+        if name not in example_inputs:
+            continue  # e.g. behaviours for a model without them
+        for axis, (dim_name, largest) in axes.items():
+            dim = shared.setdefault(dim_name, torch.export.Dim(dim_name, min=1, max=largest))
+            dynamic_shapes[name][axis] = dim
     was_training = module.training
     module.eval()
     try:
@@ -81,6 +92,18 @@ def check_onnx_file(path: str | Path) -> Path:
         raise NimbleError(f"not a valid ONNX model ({exc.__class__.__name__}: {str(exc)[:200]})", path=path,
                           fix="re-export the model with `nimbleml export`") from exc
     return path
+
+
+def has_dynamic_axis(path: str | Path, input_name: str, axis: int) -> bool:
+    """Whether ``input_name``'s ``axis`` in the ONNX graph at ``path`` is symbolic (any size)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for tensor in graph.input:
+        if tensor.name == input_name:
+            dims = tensor.type.tensor_type.shape.dim
+            return axis < len(dims) and not dims[axis].HasField("dim_value")
+    raise NimbleError(f"the graph has no input {input_name!r}", path=path, fix="re-export the model")
 
 
 def topk_overlap(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:

@@ -32,6 +32,8 @@ class InputSpec:
     low: float | None = None  # smallest valid value (ids: 1), None = unchecked
     high: float | None = None  # largest valid value (ids: n_items)
     pad: float | None = None  # a value allowed besides the range (ids: 0 = padding)
+    trim: bool = False  # left-padded, and the graph's axis is dynamic: leading columns that are `pad`
+    # in every row of a batch are dropped before the run (runtime.padding; exact for such graphs)
 
     def dummy(self, batch: int) -> np.ndarray:
         """A valid batch for warm-up: the range's lowest value (or zeros)."""

@@ -24,6 +24,8 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from nimbleml.runtime.padding import trim_left_padding
+
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +39,8 @@ class LoadedBundle:
         self.bundle = Bundle.load(folder)
         runtime = get_backend(backend)
         self.graphs = {name: runtime.load(self.bundle.graph_path(name), threads=threads) for name in self.bundle.graphs}
+        self.trim = {name: ([i.name for i in spec.inputs if i.trim], next((i.pad for i in spec.inputs if i.trim), 0))
+                     for name, spec in self.bundle.graphs.items()}
 
     def warm(self, batch_sizes: tuple[int, ...]) -> float:
         """Run every graph on dummy batches so the first real request pays no first-run cost; seconds."""
@@ -48,6 +52,9 @@ class LoadedBundle:
         return time.perf_counter() - start
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        names, pad = self.trim[graph]
+        if names:  # only the history columns some request of the batch uses
+            inputs = trim_left_padding(inputs, names, pad)
         return self.graphs[graph].predict(inputs)
 
 
