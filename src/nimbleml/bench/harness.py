@@ -209,7 +209,9 @@ class Candidate:
     build: Callable[[], Callable[[Inputs], Any]]  # loads the model/session, returns predict
     params_m: float
     size_mb: float
-    flops_per_request: int
+    # FLOPs per request: a number, or flops(inputs) -> FLOPs of one call on that batch when the
+    # cost depends on the data (trimmed padding); then averaged over requests at the best batch
+    flops_per_request: int | Callable[[Inputs], float]
     quality: Callable[[Callable[[Inputs], Any]], dict[str, float]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -225,11 +227,15 @@ def measure(candidate: Candidate, make_inputs: Callable[[int], Inputs], config: 
     best = max(by_batch, key=by_batch.get)
     quality = candidate.quality(predict) if candidate.quality is not None else {}
     rps = by_batch[best]
+    flops = candidate.flops_per_request
+    if callable(flops):  # the mean over a fresh pool of requests at the best batch size
+        pool = input_pool(make_inputs, best, config)
+        flops = int(sum(candidate.flops_per_request(inputs) for inputs in pool) / (best * len(pool)))
     row = BenchRow(
         variant=candidate.variant, backend=candidate.backend, params_m=candidate.params_m,
-        size_mb=candidate.size_mb, flops_per_request=candidate.flops_per_request,
+        size_mb=candidate.size_mb, flops_per_request=flops,
         p50_ms_b1=latency.p50_ms, p99_ms_b1=latency.p99_ms, best_batch=best, throughput_rps=rps,
-        peak_fraction=candidate.flops_per_request * rps / (peak_gflops * 1e9), peak_rss_mb=peak_rss_mb(),
+        peak_fraction=flops * rps / (peak_gflops * 1e9), peak_rss_mb=peak_rss_mb(),
         rss_delta_mb=rss_mb() - before, throughput_by_batch=by_batch, quality=quality, extra=candidate.extra,
     )
     del predict
