@@ -148,3 +148,26 @@ def test_a_failing_batch_fails_every_caller():
 def test_config_rejects_bad_sizes():
     with pytest.raises(ValueError):
         BatcherConfig(max_batch_size=4, preferred_batch_sizes=(8,))
+
+
+def test_queued_requests_of_similar_size_share_a_batch_and_the_oldest_goes_first():
+    batches: list[list[int]] = []
+
+    async def record(items, priority):
+        batches.append(list(items))
+        return items
+
+    async def main(size_of):
+        batcher = DynamicBatcher(record, BatcherConfig(max_batch_size=4, max_queue_delay_ms=200, group_window=4),
+                                 size_of=size_of)
+        lengths = [50, 1, 49, 2, 48, 3, 47, 4, 46, 5, 45, 6, 44, 7, 43, 8]
+        results = await asyncio.gather(*(batcher.submit(n, priority=1) for n in lengths))
+        await batcher.close()
+        return results, lengths
+
+    results, lengths = run(main(lambda n: n))
+    assert results == lengths  # each caller still gets its own answer
+    assert batches == [[50, 49, 48, 47], [1, 2, 3, 4], [46, 45, 44, 43], [5, 6, 7, 8]]
+    batches.clear()
+    run(main(None))  # no size: plain FIFO
+    assert batches[0] == [50, 1, 49, 2]

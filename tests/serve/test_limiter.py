@@ -38,3 +38,26 @@ def test_shedding_by_recent_p99():
     assert ctl.overload_level(0, now=10.1) == 1
     assert not ctl.admit("free", 0, now=10.1).admitted
     assert ctl.overload_level(0, now=12.0) == 0  # the slow requests aged out of the window
+
+
+def test_a_lagging_event_loop_sheds_lower_tiers_first() -> None:
+    ctl = AdmissionController(shed=ShedConfig(soft_loop_lag_ms=4.0, hard_loop_lag_ms=10.0))
+    ctl.loop_lag.record(0.5, now=1.0)
+    assert ctl.overload_level(0, now=1.0) == 0
+    for tick in range(20):  # the front end falls 6 ms behind, again and again
+        ctl.loop_lag.record(6.0, now=1.0 + tick * 0.01)
+    assert ctl.overload_level(0, now=1.2) == 1
+    assert not ctl.admit("free", 0, now=1.2).admitted and ctl.admit("premium", 0, now=1.2).admitted
+    for tick in range(20):
+        ctl.loop_lag.record(30.0, now=1.2 + tick * 0.01)
+    assert ctl.overload_level(0, now=1.4) == 2
+    assert not ctl.admit("standard", 0, now=1.4).admitted and ctl.admit("premium", 0, now=1.4).admitted
+    assert ctl.overload_level(0, now=3.0) == 0  # the monitor stopped: no stale shedding
+
+
+def test_one_stall_does_not_shed() -> None:
+    ctl = AdmissionController(shed=ShedConfig(soft_loop_lag_ms=4.0))
+    for tick in range(10):
+        ctl.loop_lag.record(0.2, now=tick * 0.005)
+    ctl.loop_lag.record(15.0, now=0.06)  # a garbage-collection pause
+    assert ctl.overload_level(0, now=0.06) == 0

@@ -45,6 +45,9 @@ class BatcherConfig:
     max_queue_size: int = 512  # queued requests per priority lane; beyond it requests are rejected at once
     priority_levels: int = 3  # lanes 0..levels-1; 0 is the bypass lane
     max_inflight_batches: int = 2  # batches running at once (excluding priority 0); more waiting lets batches grow
+    group_window: int = 4  # with a ``size_of``: a batch is the oldest request plus those nearest its size among
+    # the first group_window x max_batch_size queued (0 = plain FIFO). Requests of similar length share a batch,
+    # so trimmed padding drops more; the oldest always goes first, so nothing starves
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.priority_levels < 1:
@@ -91,9 +94,11 @@ class DynamicBatcher(Generic[T, R]):
         run_batch: Callable[[list[T], int], Awaitable[Sequence[R]]],
         config: BatcherConfig | None = None,
         on_batch: Callable[[int], None] | None = None,
+        size_of: Callable[[T], int] | None = None,
     ):
         self.config = config or BatcherConfig()
         self._run_batch = run_batch
+        self._size_of = size_of  # an item's cost size (e.g. its used sequence length), for grouping
         self._on_batch = on_batch  # called with each batch's size (metrics)
         self._lanes: list[deque[_Pending[T]]] = [deque() for _ in range(self.config.priority_levels)]
         self._wakeup = asyncio.Event()
@@ -147,12 +152,27 @@ class DynamicBatcher(Generic[T, R]):
         return await future
 
     # ------------------------------------------------------------------ the loop
+    def _group(self, lane: deque[_Pending[T]], limit: int) -> None:
+        """Move the queued requests nearest in size to the lane's oldest one to the lane's front."""
+        window = min(len(lane), self.config.group_window * self.config.max_batch_size)
+        if self._size_of is None or self.config.group_window <= 0 or window <= limit:
+            return
+        head = [lane.popleft() for _ in range(window)]
+        sizes = [self._size_of(p.item) for p in head]
+        target = sizes[0]
+        order = sorted(range(1, window), key=lambda i: (abs(sizes[i] - target), i))  # ties: oldest first
+        chosen = [0] + order[: limit - 1]
+        rest = sorted(set(range(window)) - set(chosen))
+        lane.extendleft(reversed([head[i] for i in sorted(chosen)] + [head[i] for i in rest]))
+
     def _take(self, levels: range, limit: int) -> list[_Pending[T]]:
         """Up to ``limit`` live requests, highest priority first; expired ones are rejected here."""
         now = time.monotonic()
         batch: list[_Pending[T]] = []
         for level in levels:
             lane = self._lanes[level]
+            if level > 0:
+                self._group(lane, limit - len(batch))
             while lane and len(batch) < limit:
                 pending = lane.popleft()
                 if pending.future.done():  # the caller went away (cancelled)

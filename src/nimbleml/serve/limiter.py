@@ -66,6 +66,11 @@ class ShedConfig:
     soft_queue_depth: int = 32  # queued requests past which rank 0 is shed (~20 ms of work at 0.6 ms per row)
     hard_queue_depth: int = 96  # queued requests past which rank 1 is shed too (~60 ms: past the p99 objective)
     window_s: float = 1.0  # how far back "recent p99" looks, seconds
+    # the front end's event-loop lag: how late a 5 ms timer fires. Requests wait in socket buffers
+    # before any handler sees them, a wait the latency window cannot show; a lagging loop means
+    # the front end's CPU is saturated, so lower tiers go before premium requests queue behind them
+    soft_loop_lag_ms: float = 4.0  # lag past which rank 0 is shed
+    hard_loop_lag_ms: float = 10.0  # lag past which rank 1 is shed too
     retry_after_s: float = 1.0  # Retry-After given to shed requests, seconds
 
 
@@ -101,6 +106,35 @@ class LatencyWindow:
         return value
 
 
+class LoopLag:
+    """The event loop's recent lag, ms: an exponential average of how late a ``period_s`` timer
+    fires (time constant ``period_s / alpha``, ~25 ms), so a lone stall (a GC pause) does not
+    shed anything but a saturated front end does within a few ticks."""
+
+    def __init__(self, period_s: float = 0.005, alpha: float = 0.2):
+        self.period_s, self.alpha = period_s, alpha
+        self._value, self._at = 0.0, 0.0
+
+    def record(self, lag_ms: float, now: float | None = None) -> None:
+        self._value += self.alpha * (lag_ms - self._value)
+        self._at = time.monotonic() if now is None else now
+
+    def value(self, now: float | None = None) -> float:
+        """The average, or 0 when no tick has come for a second (the monitor is not running)."""
+        now = time.monotonic() if now is None else now
+        return self._value if now - self._at <= 1.0 else 0.0
+
+    async def run(self) -> None:
+        """Measure forever on the running loop (cancel to stop)."""
+        import asyncio
+
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(self.period_s)
+            now = time.monotonic()
+            self.record(max(0.0, (now - start - self.period_s) * 1000.0), now)
+
+
 class AdmissionController:
     """Token buckets per tier + load shedding: ``admit(tier, queue_depth)``."""
 
@@ -109,15 +143,17 @@ class AdmissionController:
         self.shed = shed or ShedConfig()
         self.buckets = {name: TokenBucket(p.rate_rps, p.burst) for name, p in self.tiers.items()}
         self.latency = LatencyWindow(self.shed.window_s)
+        self.loop_lag = LoopLag()
 
     def overload_level(self, queue_depth: int, now: float | None = None) -> int:
         """0 = fine, 1 = shed rank 0, 2 = shed ranks 0 and 1."""
-        if queue_depth >= self.shed.hard_queue_depth:
+        lag = self.loop_lag.value(now)
+        if queue_depth >= self.shed.hard_queue_depth or lag >= self.shed.hard_loop_lag_ms:
             return 2
         p99 = self.latency.p99(now)
         if p99 > 2 * self.shed.target_p99_ms:
             return 2
-        if queue_depth >= self.shed.soft_queue_depth or p99 > self.shed.target_p99_ms:
+        if queue_depth >= self.shed.soft_queue_depth or p99 > self.shed.target_p99_ms or lag >= self.shed.soft_loop_lag_ms:
             return 1
         return 0
 

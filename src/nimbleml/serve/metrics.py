@@ -29,6 +29,8 @@ class ServerMetrics:
         self.batch_size = Histogram("nimbleml_batch_size", "Requests per batch sent to a worker", ["graph"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("nimbleml_queue_depth", "Requests waiting in the batch queues", registry=r)
+        self.loop_lag = Gauge("nimbleml_event_loop_lag_ms", "Front end event-loop lag (average), milliseconds",
+                              registry=r)
         self.inflight_batches = Gauge("nimbleml_inflight_batches", "Batches running in workers", registry=r)
         self.workers_ready = Gauge("nimbleml_workers_ready", "Worker processes ready for traffic", registry=r)
         self.worker_restarts = Counter("nimbleml_worker_restarts_total", "Worker processes restarted after a crash",

@@ -141,6 +141,15 @@ def open_index(bundle: Bundle) -> faiss.Index:
     return index
 
 
+def _used_length(spec) -> Callable[[dict[str, np.ndarray]], int] | None:
+    """A row's non-padding length in the graph's first trimmable input (None: nothing to group by)."""
+    trim = next((i for i in spec.inputs if i.trim), None)
+    if trim is None:
+        return None
+    pad = trim.pad if trim.pad is not None else 0
+    return lambda row: int(np.count_nonzero(row[trim.name] != pad))
+
+
 class Service:
     """Auth, admission, validation, batching, routing and versions for every operation."""
 
@@ -172,6 +181,9 @@ class Service:
         self._open_tables(self.bundles[self.versions.stable])
         await self.pool.start(self.versions.folders)
         self.metrics.set_versions(self.versions.stable, None)
+        lag = asyncio.get_running_loop().create_task(self.admission.loop_lag.run())
+        self._background.add(lag)
+        lag.add_done_callback(self._background.discard)
         self.started = True
 
     async def close(self) -> None:
@@ -237,7 +249,8 @@ class Service:
                 out = await self.pool.run(version, graph, inputs, priority)
                 return list(out)
 
-            batcher = DynamicBatcher(run_batch, self.config.batcher, on_batch=histogram.observe)
+            batcher = DynamicBatcher(run_batch, self.config.batcher, on_batch=histogram.observe,
+                                     size_of=_used_length(self.bundles[version].graphs[graph]))
             self._batchers[key] = batcher
         return batcher
 
@@ -546,6 +559,7 @@ class Service:
 
     def render_metrics(self) -> bytes:
         self.metrics.queue_depth.set(self.queue_depth())
+        self.metrics.loop_lag.set(self.admission.loop_lag.value())
         self.metrics.inflight_batches.set(self.pool.inflight())
         self.metrics.workers_ready.set(len(self.pool.ready_workers()))
         return self.metrics.render()
