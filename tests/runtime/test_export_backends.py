@@ -91,3 +91,8 @@ def test_topk_overlap_counts_shared_items() -> None:
     assert topk_overlap(a, a, k=2) == 1.0
     assert topk_overlap(a, -a, k=2) == 0.0
     assert topk_overlap(a, np.array([[5.0, 1, 3, 2, 4]]), k=2) == 0.5
+    tied = np.array([[5.0, 3, 3, 1]])  # the 2nd and 3rd candidates score the same (a duplicate)
+    assert topk_overlap(tied, np.array([[5.0, 2.9999999, 3, 1]]), k=2) == 1.0
+    near = np.array([[5.0, 3.0000001, 3, 1]])  # within float rounding at the boundary: swapped, still agree
+    assert topk_overlap(near, np.array([[5.0, 3, 3.0000001, 1]]), k=2) == 1.0
+    assert topk_overlap(near, np.array([[5.0, 1, 2, 3]]), k=2) == 0.5  # a real disagreement

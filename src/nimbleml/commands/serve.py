@@ -57,7 +57,8 @@ def build_service(args: argparse.Namespace) -> Service:
     if backend not in available_backends():
         raise NimbleError(f"backend {backend!r} is not available here", fix=f"use one of {available_backends()}")
     bundle = Bundle.load(prepare_model(args.model))
-    admission = AdmissionController(shed=ShedConfig(target_p99_ms=args.target_p99_ms))
+    admission = AdmissionController(shed=ShedConfig(target_p99_ms=args.target_p99_ms, soft_queue_depth=args.shed_queue[0],
+                                                    hard_queue_depth=args.shed_queue[1]))
     risk_limits = json.loads(Path(args.risk_limits).read_text()) if args.risk_limits else {}
     config = ServeConfig(
         batcher=BatcherConfig(max_batch_size=args.max_batch, max_queue_delay_ms=args.max_wait_ms),
@@ -68,6 +69,16 @@ def build_service(args: argparse.Namespace) -> Service:
     )
     keys = load_keyring(args.keys, set(admission.tiers))
     return Service(bundle, keys, config, store=open_store(args.redis), admission=admission, prepare=prepare_model)
+
+
+def _two_ints(text: str) -> tuple[int, int]:
+    try:
+        soft, hard = (int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected SOFT,HARD (two integers), got {text!r}") from exc
+    if not 0 < soft <= hard:
+        raise argparse.ArgumentTypeError(f"need 0 < SOFT <= HARD, got {text!r}")
+    return soft, hard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch, ms")
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="answer 504 instead of later than this, ms")
     parser.add_argument("--target-p99-ms", type=float, default=50.0, help="p99 above which low tiers are shed, ms")
+    parser.add_argument("--shed-queue", type=_two_ints, default=(ShedConfig.soft_queue_depth, ShedConfig.hard_queue_depth),
+                        metavar="SOFT,HARD", help="queued requests past which free (SOFT) and standard (HARD) are shed")
     parser.add_argument("--backend", default=None, help="runtime backend (default: the fastest available)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
     parser.add_argument("--keys", type=Path, default=None, help="API keys JSON file (default: $NIMBLEML_API_KEYS)")

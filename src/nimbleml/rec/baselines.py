@@ -151,7 +151,7 @@ class ItemKNN(Recommender):
     all others, ordered by popularity."""
 
     name = "itemknn"
-    grid = {"neighbours": (20, 50, 100, 200, 500, 1000)}  # chosen on validation full NDCG@10
+    grid = {"neighbours": (20, 50, 100, 200, 500, 1000, 2000, 4000)}  # chosen on validation full NDCG@10
 
     def __init__(self, neighbours: int = 100):
         self.neighbours = neighbours  # similar items kept per item

@@ -106,12 +106,17 @@ def has_dynamic_axis(path: str | Path, input_name: str, axis: int) -> bool:
     raise NimbleError(f"the graph has no input {input_name!r}", path=path, fix="re-export the model")
 
 
-def topk_overlap(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:
-    """Mean share of each row's top-k (by ``reference``) that ``other`` also puts in its top-k."""
+def topk_overlap(reference: np.ndarray, other: np.ndarray, k: int = 10, atol: float = 1e-5) -> float:
+    """Mean share of each row's top-k by ``other`` that is also in the top-k by ``reference``.
+
+    Ties count: an item is in the reference's top-k when its score is at least the k-th largest
+    minus ``atol`` (score units), so candidates that tie at the boundary (a candidate listed twice,
+    or two scores within float rounding) and swap places are not a disagreement."""
     k = min(k, reference.shape[1])
-    top_ref = np.argsort(-reference, axis=1, kind="stable")[:, :k]
+    kth = np.sort(reference, axis=1)[:, -k]  # the reference's k-th largest score per row
     top_other = np.argsort(-other, axis=1, kind="stable")[:, :k]
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_ref, top_other)]))
+    inside = np.take_along_axis(reference, top_other, axis=1) >= kth[:, None] - atol
+    return float(inside.mean())
 
 
 @dataclass

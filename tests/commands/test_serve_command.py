@@ -1,0 +1,21 @@
+"""`nimbleml serve` flags that shape admission: bad values are refused with one message."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from nimbleml.commands.serve import _two_ints, add_arguments
+
+
+def test_shed_queue_parses_and_refuses_bad_values() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--shed-queue", "8,24"])
+    assert args.shed_queue == (8, 24)
+    default = parser.parse_args(["--model", "m"]).shed_queue
+    assert default[0] <= default[1]
+    for bad in ("8", "24,8", "0,4", "a,b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _two_ints(bad)
