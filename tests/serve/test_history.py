@@ -34,7 +34,8 @@ def test_redis_store():
     url = redis_url()
 
     async def main():
-        store = RedisHistory(url, max_events=5, prefix=f"test:{uuid.uuid4().hex}:")
+        # a generous timeout: this test checks the store, not latency (a busy CI box can stall 0.5 s)
+        store = RedisHistory(url, max_events=5, prefix=f"test:{uuid.uuid4().hex}:", timeout_s=5.0)
         try:
             await _exercise(store, "u1")
             await store.clear("u1")
