@@ -18,13 +18,15 @@ def test_bench_rec_runs_end_to_end(tiny_rec: tuple[Path, Path], tmp_path: Path) 
     data_dir, model_dir = tiny_rec
     out = tmp_path / "bench"
     assert main(["bench", "rec", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
-                 "--variants", "serving,serving+trim", "--backends", "torch,onnxruntime", "--quick"]) == 0
+                 "--variants", "serving,serving+trim,edge+trim", "--backends", "torch,onnxruntime", "--quick"]) == 0
     payload = json.loads((out / "bench.json").read_text())
     assert payload["flops_peak_gflops"] > 0 and "environment" in payload
     rows = payload["rows"]
     assert [(r["variant"], r["backend"]) for r in rows] == [
         ("baseline", "torch"), ("serving", "torch"), ("serving", "onnxruntime"),
-        ("serving+trim", "torch"), ("serving+trim", "onnxruntime")]
+        ("serving+trim", "torch"), ("serving+trim", "onnxruntime"), ("edge+trim", "onnxruntime")]
+    assert rows[-1]["size_mb"] > 0  # the ORT-format file's size
+    assert rows[-1]["flops_per_request"] == pytest.approx(rows[-2]["flops_per_request"], rel=0.5)  # trimmed too
     assert payload["bucket_window"] == 8
     for row in rows:
         assert ROW_KEYS <= set(row)

@@ -31,6 +31,7 @@ from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
 from nimbleml.progress import track
 from nimbleml.runtime.backends import available_backends, get_backend
+from nimbleml.runtime.edge import convert_to_ort
 from nimbleml.runtime.export import export_onnx, has_dynamic_axis
 from nimbleml.runtime.padding import trim_left_padding
 
@@ -59,7 +60,11 @@ VARIANTS: dict[str, list[str]] = {
     "lowrank+trim": ["lowrank"],
     "quantize-dynamic+trim": ["quantize-dynamic"],
     "quantize-static+trim": ["quantize-static"],
+    # the edge artefact (`nimbleml export --target edge`): the serving graph in ONNX Runtime's ORT
+    # format with a reduced operator set, run by ONNX Runtime, trimmed
+    "edge+trim": [],
 }
+EDGE = "edge+trim"
 TRIM = "+trim"
 QUALITY_COLUMNS = {"hr@10": "HR@10", "ndcg@10": "NDCG@10", "full_ndcg@10": "full NDCG@10"}
 CPU_BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino")
@@ -247,10 +252,14 @@ def _candidates(name: str, folder: ModelFolder, backends: list[str], work: Path,
     else:
         onnx_path = export_onnx(folder.module, example, work / f"{name}.onnx", output_names=folder.output_names,
                                 dynamic_dims=folder.dynamic_dims)
+    if name == EDGE:
+        onnx_path = convert_to_ort(onnx_path, work / "edge.ort").ort_path
+        backends = [b for b in backends if b == "onnxruntime"]  # the ORT format is ONNX Runtime's own
     size = onnx_path.stat().st_size / 2**20
     trim = name.endswith(TRIM)
     if trim:
-        _check_trimmable(onnx_path, folder)
+        if name != EDGE:  # (the edge model comes from a graph exported just above, axis dynamic)
+            _check_trimmable(onnx_path, folder)
         flops = _trimmed_flops(folder)
     out = []
     for backend in backends:
