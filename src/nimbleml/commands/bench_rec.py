@@ -8,7 +8,10 @@ users, through the row's own backend; full-catalogue NDCG@10 from the variant's 
 
 A request is one user: 100 history events and 50 candidates. The ``baseline`` row is the trained
 model as ``nimbleml rec train`` leaves it: ``SeqRec.forward`` (every position computed), PyTorch
-eager FP32 with torch's default threads, at its own best batch size.
+eager FP32 with torch's default threads, at its own best batch size. ``+trim`` rows run the same
+graph on only the history columns some row of the batch uses (exact; ``runtime.padding``), and
+throughput batches are cut from length-sorted queues of real requests (``--bucket-window``), as
+the server's batcher groups them; ``edge+trim`` is the ORT-format edge artefact.
 """
 
 from __future__ import annotations
