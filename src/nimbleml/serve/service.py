@@ -29,7 +29,7 @@ import numpy as np
 
 from nimbleml.errors import NimbleError
 from nimbleml.serve.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, QueueFull
-from nimbleml.serve.bundle import Bundle, InputSpec
+from nimbleml.serve.bundle import Bundle, GraphSpec, InputSpec
 from nimbleml.serve.history import History, HistoryStore, InProcessHistory, StoreUnavailable
 from nimbleml.serve.keys import AuthError, Caller, KeyRing
 from nimbleml.serve.limiter import AdmissionController
@@ -141,7 +141,7 @@ def open_index(bundle: Bundle) -> faiss.Index:
     return index
 
 
-def _used_length(spec) -> Callable[[dict[str, np.ndarray]], int] | None:
+def _used_length(spec: GraphSpec) -> Callable[[dict[str, np.ndarray]], int] | None:
     """A row's non-padding length in the graph's first trimmable input (None: nothing to group by)."""
     trim = next((i for i in spec.inputs if i.trim), None)
     if trim is None:
