@@ -29,10 +29,11 @@ from rich.table import Table
 
 from nimbleml.bench.harness import BenchConfig, BenchRow, Candidate, cpu_limits, flops_per_call, measure
 from nimbleml.bench.report import rows_table, write_bench
-from nimbleml.commands.model_folder import HISTORY_LEN, ModelFolder, open_model_folder
+from nimbleml.commands.model_folder import ModelFolder, open_model_folder
 from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
 from nimbleml.progress import track
+from nimbleml.rec.compression import serving_inputs
 from nimbleml.runtime.backends import available_backends, get_backend
 from nimbleml.runtime.edge import convert_to_ort
 from nimbleml.runtime.export import export_onnx, has_dynamic_axis
@@ -126,7 +127,7 @@ class _QualityProbe:
     def candidates(self, predict: Callable, batch: int = 256) -> dict[str, float]:
         from nimbleml.rec.evaluate import evaluate_candidates
 
-        scorer = _PredictScorer(predict, self.config.use_behavior, batch)
+        scorer = _PredictScorer(predict, self.config, batch)
         behaviors = self.split.test_behaviors if self.config.use_behavior else None
         result = evaluate_candidates(scorer, self.split.test_input, self.split.test_target, self.popularity,
                                      behaviors, seed=self.seed, seen=self.seen, max_users=self.max_users)
@@ -144,28 +145,18 @@ class _QualityProbe:
         return float(result.metrics["ndcg@10"])
 
 
-def serving_width(rows: np.ndarray) -> np.ndarray:
-    """(B, L) left-padded ids -> (B, 100) int64: the serving contract's width, whatever the model's window."""
-    rows = np.asarray(rows, dtype=np.int64)[:, -HISTORY_LEN:]
-    pad = HISTORY_LEN - rows.shape[1]
-    return np.ascontiguousarray(np.pad(rows, ((0, 0), (pad, 0))) if pad else rows)
-
-
 class _PredictScorer:
     """A backend's ``predict`` as a ``rec.evaluate`` scorer (50-candidate protocols only)."""
 
-    def __init__(self, predict: Callable, use_behavior: bool, batch: int):
-        self.predict, self.use_behavior, self.batch = predict, use_behavior, batch
+    def __init__(self, predict: Callable, config, batch: int):
+        self.predict, self.config, self.batch = predict, config, batch
 
     def score(self, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
         out = []
         for start in range(0, len(history), self.batch):
             rows = slice(start, start + self.batch)
-            inputs = {"history": serving_width(history[rows]),
-                      "candidates": np.ascontiguousarray(candidates[rows], dtype=np.int64)}
-            if self.use_behavior:
-                inputs["behaviors"] = serving_width(behaviors[rows])
-            out.append(self.predict(inputs))
+            out.append(self.predict(serving_inputs(self.config, history[rows], candidates[rows],
+                                                   None if behaviors is None else behaviors[rows])))
         return np.concatenate(out)
 
     def score_all(self, history: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
@@ -194,11 +185,9 @@ def _real_inputs(probe: _QualityProbe, bucket_window: int = 1) -> Callable[[int]
 
     def make(batch: int) -> dict[str, np.ndarray]:
         users = draw(batch)
-        inputs = {"history": serving_width(probe.split.test_input[users]),
-                  "candidates": rng.integers(1, n_items + 1, (batch, 50), dtype=np.int64)}
-        if probe.config.use_behavior:
-            inputs["behaviors"] = serving_width(probe.split.test_behaviors[users])
-        return inputs
+        candidates = rng.integers(1, n_items + 1, (batch, 50), dtype=np.int64)
+        return serving_inputs(probe.config, probe.split.test_input[users], candidates,
+                              probe.split.test_behaviors[users])
 
     return make
 

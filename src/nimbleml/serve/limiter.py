@@ -7,6 +7,7 @@ gRPC RESOURCE_EXHAUSTED with a Retry-After), so premium and priority traffic kee
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -126,8 +127,6 @@ class LoopLag:
 
     async def run(self) -> None:
         """Measure forever on the running loop (cancel to stop)."""
-        import asyncio
-
         while True:
             start = time.monotonic()
             await asyncio.sleep(self.period_s)
