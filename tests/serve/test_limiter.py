@@ -35,9 +35,22 @@ def test_shedding_by_recent_p99():
     ctl = AdmissionController(shed=ShedConfig(target_p99_ms=50, window_s=1.0))
     for _ in range(100):
         ctl.latency.add(80.0, now=10.0)
-    assert ctl.overload_level(0, now=10.1) == 1
-    assert not ctl.admit("free", 0, now=10.1).admitted
-    assert ctl.overload_level(0, now=12.0) == 0  # the slow requests aged out of the window
+    assert ctl.overload_level(10, now=10.1) == 1
+    assert not ctl.admit("free", 10, now=10.1).admitted
+    assert ctl.overload_level(0, now=10.1) == 0  # nothing queued: a slow second gone by refuses nothing
+    assert ctl.overload_level(10, now=12.0) == 0  # the slow requests aged out of the window
+
+
+def test_a_slow_lowest_tier_does_not_shed_the_tier_above() -> None:
+    ctl = AdmissionController(shed=ShedConfig(target_p99_ms=50, window_s=1.0))
+    for _ in range(100):  # free requests wait behind standard by design: slow, but nobody else is
+        ctl.latency.add(300.0, rank=0, now=10.0)
+        ctl.latency.add(5.0, rank=1, now=10.0)
+    assert ctl.overload_level(10, now=10.1) == 0
+    for _ in range(100):
+        ctl.latency.add(120.0, rank=1, now=10.2)
+    assert ctl.overload_level(10, now=10.3) == 2  # standard itself is slow: shed free and standard
+    assert ctl.admit("premium", 10, now=10.3).admitted
 
 
 def test_a_lagging_event_loop_sheds_lower_tiers_first() -> None:

@@ -11,6 +11,10 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 from nimbleml.errors import NimbleError
@@ -66,6 +70,8 @@ def build_service(args: argparse.Namespace) -> Service:
                         warm_batches=(1, args.max_batch)),
         deadline_ms=args.deadline_ms,
         risk_limits={str(k): float(v) for k, v in risk_limits.items()},
+        lane=args.lane,
+        peers=list(args.peers),
     )
     keys = load_keyring(args.keys, set(admission.tiers))
     return Service(bundle, keys, config, store=open_store(args.redis), admission=admission, prepare=prepare_model)
@@ -101,12 +107,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http", choices=("fast", "asgi", "fastapi"), default="fast",
                         help="HTTP server: fast (httptools, hot routes direct), asgi (uvicorn + lean ASGI), fastapi")
     parser.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here once serving")
+    parser.add_argument("--premium-port", type=int, default=None,
+                        help="also serve premium callers from a second process on this port (0 = any free), at "
+                             "normal CPU priority while this one runs niced; needs --redis for a recommender")
+    parser.add_argument("--bulk-nice", type=int, default=10,
+                        help="with --premium-port: niceness added to the main server and its workers (default 10)")
+    parser.add_argument("--lane", choices=("premium",), default=None, help=argparse.SUPPRESS)  # set on the lane process
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(peers=[])  # the lanes' URLs, filled in by run_serve
+
+
+def _lane_command(args: argparse.Namespace, ready: Path) -> list[str]:
+    """The same server as a premium lane: one worker, no gRPC, the same keys, store and limits."""
+    cmd = [sys.executable, "-m", "nimbleml.cli", "serve", "--model", str(args.model), "--host", args.host,
+           "--port", str(args.premium_port), "--workers", "1", "--max-batch", str(args.max_batch),
+           "--max-wait-ms", str(args.max_wait_ms), "--deadline-ms", str(args.deadline_ms),
+           "--target-p99-ms", str(args.target_p99_ms), "--shed-queue", "{},{}".format(*args.shed_queue),
+           "--threads", str(args.threads), "--http", args.http, "--lane", "premium",
+           "--parent-pid", str(os.getpid()), "--ready-file", str(ready)]
+    for flag, value in (("--redis", args.redis), ("--backend", args.backend), ("--keys", args.keys),
+                        ("--risk-limits", args.risk_limits)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def start_lane(args: argparse.Namespace, timeout_s: float = 300.0) -> tuple[subprocess.Popen, int]:
+    """Start the premium lane and wait until it serves: (process, its HTTP port)."""
+    if args.redis is None and Bundle.load(prepare_model(args.model)).operation == "recommend":
+        raise NimbleError("--premium-port runs a second process, which must see the same user histories",
+                          fix="add --redis redis://127.0.0.1:6379/0 (a shared history store)")
+    ready = Path(tempfile.mkdtemp(prefix="nimbleml-lane-")) / "ready.json"
+    process = subprocess.Popen(_lane_command(args, ready))
+    deadline = time.monotonic() + timeout_s
+    while not ready.is_file():
+        if process.poll() is not None:
+            raise NimbleError(f"the premium lane exited with status {process.returncode} before serving",
+                              fix="see the lane's log lines above")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise NimbleError(f"the premium lane did not start within {timeout_s:g} s", fix="check the machine's load")
+        time.sleep(0.05)
+    return process, int(json.loads(ready.read_text())["http"])
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    service = build_service(args)
-    run(service, ListenConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, http=args.http,
-                              ready_file=args.ready_file))
+    lane, extra = None, {}
+    if args.premium_port is not None and args.lane is None:
+        lane, port = start_lane(args)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        args.peers, extra = [f"http://{host}:{port}"], {"premium": port}
+        log.info("premium lane on port %d (pid %d); this server and its workers run at nice +%d",
+                 port, lane.pid, args.bulk_nice)
+        os.nice(args.bulk_nice)  # the workers started below inherit it: the lane wins the CPU under overload
+    try:
+        service = build_service(args)
+        run(service, ListenConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, http=args.http,
+                                  ready_file=args.ready_file, ready_extra=extra, parent_pid=args.parent_pid))
+    finally:
+        if lane is not None:
+            lane.terminate()
+            try:
+                lane.wait(30)
+            except subprocess.TimeoutExpired:
+                lane.kill()
     return 0
 
 

@@ -10,7 +10,9 @@
 
 For each, the highest offered rate (Poisson, open loop) whose p99 stays <= 50 ms with >= 99 %
 answered 2xx, and the server processes' CPU per answered request. Then a 2x overload of ours
-with the tier mix. The generator's own ceiling against a trivial server is recorded, so the
+with the tier mix, once with every tier on one port and once with premium callers on the
+premium lane (``serve --premium-port``: a second process at normal CPU priority while the main
+one runs niced). The generator's own ceiling against a trivial server is recorded, so the
 ratio can be read even where the generator limits it. Writes ``serve_bench.json``.
 """
 
@@ -21,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -219,15 +222,49 @@ def capacity(url: str, route: str, bodies: list[bytes], key: str | None, pids: l
             "cpu_ms_per_request": best["cpu_ms_per_request"] if best else None, "steps": steps}
 
 
-def overload(url: str, bodies: list[bytes], keys: dict[str, str], rps: float, duration_s: float, processes: int) -> dict:
+def overload(url: str, bodies: list[bytes], keys: dict[str, str], rps: float, duration_s: float, processes: int,
+             lane_url: str | None = None) -> dict:
+    """The tier mix at ``rps``; with ``lane_url`` the premium share goes to the premium lane's port."""
     target = loopback_target(f"{url}/v1/recommend")
-    requests = {tier: [http_request(target, b, keys[tier]) for b in bodies] for tier in OVERLOAD_MIX}
-    before = httpx.get(f"{url}/v1/models").json()["worker_restarts"]
+    targets = {tier: target for tier in OVERLOAD_MIX}
+    if lane_url is not None:
+        targets["premium"] = loopback_target(f"{lane_url}/v1/recommend")
+    requests = {tier: [http_request(targets[tier], b, keys[tier]) for b in bodies] for tier in OVERLOAD_MIX}
+    servers = [url] + ([lane_url] if lane_url else [])
+
+    def restarts() -> int:
+        return sum(httpx.get(f"{u}/v1/models", headers={"x-api-key": keys["premium"]}).json()["worker_restarts"]
+                   for u in servers)
+
+    before = restarts()
     result = run_load(LoadPlan(target, rps, duration_s, requests, dict(OVERLOAD_MIX), processes=processes,
-                               timeout_s=5.0))
-    summary = result.summary()
-    after = httpx.get(f"{url}/v1/models").json()["worker_restarts"]
-    return {"offered_rps": round(rps, 1), **summary, "worker_restarts": after - before}
+                               timeout_s=5.0, targets=targets))
+    return {"offered_rps": round(rps, 1), **result.summary(), "worker_restarts": restarts() - before,
+            "premium_port": "lane" if lane_url else "shared"}
+
+
+def _bench_redis(url: str | None, folder: Path) -> tuple[str | None, subprocess.Popen | None]:
+    """The Redis the premium-lane run shares histories through: ``url``, else a private
+    ``redis-server`` on a free loopback port (None where neither exists)."""
+    if url is not None:
+        return url, None
+    if shutil.which("redis-server") is None:
+        return None, None
+    port = _free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    for _ in range(100):
+        try:
+            client.ping()
+            return f"redis://127.0.0.1:{port}/0", process
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.05)
+    process.kill()
+    return None, None
 
 
 def state_paths(url: str, pid: int, bodies: list[bytes], key: str, ingest_key: str, rps: float, duration_s: float,
@@ -384,6 +421,28 @@ def run(args: argparse.Namespace) -> int:
     finally:
         _stop(process)
 
+    redis_url, redis_process = _bench_redis(args.redis, args.out)
+    if redis_url is None:
+        log.warning("no Redis (--redis or Debian's redis-server): the premium-lane overload is left out")
+        result["overload_premium_lane"] = {"skipped": "no Redis to share histories between the two processes"}
+    else:
+        port, lane_port = _free_port(), _free_port()
+        process = _start([*serve_cmd, "--port", str(port), "--premium-port", str(lane_port), "--redis", redis_url],
+                         args.out / "overload_lane.log", key_env)
+        try:
+            url, lane_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{lane_port}"
+            _wait_http(f"{url}/readyz", process)
+            _wait_http(f"{lane_url}/readyz", process)
+            rate = 2 * max(result["nimbleml"]["max_rps"], 1.0)
+            result["overload_premium_lane"] = overload(url, bodies, keys, rate, args.overload_s, args.processes,
+                                                       lane_url=lane_url)
+        finally:
+            _stop(process)
+            if redis_process is not None:
+                redis_process.terminate()
+                redis_process.wait(10)
+        _save(result, args.out)
+
     if not args.skip_ray:
         try:
             result["ray_serve"] = _ray_capacity(bundle_dir, backend, args, bodies)
@@ -398,6 +457,10 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"ratio {result['ratio']}x; 2x overload ({over['offered_rps']} req/s): sent {over['sent']}, "
                   f"answered {over['answered']}, " + ", ".join(
                       f"{t} p99 {b['p99_ms']} ms rejected {b['rejected']}" for t, b in over["by_tier"].items()))
+    lane = result["overload_premium_lane"]
+    if "by_tier" in lane:
+        console.print(f"2x overload, premium on its own lane: sent {lane['sent']}, answered {lane['answered']}, "
+                      + ", ".join(f"{t} p99 {b['p99_ms']} ms rejected {b['rejected']}" for t, b in lane["by_tier"].items()))
     paths = result["state_paths"]
     console.print(f"known-user Recommend at {paths['cached']['offered_rps']:g} req/s: cached state p50/p99 "
                   f"{paths['cached']['p50_ms']}/{paths['cached']['p99_ms']} ms, {paths['cached']['cpu_ms_per_request']} "
@@ -422,6 +485,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overload-s", type=float, default=8.0, help="seconds of the 2x overload run")
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument("--skip-ray", action="store_true", help="leave out Ray Serve")
+    parser.add_argument("--redis", default=None,
+                        help="Redis URL for the premium-lane overload run (default: a private redis-server if installed)")
     parser.add_argument("--skip-fastapi-route", action="store_true",
                         help="leave out ours behind uvicorn (lean ASGI and all-FastAPI variants)")
 

@@ -52,6 +52,7 @@ class Route:
     call: Callable[..., Awaitable[object]]  # (caller, request) or (request) or () -> answer Struct/dict
     admin: bool = False
     limited: bool = True  # goes through the tier's token bucket and the shedder
+    forward: bool = False  # repeated on the premium lane (model versions must match on every listener)
 
 
 class Handler:
@@ -66,11 +67,14 @@ class Handler:
             "/v1/ingest": Route("ingest", IngestRequest, s.ingest),
             "/v1/risk": Route("risk", RiskRequest, s.risk),
             "/v1/admin/models": Route("admin_load", LoadModelRequest,
-                                      lambda c, r: s.load_model(r.model, r.share), admin=True, limited=False),
+                                      lambda c, r: s.load_model(r.model, r.share), admin=True, limited=False,
+                                      forward=True),
             "/v1/admin/share": Route("admin_share", ShareRequest, lambda c, r: _now(s.set_share(r.share)),
-                                     admin=True, limited=False),
-            "/v1/admin/promote": Route("admin_promote", None, lambda c, r: s.promote(), admin=True, limited=False),
-            "/v1/admin/rollback": Route("admin_rollback", None, lambda c, r: s.rollback(), admin=True, limited=False),
+                                     admin=True, limited=False, forward=True),
+            "/v1/admin/promote": Route("admin_promote", None, lambda c, r: s.promote(), admin=True, limited=False,
+                                       forward=True),
+            "/v1/admin/rollback": Route("admin_rollback", None, lambda c, r: s.rollback(), admin=True,
+                                        limited=False, forward=True),
             "/v1/admin/drain": Route("admin_drain", DrainRequest, lambda c, r: s.drain(r.worker), admin=True,
                                      limited=False),
         }
@@ -97,12 +101,30 @@ class Handler:
                 except msgspec.DecodeError as exc:
                     raise Rejected(400, f"malformed JSON: {exc}") from exc
             answer = await route.call(caller, request)
+            if route.forward and self.service.config.peers:
+                await self._forward(path, key, body)
             status, payload, headers = 200, _encoder.encode(answer), []
         except Rejected as err:
             status, payload = err.status, _encoder.encode(ErrorResponse(err.message, err.status))
             headers = [(b"retry-after", str(max(1, round(err.retry_after_s))).encode())] if err.retry_after_s else []
         self.service.observe(route.name, tier, status, time.perf_counter() - started)
         return status, payload, headers
+
+
+    async def _forward(self, path: str, key: str | None, body: bytes) -> None:
+        """Repeat an admin model operation on each premium lane, after it succeeded here."""
+        import httpx
+
+        for url in self.service.config.peers:
+            try:
+                async with httpx.AsyncClient(timeout=300.0) as client:
+                    answer = await client.post(f"{url}{path}", content=body, headers={"x-api-key": key or ""})
+            except httpx.HTTPError as exc:
+                raise Rejected(502, f"done on this port, but the premium lane at {url} is unreachable ({exc}); "
+                                    f"repeat the call there") from exc
+            if answer.status_code >= 400:
+                raise Rejected(502, f"done on this port, but the premium lane at {url} answered "
+                                    f"{answer.status_code}: {answer.text[:300]}")
 
 
 async def _now(value: object) -> object:

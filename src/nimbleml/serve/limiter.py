@@ -67,6 +67,7 @@ class ShedConfig:
     soft_queue_depth: int = 32  # queued requests past which rank 0 is shed (~20 ms of work at 0.6 ms per row)
     hard_queue_depth: int = 96  # queued requests past which rank 1 is shed too (~60 ms: past the p99 objective)
     window_s: float = 1.0  # how far back "recent p99" looks, seconds
+    min_queue_for_latency: int = 8  # the p99 rule sheds only with at least this many requests queued
     # the front end's event-loop lag: how late a 5 ms timer fires. Requests wait in socket buffers
     # before any handler sees them, a wait the latency window cannot show; a lagging loop means
     # the front end's CPU is saturated, so lower tiers go before premium requests queue behind them
@@ -86,24 +87,28 @@ class Decision:
 
 @dataclass
 class LatencyWindow:
-    """Recent request latencies (ms) with their times, for the shedder's rolling p99."""
+    """Recent request latencies (ms) with their times and the caller's shed rank, for the
+    shedder's rolling p99 over the ranks it protects."""
 
     window_s: float = 1.0
     _items: deque = field(default_factory=lambda: deque(maxlen=20000))
-    _cached: tuple[float, float] = (0.0, 0.0)  # (computed at, p99)
+    _cached: dict = field(default_factory=dict)  # min_rank -> (computed at, p99)
 
-    def add(self, latency_ms: float, now: float | None = None) -> None:
-        self._items.append((time.monotonic() if now is None else now, latency_ms))
+    def add(self, latency_ms: float, rank: int = 1, now: float | None = None) -> None:
+        self._items.append((time.monotonic() if now is None else now, latency_ms, rank))
 
-    def p99(self, now: float | None = None) -> float:
-        """p99 of the last window in ms (0 when empty); recomputed at most every 50 ms."""
+    def p99(self, min_rank: int = 0, now: float | None = None) -> float:
+        """p99 in ms over the last window's requests of rank >= ``min_rank`` (0 when none);
+        recomputed at most every 50 ms."""
         now = time.monotonic() if now is None else now
-        if now - self._cached[0] < 0.05:
-            return self._cached[1]
+        at, value = self._cached.get(min_rank, (-1.0, 0.0))
+        if 0 <= now - at < 0.05:
+            return value
         while self._items and self._items[0][0] < now - self.window_s:
             self._items.popleft()
-        value = float(np.percentile([ms for _, ms in self._items], 99)) if self._items else 0.0
-        self._cached = (now, value)
+        values = [ms for _, ms, rank in self._items if rank >= min_rank]
+        value = float(np.percentile(values, 99)) if values else 0.0
+        self._cached[min_rank] = (now, value)
         return value
 
 
@@ -149,7 +154,11 @@ class AdmissionController:
         lag = self.loop_lag.value(now)
         if queue_depth >= self.shed.hard_queue_depth or lag >= self.shed.hard_loop_lag_ms:
             return 2
-        p99 = self.latency.p99(now)
+        # the latency of the tiers that shedding protects: a slow lowest tier (it waits behind the
+        # others by design) must not make the server refuse the tier above it. A backlog is what
+        # the latency rule guards against: with (almost) none queued, a slow second that has passed
+        # is no reason to refuse work (shedding on it alone idles the workers, then floods them)
+        p99 = self.latency.p99(min_rank=1, now=now) if queue_depth >= self.shed.min_queue_for_latency else 0.0
         if p99 > 2 * self.shed.target_p99_ms:
             return 2
         if queue_depth >= self.shed.soft_queue_depth or p99 > self.shed.target_p99_ms or lag >= self.shed.soft_loop_lag_ms:

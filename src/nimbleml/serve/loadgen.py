@@ -74,6 +74,10 @@ class LoadPlan:
     max_connections: int = 128  # per process; an arrival with none free waits (its wait counts as latency)
     timeout_s: float = 5.0  # no answer after this long counts as an error, seconds
     seed: int = 0
+    targets: dict[str, Target] | None = None  # tier -> its own listener (e.g. a premium lane's port); default target
+
+    def target_of(self, tier: str) -> Target:
+        return (self.targets or {}).get(tier, self.target)
 
 
 @dataclass
@@ -127,7 +131,7 @@ def summarise(status: np.ndarray, latency_ms: np.ndarray, tier: np.ndarray, tier
 class _Connection(asyncio.Protocol):
     """One keep-alive connection, one request at a time; responses parsed by httptools."""
 
-    def __init__(self, gen: _Generator):
+    def __init__(self, gen: _Pool):
         self.gen = gen
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -155,44 +159,34 @@ class _Connection(asyncio.Protocol):
         self.gen.lost(self)
 
 
-class _Generator:
-    """The event-loop side of one generator process."""
+class _Pool:
+    """Keep-alive connections to one target; an arrival with none idle waits for the next free one."""
 
-    def __init__(self, plan: LoadPlan, times: np.ndarray, tiers: np.ndarray, base: float):
-        self.plan, self.times, self.tiers, self.base = plan, times, tiers, base
-        self.loop = asyncio.get_running_loop()
-        self.status = np.full(len(times), TIMEOUT_STATUS, dtype=np.int16)
-        self.latency = np.full(len(times), np.nan, dtype=np.float32)
+    def __init__(self, gen: _Generator, target: Target):
+        self.owner, self.target = gen, target
         self.idle: list[_Connection] = []
         self.waiting: list[int] = []
         self.connections = 0
-        self.finished = 0
-        self.all_done = asyncio.Event()
-        names = list(plan.mix)
-        self.payloads = [plan.requests[names[t]] for t in range(len(names))]
-        if len(times) == 0:
-            self.all_done.set()
 
     def payload(self, index: int) -> bytes:
-        options = self.payloads[self.tiers[index]]
-        return options[index % len(options)]
+        return self.owner.payload(index)
 
     def fire(self, index: int) -> None:
         if self.idle:
             self.idle.pop().send(index)
             return
         self.waiting.append(index)
-        if self.connections < self.plan.max_connections:
+        if self.connections < self.owner.plan.max_connections:
             self.connections += 1
-            self.loop.create_task(self._open())
+            self.owner.loop.create_task(self._open())
 
     async def _open(self) -> None:
         try:
-            await self.loop.create_connection(lambda: _Connection(self), self.plan.target.host, self.plan.target.port)
+            await self.owner.loop.create_connection(lambda: _Connection(self), self.target.host, self.target.port)
         except OSError:
             self.connections -= 1
             if self.waiting:  # cannot connect: the waiting request fails now rather than hanging
-                self._finish(self.waiting.pop(0), TIMEOUT_STATUS)
+                self.owner.finish(self.waiting.pop(0), TIMEOUT_STATUS)
 
     def connected(self, conn: _Connection) -> None:
         self._next(conn)
@@ -203,7 +197,49 @@ class _Generator:
         else:
             self.idle.append(conn)
 
-    def _finish(self, index: int, status: int) -> None:
+    def done(self, index: int, status: int, conn: _Connection) -> None:
+        self.owner.finish(index, status)
+        self._next(conn)
+
+    def lost(self, conn: _Connection) -> None:
+        self.connections -= 1
+        if conn in self.idle:
+            self.idle.remove(conn)
+        if conn.current >= 0:
+            self.owner.finish(conn.current, TIMEOUT_STATUS)
+        if self.waiting and self.connections < self.owner.plan.max_connections:
+            self.connections += 1
+            self.owner.loop.create_task(self._open())
+
+
+class _Generator:
+    """The event-loop side of one generator process: one connection pool per target."""
+
+    def __init__(self, plan: LoadPlan, times: np.ndarray, tiers: np.ndarray, base: float):
+        self.plan, self.times, self.tiers, self.base = plan, times, tiers, base
+        self.loop = asyncio.get_running_loop()
+        self.status = np.full(len(times), TIMEOUT_STATUS, dtype=np.int16)
+        self.latency = np.full(len(times), np.nan, dtype=np.float32)
+        self.finished = 0
+        self.all_done = asyncio.Event()
+        names = list(plan.mix)
+        self.payloads = [plan.requests[names[t]] for t in range(len(names))]
+        pools: dict[tuple[str, int], _Pool] = {}
+        self.pools = []  # tier index -> its target's pool (tiers sharing a target share connections)
+        for name in names:
+            target = plan.target_of(name)
+            self.pools.append(pools.setdefault((target.host, target.port), _Pool(self, target)))
+        if len(times) == 0:
+            self.all_done.set()
+
+    def payload(self, index: int) -> bytes:
+        options = self.payloads[self.tiers[index]]
+        return options[index % len(options)]
+
+    def fire(self, index: int) -> None:
+        self.pools[self.tiers[index]].fire(index)
+
+    def finish(self, index: int, status: int) -> None:
         if self.status[index] != TIMEOUT_STATUS or not np.isnan(self.latency[index]):
             return
         self.status[index] = status
@@ -212,24 +248,10 @@ class _Generator:
         if self.finished == len(self.times):
             self.all_done.set()
 
-    def done(self, index: int, status: int, conn: _Connection) -> None:
-        self._finish(index, status)
-        self._next(conn)
-
-    def lost(self, conn: _Connection) -> None:
-        self.connections -= 1
-        if conn in self.idle:
-            self.idle.remove(conn)
-        if conn.current >= 0:
-            self._finish(conn.current, TIMEOUT_STATUS)
-        if self.waiting and self.connections < self.plan.max_connections:
-            self.connections += 1
-            self.loop.create_task(self._open())
-
     def expire(self) -> None:
         """Requests still unanswered at the end count as errors (no answer)."""
         for index in np.flatnonzero(np.isnan(self.latency)):
-            self._finish(int(index), TIMEOUT_STATUS)
+            self.finish(int(index), TIMEOUT_STATUS)
 
 
 async def _generate(plan: LoadPlan, index: int, start_at: float) -> tuple[np.ndarray, ...]:

@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -37,6 +37,8 @@ class ListenConfig:
     grpc_port: int | None = None  # gRPC port; None = no gRPC, 0 picks a free one
     http: str = "fast"  # "fast" (our httptools server), "asgi" (uvicorn + lean ASGI), "fastapi" (uvicorn + FastAPI)
     ready_file: Path | None = None  # written with {"http": port, "grpc": port, "pid": pid} once serving
+    ready_extra: dict = field(default_factory=dict)  # more entries for the ready file (e.g. the premium lane's port)
+    parent_pid: int | None = None  # a premium lane stops when this process (the main server) is gone
 
 
 class _Server(uvicorn.Server):
@@ -83,6 +85,7 @@ async def serve(service: Service, listen: ListenConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    orphan_watch = loop.create_task(_watch_parent(listen.parent_pid, stop)) if listen.parent_pid else None
     try:
         if isinstance(http_server, FastHttpServer):
             await http_server.start(sock)
@@ -91,7 +94,9 @@ async def serve(service: Service, listen: ListenConfig) -> None:
             while not http_server.started and not serving.done():
                 await asyncio.sleep(0.01)
         if listen.ready_file is not None:  # written once the port accepts connections
-            listen.ready_file.write_text(json.dumps({"http": http_port, "grpc": grpc_port, "pid": os.getpid()}))
+            partial = listen.ready_file.with_name(listen.ready_file.name + ".partial")
+            partial.write_text(json.dumps({"http": http_port, "grpc": grpc_port, "pid": os.getpid(), **listen.ready_extra}))
+            partial.replace(listen.ready_file)  # atomic: a watcher never reads half a file
         log.info("serving %s on http://%s:%d (%s)%s with %d worker(s) on %s", service.operation, listen.host,
                  http_port, listen.http, f" and gRPC port {grpc_port}" if grpc_port else "",
                  service.config.pool.workers, service.config.pool.backend)
@@ -105,10 +110,20 @@ async def serve(service: Service, listen: ListenConfig) -> None:
             http_server.should_exit = True
             await serving
     finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
         await service.close()
         log.info("server stopped")
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """Stop once the parent is gone (re-parented): a lane must not outlive its main server."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(1.0)
+    log.warning("main server (pid %d) is gone: stopping", parent_pid)
+    stop.set()
 
 
 def run(service: Service, listen: ListenConfig) -> None:

@@ -67,6 +67,10 @@ class ServeConfig:
     deadline_ms: float = 500.0  # a request not answered by then gets 504 instead of a late answer
     state_cache_users: int = 200_000  # cached user states (LRU), about 256 B each at dim 64
     risk_limits: dict[str, float] = field(default_factory=dict)  # asset -> volatility limit for the breach flag
+    # a premium lane is a second server process, on its own port, at normal CPU priority while the
+    # main one runs niced: it answers only callers whose tier rides priority 0 (and admin calls)
+    lane: str | None = None  # None = the main server; "premium" = this process is the premium lane
+    peers: list[str] = field(default_factory=list)  # lane URLs that admin model operations are repeated on
 
 
 @dataclass
@@ -211,9 +215,12 @@ class Service:
     # ------------------------------------------------------------------ auth and limits
     def caller(self, key: str | None, admin: bool = False) -> Caller:
         try:
-            return self.keys.caller(key, admin=admin)
+            caller = self.keys.caller(key, admin=admin)
         except AuthError as err:
             raise Rejected(err.status, str(err)) from err
+        if self.config.lane == "premium" and not admin and self.admission.tiers[caller.tier].priority != 0:
+            raise Rejected(403, f"this port is the premium lane; tier {caller.tier} is served on the main port")
+        return caller
 
     def queue_depth(self) -> int:
         return sum(b.depth() for b in self._batchers.values())
@@ -235,7 +242,7 @@ class Service:
         children[0].inc()
         children[1].observe(seconds)
         if status < 400:
-            self.admission.latency.add(seconds * 1000.0)
+            self.admission.latency.add(seconds * 1000.0, self.admission.tiers[tier].shed_rank)
 
     # ------------------------------------------------------------------ batching
     def _batcher(self, version: str, graph: str) -> DynamicBatcher:
