@@ -245,3 +245,10 @@ def test_svr_and_tree_record_choices(panel: RiskSamples) -> None:
     assert svr.selection_ == "train-holdout" and svr.C_ in (1.0, 3.0) and svr.n_fit_rows_ == 300
     tree = TreeBaseline(**FAST["tree"]).fit(panel)
     assert tree.max_depth_ in (2, 4) and len(tree.scores_) == 2
+
+
+def test_tree_final_fit_uses_a_bounded_subsample(panel: RiskSamples) -> None:
+    capped = TreeBaseline(max_depth=3, min_samples_leaf=0.05, max_fit_samples=100).fit(panel)
+    full = TreeBaseline(max_depth=3, min_samples_leaf=0.05, max_fit_samples=None).fit(panel)
+    assert capped.fit_rows_ == 100 < len(panel) == full.fit_rows_
+    assert capped.model_.tree_.n_node_samples[0] == 100
