@@ -36,6 +36,23 @@ def test_windows_end_at_origin_and_scaled_in_unit_range_on_train():
     np.testing.assert_allclose(train.windows[i][:, -1], scaler.transform(a.features[row : row + 1])[0], rtol=1e-6)
 
 
+def test_class_scope_scales_each_asset_class_to_its_own_training_range():
+    panel = generated_panel(800)  # every class needs MIN_CLASS_SCALER_ROWS training rows
+    fp = compute_features(panel, FeatureConfig(scale_scope="class"))
+    split = chronological_split(fp.sample_date, fp.sample_target_end)
+    scaler = fit_scaler(fp, split.train)
+    assert set(scaler.by_class_) == {"equity", "bond", "fx", "commodity"}
+    train = build_samples(fp, scaler, split.train)
+    ret = list(fp.feature_names).index("ret")
+    for c in np.unique(train.asset_class):
+        day_t = train.windows[train.asset_class == c][:, :, -1]
+        assert day_t[:, ret].min() == pytest.approx(0, abs=1e-6) and day_t[:, ret].max() == pytest.approx(1, abs=1e-6)
+    pooled = fit_scaler(compute_features(panel, FeatureConfig()), split.train)
+    bond = next(a for a in fp.assets if a.asset_class == "bond")
+    assert pooled.by_class_ is None and pooled.for_class("bond") is pooled
+    assert not np.allclose(scaler.for_class("bond").transform(bond.features), pooled.transform(bond.features), equal_nan=True)
+
+
 def test_nothing_in_train_touches_data_past_its_boundary():
     """Poison every price after the training boundary: training windows, targets and the scaler must not change."""
     panel = generated_panel(500, seed=3)

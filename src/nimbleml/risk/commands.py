@@ -49,6 +49,7 @@ _FLAG_FIELDS: dict[str, tuple[str, object]] = {
     "models": ("models", lambda v: tuple(m.strip() for m in v.split(",") if m.strip())),
     "outliers": ("features.outliers", str),
     "scaler": ("features.scaler", str),
+    "scale_scope": ("features.scale_scope", str),
     "bond_returns": ("features.bond_returns", str),
     "span": ("features.span", str),
     "exogenous": ("features.exogenous", lambda v: tuple(x.strip() for x in v.split(",") if x.strip())),
@@ -59,7 +60,7 @@ _FLAG_FIELDS: dict[str, tuple[str, object]] = {
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `risk evaluate` and `risk report`."""
+    """Register `risk evaluate`, `risk tune`, `risk ablate` and `risk report`."""
     d = RiskRunConfig()  # one source of defaults: the config dataclasses (shown in the help)
     risk = subparsers.add_parser("risk", help="portfolio risk forecasting")
     sub = risk.add_subparsers(dest="risk_command", required=True)
@@ -73,6 +74,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--trials", type=int, help="Optuna trials (default 20)")
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     tune.set_defaults(func=run_tune)
+    abl = sub.add_parser("ablate", help="one change at a time (exogenous inputs, PCA, scaling) scored on validation only",
+                         argument_default=argparse.SUPPRESS)
+    _run_options(abl, d)  # the base configuration each variant changes one thing of
+    abl.add_argument("--variants", help="comma list of base,rates,vix,pca,class_scale,robust_scale "
+                                        "(default base,rates,pca,class_scale)")
+    abl.add_argument("--seeds", type=int, help="CNN fits per variant, averaged (default 1)")
+    abl.set_defaults(func=run_ablate)
     rep = sub.add_parser("report", help="recompute metrics.json and write report.html from a run folder (no refitting)")
     rep.add_argument("--from", dest="run_dir", required=True, type=Path, help="a folder written by `risk evaluate --out`")
     rep.set_defaults(func=run_report)
@@ -106,6 +114,8 @@ def _run_options(p: argparse.ArgumentParser, d: RiskRunConfig) -> None:
     p.add_argument("--models", help=f"comma list from {','.join(MODEL_NAMES)} (default all)")
     p.add_argument("--outliers", choices=("winsorize", "zscore", "none"), help=f"default {d.features.outliers} (cap-free)")
     p.add_argument("--scaler", choices=("minmax", "robust"), help=f"default {d.features.scaler}")
+    p.add_argument("--scale-scope", choices=("pooled", "class"),
+                   help=f"one scaler over all assets or one per asset class (default {d.features.scale_scope})")
     p.add_argument("--bond-returns", choices=("yield_change", "duration"), help=f"default {d.features.bond_returns}")
     p.add_argument("--span", choices=("common", "all"), help="common (default): dates every asset class covers")
     p.add_argument("--exogenous", help="extra inputs, comma list of rates (yields, term spread) and vix (2014-2018 only)")
@@ -183,6 +193,32 @@ def run_tune(args: argparse.Namespace) -> int:
     if result.cnn is not None:
         result.cnn.save(args.out / "final" / "model")
     print_table(write_report(result, args.out / "final"))
+    return 0
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from nimbleml.risk.ablation import DEFAULT_VARIANTS, parse_variants, run_ablation
+
+    base = config_from_args(args)
+    variants = parse_variants(args.variants) if "variants" in vars(args) else DEFAULT_VARIANTS
+    seeds = getattr(args, "seeds", 1)
+    if seeds < 1:
+        raise NimbleError(f"--seeds must be >= 1, got {seeds}", fix="e.g. --seeds 3")
+    summary = run_ablation(base, variants, tuple(range(base.seed, base.seed + seeds)), args.out)
+    results = summary["variants"]
+    classes = list(results["base"]["val_qlike_by_class"])
+    table = Table(title=f"validation QLIKE (CNN, mean of {seeds} seed(s)); HAR on the same rows in brackets")
+    for col in ("variant", "all", *classes):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, r in results.items():
+        table.add_row(name, f"{r['val_qlike']:.4f} ({r['har_val_qlike']:.4f})", *(
+            f"{r['val_qlike_by_class'][c]:.4f} ({r['har_val_qlike_by_class'][c]:.4f})" if c in r["val_qlike_by_class"] else ""
+            for c in classes))
+    Console(width=180).print(table)
+    Console().print(f"wrote {args.out / 'ablation.json'} and {args.out / 'ablation.png'}")
     return 0
 
 

@@ -58,6 +58,9 @@ class FeatureConfig:
     winsor_quantiles: tuple[float, float] = (0.005, 0.995)  # clip bounds, fitted on training rows
     zscore_threshold: float = 3.0  # paper's z-score cut, only with outliers="zscore"
     scaler: str = "minmax"  # "minmax" (paper, to [0, 1]) | "robust" (median / IQR)
+    # "pooled" (paper: one scaler over every asset's training rows) | "class" (one per asset
+    # class, so bond and FX variances are not squeezed into a corner of the equity range)
+    scale_scope: str = "pooled"
     bond_returns: str = "yield_change"  # "yield_change" (decimal) | "duration" (-D * dy, par-bond duration)
     span: str = "common"  # "common": sample dates where every loaded asset class has data | "all"
     exogenous: tuple[str, ...] = ()  # extra inputs: "rates" (yields, term spread), "vix" (see risk.exogenous)
@@ -73,6 +76,8 @@ class FeatureConfig:
             raise NimbleError(f"unknown outlier rule {self.outliers!r}", fix="use winsorize, zscore or none")
         if self.scaler not in ("minmax", "robust"):
             raise NimbleError(f"unknown scaler {self.scaler!r}", fix="use minmax or robust")
+        if self.scale_scope not in ("pooled", "class"):
+            raise NimbleError(f"unknown scale scope {self.scale_scope!r}", fix="use pooled or class")
         if self.bond_returns not in ("yield_change", "duration"):
             raise NimbleError(f"unknown bond return {self.bond_returns!r}", fix="use yield_change or duration")
         if self.span not in ("common", "all"):
@@ -305,6 +310,11 @@ class FeatureScaler:
     pca_: PCA | None = None
     pca_center_: np.ndarray | None = None  # (k,) min of the training projections (rescaled to [0, 1] like the inputs)
     pca_scale_: np.ndarray | None = None
+    by_class_: dict[str, FeatureScaler] | None = None  # scale_scope="class": each class's own scaler
+
+    def for_class(self, asset_class: str) -> FeatureScaler:
+        """The scaler for one asset class's rows: its own when fitted per class, else this pooled one."""
+        return (self.by_class_ or {}).get(asset_class, self)
 
     def fit(self, rows: np.ndarray) -> FeatureScaler:
         """rows: (n, F) unscaled feature rows of the training samples' days."""
@@ -365,11 +375,28 @@ def _raw_rows(fp: FeaturePanel, index: np.ndarray) -> np.ndarray:
     return out
 
 
+MIN_CLASS_SCALER_ROWS = 250  # training rows a class needs for its own scaler (scale_scope="class"); else pooled
+
+
 def fit_scaler(fp: FeaturePanel, train_index: np.ndarray) -> FeatureScaler:
-    """Fit the configured scaler on the day-t rows of the training candidates only."""
+    """Fit the configured scaler on the day-t rows of the training candidates only.
+
+    With ``scale_scope="class"`` each asset class with at least MIN_CLASS_SCALER_ROWS training
+    rows gets its own scaler; the pooled one (returned) serves the others.
+    """
     cfg = fp.config
-    return FeatureScaler(cfg.scaler, cfg.outliers, cfg.winsor_quantiles, cfg.zscore_threshold,
-                         pca_components=cfg.pca_components).fit(_raw_rows(fp, train_index))
+
+    def make() -> FeatureScaler:
+        return FeatureScaler(cfg.scaler, cfg.outliers, cfg.winsor_quantiles, cfg.zscore_threshold,
+                             pca_components=cfg.pca_components)
+
+    rows = _raw_rows(fp, train_index)
+    pooled = make().fit(rows)
+    if cfg.scale_scope == "class":
+        classes = np.array([fp.assets[i].asset_class for i in range(len(fp.assets))])[fp.sample_asset[train_index]]
+        pooled.by_class_ = {str(c): make().fit(rows[classes == c]) for c in np.unique(classes)
+                            if (classes == c).sum() >= MIN_CLASS_SCALER_ROWS}
+    return pooled
 
 
 def zscore_keep(fp: FeaturePanel, scaler: FeatureScaler, train_index: np.ndarray) -> np.ndarray:
@@ -382,7 +409,7 @@ def zscore_keep(fp: FeaturePanel, scaler: FeatureScaler, train_index: np.ndarray
     assets, rows = fp.sample_asset[train_index], fp.sample_row[train_index]
     for i in np.unique(assets):
         m = np.flatnonzero(assets == i)
-        flags = scaler.is_outlier(fp.assets[i].features)
+        flags = scaler.for_class(fp.assets[i].asset_class).is_outlier(fp.assets[i].features)
         any_in_window = np.zeros(len(flags), dtype=bool)
         any_in_window[w - 1 :] = sliding_window_view(flags, w).any(axis=1)
         keep[m] = ~any_in_window[rows[m]]
@@ -400,7 +427,7 @@ def build_samples(fp: FeaturePanel, scaler: FeatureScaler, index: np.ndarray, le
     for i in np.unique(assets):
         m = np.flatnonzero(assets == i)
         a = fp.assets[i]
-        scaled = scaler.transform(a.features)  # (T, F)
+        scaled = scaler.for_class(a.asset_class).transform(a.features)  # (T, F)
         view = sliding_window_view(scaled, w, axis=0)  # (T-w+1, F, w), window ending at row t is view[t-w+1]
         windows[m] = view[rows[m] - (w - 1)]
         target[m] = a.target[rows[m]]

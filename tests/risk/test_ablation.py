@@ -1,0 +1,40 @@
+"""`risk ablate` on a tiny generated market: each variant scored on validation only, per asset class."""
+
+import json
+
+import pytest
+
+from nimbleml.errors import NimbleError
+from nimbleml.risk.ablation import parse_variants, run_ablation
+from nimbleml.risk.experiment import RiskRunConfig
+
+from .panel_factory import generated_panel
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablate")
+    panel = generated_panel(900, seed=4, classes=("equity", "equity", "bond", "fx"))
+    small = {"filters": 8, "n_conv": 3, "fc": (16, 8)}  # a small CNN keeps the test fast
+    base = RiskRunConfig(epochs=1, max_train_samples=300, max_val_samples=300, cnn_overrides=small, test_start="2013-01-01")
+    return out, run_ablation(base, ("class_scale", "pca"), (0, 1), out, panel=panel)
+
+
+def test_every_variant_is_scored_per_class_on_validation_before_the_test_start(ablation):
+    out, summary = ablation
+    saved = json.loads((out / "ablation.json").read_text())
+    assert list(saved["variants"]) == ["base", "class_scale", "pca"]  # base is always added first
+    assert (out / "ablation.png").stat().st_size > 0
+    for name, r in saved["variants"].items():
+        assert r["val_dates"][1] < "2013-01-01"  # the test period is never built
+        assert set(r["val_qlike_by_class"]) == set(r["har_val_qlike_by_class"]) == {"equity", "bond", "fx"}
+        assert len(r["val_qlike_per_seed"]) == 2 and r["val_qlike"] > 0
+    assert saved["variants"]["base"]["val_qlike_change_vs_base"] == 0
+    assert saved["variants"]["class_scale"]["changes"] == {"scale_scope": "class"}
+    # same rows for a variant that changes only the inputs' scaling: HAR (which ignores the images) is unchanged
+    assert saved["variants"]["class_scale"]["har_val_qlike"] == pytest.approx(saved["variants"]["base"]["har_val_qlike"])
+
+
+def test_unknown_variant_is_a_clear_error():
+    with pytest.raises(NimbleError, match="unknown ablation variant"):
+        parse_variants("base,sentiment")
