@@ -160,3 +160,21 @@ def test_repeat_scores_train_and_learn_the_bonus(loss: str) -> None:
     assert not torch.equal(before, model.repeat_recency.weight)
     with pytest.raises(NimbleError, match="bce"):
         train(model, data, TrainConfig(epochs=1, loss="bce"))
+
+
+def test_min_steps_per_epoch_repeats_a_small_log(monkeypatch) -> None:
+    data = make_data(n_users=20)  # 20 users, batch 16: 2 batches per pass
+    steps = []
+    original = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    model = SeqRec(SeqRecConfig.small(data.n_items, max_len=20))
+    train(model, data, TrainConfig(epochs=2, batch_size=16, threads=1, min_steps_per_epoch=5, patience=10))
+    assert len(steps) == 2 * 3 * 2  # 2 epochs of ceil(5 / 2) = 3 passes of 2 batches
+    steps.clear()
+    train(model, data, TrainConfig(epochs=2, batch_size=16, threads=1, patience=10))
+    assert len(steps) == 2 * 2  # default: one pass

@@ -61,6 +61,11 @@ class TrainConfig:
 
     epochs: int = 60  # upper bound; early stopping usually ends sooner
     batch_size: int = 128  # user sequences per step
+    # optimiser steps an epoch takes at least: on a small log (815 Taobao users = 7 batches) an
+    # epoch repeats the data this often, so early stopping judges as much learning as it does
+    # on a large one (an Adam parameter moves ~lr per step: 7 steps barely move the repeat bonus);
+    # 0 = one pass over the data
+    min_steps_per_epoch: int = 0
     lr: float = 1e-3  # Adam learning rate (SASRec: 1e-3)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     loss: Literal["ce", "sampled_softmax", "bce"] = "ce"
@@ -441,11 +446,13 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
     start = time.perf_counter()
     with make_progress() as progress:
         n_batches = math.ceil(len(windows) / config.batch_size)
-        task = progress.add_task("training", total=config.epochs * n_batches, info="")
+        passes = max(1, math.ceil(config.min_steps_per_epoch / max(n_batches, 1)))  # data passes per epoch
+        task = progress.add_task("training", total=config.epochs * n_batches * passes, info="")
         for epoch in range(1, config.epochs + 1):
             model.train()
             epoch_loss, epoch_rows = 0.0, 0
-            for rows in windows.batches(config.batch_size, rng):
+            batches = [rows for _ in range(passes) for rows in windows.batches(config.batch_size, rng)]
+            for rows in batches:
                 if len(rows) < world:  # every process needs rows; all skip the same batches
                     continue
                 inputs, targets, behaviors = _batch_tensors(windows, rows[rank::world], device)
