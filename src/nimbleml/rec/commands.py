@@ -71,6 +71,9 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(
         epochs=200, batch_size=128, lr=1e-3, patience=5, loss="sampled_softmax", n_negatives=2048,
         negatives_from="mixed", weight_decay=0.1, time_limit_s=17 * 60,
+        # Taobao head (815 users, 7 batches): validation full NDCG@10 0.035 -> 0.091 with 100
+        # steps an epoch; Video.txt (240 batches) is unchanged
+        min_steps_per_epoch=100,
     ),
 }
 
