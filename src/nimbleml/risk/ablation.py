@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict] = {
     "pca": {"pca_components": 5},  # the paper's Figure 6: 5 principal components of the features
     "class_scale": {"scale_scope": "class"},  # one scaler per asset class instead of one pooled
     "robust_scale": {"scaler": "robust"},  # median / IQR instead of min-max
+    "winsorize": {"outliers": "winsorize"},  # clip inputs at the training 0.5% / 99.5% quantiles
 }
 DEFAULT_VARIANTS: tuple[str, ...] = ("base", "rates", "pca", "class_scale")
 

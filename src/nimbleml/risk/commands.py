@@ -77,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     abl = sub.add_parser("ablate", help="one change at a time (exogenous inputs, PCA, scaling) scored on validation only",
                          argument_default=argparse.SUPPRESS)
     _run_options(abl, d)  # the base configuration each variant changes one thing of
-    abl.add_argument("--variants", help="comma list of base,rates,vix,pca,class_scale,robust_scale "
+    abl.add_argument("--variants", help="comma list of base,rates,vix,pca,class_scale,robust_scale,winsorize "
                                         "(default base,rates,pca,class_scale)")
     abl.add_argument("--seeds", type=int, help="CNN fits per variant, averaged (default 1)")
     abl.set_defaults(func=run_ablate)
