@@ -252,3 +252,10 @@ def test_tree_final_fit_uses_a_bounded_subsample(panel: RiskSamples) -> None:
     full = TreeBaseline(max_depth=3, min_samples_leaf=0.05, max_fit_samples=None).fit(panel)
     assert capped.fit_rows_ == 100 < len(panel) == full.fit_rows_
     assert capped.model_.tree_.n_node_samples[0] == 100
+
+
+def test_svr_prediction_in_parallel_chunks_is_identical(panel: RiskSamples) -> None:
+    one = SVRBaseline(C=1.0, epsilon=0.1, max_samples=300).fit(panel)
+    two = SVRBaseline(C=1.0, epsilon=0.1, max_samples=300, n_jobs=2, parallel_rows=100).fit(panel)
+    assert len(panel) >= 100
+    np.testing.assert_array_equal(one.predict(panel), two.predict(panel))

@@ -14,6 +14,7 @@ returns dated <= its origin t only. Everything is deterministic.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -193,9 +194,16 @@ class SVRBaseline(Baseline):
         epsilon_grid: Sequence[float] = (0.05, 0.2),
         holdout_frac: float = 0.2,  # selection set when no val is given
         random_state: int = 0,
+        n_jobs: int = 1,  # processes for prediction (-1: all cores); libsvm predicts on one core
+        executor: str = "joblib",  # "joblib" (local processes) or "ray"
+        parallel_rows: int = 20_000,  # predict in n_jobs chunks only from this many rows (process start-up costs)
     ):
         if max_samples < 10 or grid_samples < 10:
             raise NimbleError("svr: max_samples and grid_samples must be >= 10", fix="raise them")
+        check_executor(executor, n_jobs)
+        self.n_jobs = n_jobs
+        self.executor = executor
+        self.parallel_rows = parallel_rows
         self.max_samples = max_samples
         self.grid_samples = grid_samples
         self.C = C
@@ -218,7 +226,16 @@ class SVRBaseline(Baseline):
         return SVR(kernel="rbf", C=key[0], epsilon=key[1], gamma="scale", cache_size=1000).fit(x, y)
 
     def _vol(self, model: SVR, samples: RiskSamples) -> np.ndarray:
-        return model.predict(self.scaler_.transform(samples.flat.astype(np.float64))) * self.y_std_ + self.y_mean_
+        x = self.scaler_.transform(samples.flat.astype(np.float64))
+        jobs = (os.cpu_count() or 1) if self.n_jobs == -1 else self.n_jobs
+        if jobs > 1 and len(x) >= self.parallel_rows:
+            # kernel SVR's prediction (n_support x n_rows kernel rows) outweighs its fit on a
+            # walk-forward test fold; the rows are independent, so chunks give identical numbers
+            parts = map_tasks(_svr_predict, [(model, chunk) for chunk in np.array_split(x, jobs)], jobs, self.executor)
+            z = np.concatenate(parts)
+        else:
+            z = model.predict(x)
+        return z * self.y_std_ + self.y_mean_
 
     def _fit(self, train: RiskSamples, val: RiskSamples | None) -> None:
         self.scaler_ = StandardScaler().fit(train.flat.astype(np.float64))
@@ -242,6 +259,12 @@ class SVRBaseline(Baseline):
 
     def _predict(self, samples: RiskSamples) -> np.ndarray:
         return self._vol(self.model_, samples)
+
+
+def _svr_predict(task: tuple[SVR, np.ndarray]) -> np.ndarray:
+    """One chunk of an SVR prediction (module level, so worker processes can unpickle it)."""
+    model, x = task
+    return model.predict(x)
 
 
 class TreeBaseline(Baseline):
