@@ -17,13 +17,13 @@ def ablation(tmp_path_factory):
     panel = generated_panel(900, seed=4, classes=("equity", "equity", "bond", "fx"))
     small = {"filters": 8, "n_conv": 3, "fc": (16, 8)}  # a small CNN keeps the test fast
     base = RiskRunConfig(epochs=1, max_train_samples=300, max_val_samples=300, cnn_overrides=small, test_start="2013-01-01")
-    return out, run_ablation(base, ("class_scale", "pca"), (0, 1), out, panel=panel)
+    return out, run_ablation(base, ("class_scale", "pca", "class_calibration"), (0, 1), out, panel=panel)
 
 
 def test_every_variant_is_scored_per_class_on_validation_before_the_test_start(ablation):
     out, summary = ablation
     saved = json.loads((out / "ablation.json").read_text())
-    assert list(saved["variants"]) == ["base", "class_scale", "pca"]  # base is always added first
+    assert list(saved["variants"]) == ["base", "class_scale", "pca", "class_calibration"]  # base comes first
     assert (out / "ablation.png").stat().st_size > 0
     for name, r in saved["variants"].items():
         assert r["val_dates"][1] < "2013-01-01"  # the test period is never built
@@ -31,6 +31,7 @@ def test_every_variant_is_scored_per_class_on_validation_before_the_test_start(a
         assert len(r["val_qlike_per_seed"]) == 2 and r["val_qlike"] > 0
     assert saved["variants"]["base"]["val_qlike_change_vs_base"] == 0
     assert saved["variants"]["class_scale"]["changes"] == {"scale_scope": "class"}
+    assert saved["variants"]["class_calibration"]["changes"] == {"cnn_calibration": "class"}
     # same rows for a variant that changes only the inputs' scaling: HAR (which ignores the images) is unchanged
     assert saved["variants"]["class_scale"]["har_val_qlike"] == pytest.approx(saved["variants"]["base"]["har_val_qlike"])
 

@@ -138,3 +138,22 @@ def test_warm_start_and_epoch_callback() -> None:
         CNNForecaster(small_config(max_epochs=3), encoder, seed=3).fit(train, val, on_epoch=stop)
     with pytest.raises(NimbleError, match="architecture"):
         CNNForecaster(small_config(filters=4), encoder, seed=3).fit(train, val, warm_start=first)
+
+
+def test_class_calibration_fits_one_factor_per_asset_class(tmp_path: Path) -> None:
+    train, val, test = synthetic_samples(2000, 0), synthetic_samples(800, 1), synthetic_samples(400, 2)
+    for s in (train, val, test):
+        s.target[s.asset_class == 1] *= 3.0  # class 1 is 9x more variable than its windows say
+    encoder = get_encoder("heatmap", image_size=16)
+    config = small_config(max_epochs=1, class_embedding_dim=0)  # the network cannot see the class
+    fitted = CNNForecaster(config, encoder, seed=0, max_train_samples=1000, calibrate_by="class").fit(train, val)
+    ratio = np.maximum(val.target**2, fitted.transform_.var_eps) / fitted._predict_variance(val)
+    for c in range(4):
+        assert fitted.class_calibration_[c] == pytest.approx(ratio[val.asset_class == c].mean())
+    assert fitted.class_calibration_[1] > 4 * fitted.class_calibration_[0]
+    loaded = CNNForecaster.load(fitted.save(tmp_path / "cnn"))
+    np.testing.assert_allclose(loaded.predict(test), fitted.predict(test), rtol=1e-6)
+    pooled = CNNForecaster(config, encoder, seed=0, max_train_samples=1000).fit(train, val)
+    assert (pooled.class_calibration_ == pooled.calibration_).all()
+    with pytest.raises(NimbleError, match="unknown calibration"):
+        CNNForecaster(config, encoder, calibrate_by="asset")

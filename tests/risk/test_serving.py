@@ -38,6 +38,20 @@ def test_served_graph_matches_the_forecaster(risk_model):
     np.testing.assert_allclose(served, forecaster.predict(samples), rtol=2e-3)
 
 
+def test_served_graph_applies_each_asset_class_its_own_calibration(risk_model, tmp_path):
+    _, forecaster = risk_model
+    forecaster = CNNForecaster.load(forecaster.save(tmp_path / "copy"))
+    forecaster.class_calibration_ = np.array([0.5, 1.0, 2.0, 4.0])  # as fitted with calibrate_by="class"
+    folder = forecaster.save(tmp_path / "by_class")
+    import onnxruntime as ort
+
+    samples = synthetic_samples(16, 7)
+    session = ort.InferenceSession(str(Bundle.load(prepare_risk_bundle(folder)).graph_path("forecast")))
+    served = session.run(None, {"window": samples.windows, "asset_class": samples.asset_class})[0]
+    np.testing.assert_allclose(served, forecaster.predict(samples), rtol=2e-3)
+    assert len(set(samples.asset_class)) > 1
+
+
 def test_other_encoders_are_refused_with_a_message(risk_model, tmp_path):
     folder, _ = risk_model
     meta = json.loads((folder / "forecaster.json").read_text())

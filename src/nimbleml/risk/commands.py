@@ -46,6 +46,7 @@ _FLAG_FIELDS: dict[str, tuple[str, object]] = {
     "no_linear_skip": ("linear_skip", lambda v: not v),
     "max_train_samples": ("max_train_samples", int),
     "max_val_samples": ("max_val_samples", int),
+    "cnn_calibration": ("cnn_calibration", str),
     "models": ("models", lambda v: tuple(m.strip() for m in v.split(",") if m.strip())),
     "outliers": ("features.outliers", str),
     "scaler": ("features.scaler", str),
@@ -77,7 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     abl = sub.add_parser("ablate", help="one change at a time (exogenous inputs, PCA, scaling) scored on validation only",
                          argument_default=argparse.SUPPRESS)
     _run_options(abl, d)  # the base configuration each variant changes one thing of
-    abl.add_argument("--variants", help="comma list of base,rates,vix,pca,class_scale,robust_scale,winsorize "
+    abl.add_argument("--variants", help="comma list of base,rates,vix,pca,class_scale,robust_scale,winsorize,class_calibration "
                                         "(default base,rates,pca,class_scale)")
     abl.add_argument("--seeds", type=int, help="CNN fits per variant, averaged (default 1)")
     abl.set_defaults(func=run_ablate)
@@ -111,6 +112,8 @@ def _run_options(p: argparse.ArgumentParser, d: RiskRunConfig) -> None:
     p.add_argument("--no-linear-skip", action="store_true", help="the paper's CNN exactly, without our linear skip read-out")
     p.add_argument("--max-train-samples", type=int, help=f"CNN samples drawn per epoch (default {d.max_train_samples})")
     p.add_argument("--max-val-samples", type=int, help=f"CNN validation rows scored per epoch (default {d.max_val_samples})")
+    p.add_argument("--cnn-calibration", choices=("pooled", "class"),
+                   help=f"CNN variance factor fitted on validation: one, or one per asset class (default {d.cnn_calibration})")
     p.add_argument("--models", help=f"comma list from {','.join(MODEL_NAMES)} (default all)")
     p.add_argument("--outliers", choices=("winsorize", "zscore", "none"), help=f"default {d.features.outliers} (cap-free)")
     p.add_argument("--scaler", choices=("minmax", "robust"), help=f"default {d.features.scaler}")

@@ -64,6 +64,7 @@ class RiskRunConfig:
     cnn_overrides: dict = field(default_factory=dict)  # RiskCNNConfig fields set on top (e.g. the tuner's kernel, pool, lr, dropout)
     max_train_samples: int | None = 25_000  # CNN samples drawn per epoch (overlapping windows are redundant); raise on a GPU
     max_val_samples: int | None = 20_000  # CNN validation rows scored per epoch (early stopping and calibration)
+    cnn_calibration: str = "pooled"  # CNN variance factor fitted on validation: "pooled" or one per asset "class"
     models: tuple[str, ...] = MODEL_NAMES  # which forecasters to run
     seed: int = 0
     weights: str | None = None  # CSV (asset,weight) of portfolio weights; None: equal weights
@@ -234,7 +235,7 @@ def make_model(name: str, cfg: RiskRunConfig, n_features: int):
     cnn_cfg.linear_skip = cfg.linear_skip
     cnn_cfg = dataclasses.replace(cnn_cfg, **cfg.cnn_overrides)
     return CNNForecaster(cnn_cfg, encoder, target=cfg.cnn_target, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
-                         max_val_samples=cfg.max_val_samples)
+                         max_val_samples=cfg.max_val_samples, calibrate_by=cfg.cnn_calibration)
 
 
 def _fallback_assets(name: str, model, test_assets: set[str]) -> list[str]:

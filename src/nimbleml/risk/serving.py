@@ -50,7 +50,8 @@ class ServedForecaster(nn.Module):
         self.mode = "nearest-exact" if encoder.resize == "nearest" else "bilinear"
         self.kind = transform.kind
         self.mean, self.std, self.var_eps = transform.mean, transform.std, transform.var_eps
-        self.calibration = forecaster.calibration_
+        # one variance factor per asset class (all equal unless fitted with calibrate_by="class")
+        self.register_buffer("calibration", torch.as_tensor(forecaster.class_calibration_, dtype=torch.float32))
 
     def images(self, window: torch.Tensor) -> torch.Tensor:
         x = window[:, :, -self.days:] if self.days else window
@@ -73,7 +74,7 @@ class ServedForecaster(nn.Module):
             variance = torch.clamp(raw, min=0.0) ** 2
         else:
             variance = raw
-        return torch.sqrt(self.calibration * torch.clamp(variance, min=self.var_eps))
+        return torch.sqrt(self.calibration[asset_class] * torch.clamp(variance, min=self.var_eps))
 
 
 def prepare_risk_bundle(model_dir: str | Path, out_dir: str | Path | None = None) -> Path:
