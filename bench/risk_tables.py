@@ -46,9 +46,9 @@ def run_tables(run: Path) -> str:
               "| 99% VaR | 1-day exceedances (expected) | Kupiec p | Christoffersen p | CC p | h-day exceedances (expected) | h-day Kupiec p |",
               "|---|---|---|---|---|---|---|"]
     for method, levels in port["var"].items():
-        v = levels.get("99") or levels.get("0.99")
-        if v is None:
+        if "99" not in levels:
             continue
+        v = levels["99"]
         h = v.get("h_day", {})
         lines.append(f"| {method} | {v['exceedances']} ({v['expected']:.1f}) | {v['kupiec_pvalue']:.2g} | "
                      f"{v['christoffersen_pvalue']:.2g} | {v['cc_pvalue']:.2g} | "

@@ -40,13 +40,17 @@ def test_served_graph_matches_the_forecaster(risk_model):
 
 def test_served_graph_applies_each_asset_class_its_own_calibration(risk_model, tmp_path):
     _, forecaster = risk_model
-    forecaster = CNNForecaster.load(forecaster.save(tmp_path / "copy"))
+    folder = forecaster.save(tmp_path / "model")
+    pooled_version = Bundle.load(prepare_risk_bundle(folder)).version
+    forecaster = CNNForecaster.load(folder)
     forecaster.class_calibration_ = np.array([0.5, 1.0, 2.0, 4.0])  # as fitted with calibrate_by="class"
-    folder = forecaster.save(tmp_path / "by_class")
+    forecaster.save(folder)  # same weights, new factors: the cached bundle must not be reused
+    bundle = Bundle.load(prepare_risk_bundle(folder))
+    assert bundle.version != pooled_version
     import onnxruntime as ort
 
     samples = synthetic_samples(16, 7)
-    session = ort.InferenceSession(str(Bundle.load(prepare_risk_bundle(folder)).graph_path("forecast")))
+    session = ort.InferenceSession(str(bundle.graph_path("forecast")))
     served = session.run(None, {"window": samples.windows, "asset_class": samples.asset_class})[0]
     np.testing.assert_allclose(served, forecaster.predict(samples), rtol=2e-3)
     assert len(set(samples.asset_class)) > 1

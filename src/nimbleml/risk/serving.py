@@ -85,7 +85,9 @@ def prepare_risk_bundle(model_dir: str | Path, out_dir: str | Path | None = None
     if forecaster.encoder.name != "heatmap":
         raise NimbleError(f"serving supports the heatmap encoder, this model uses {forecaster.encoder.name!r}",
                           path=model_dir / "forecaster.json", fix="train the served model with the heatmap encoder")
-    version = f"{model_dir.resolve().name}-{hashlib.sha256((model_dir / 'model.safetensors').read_bytes()).hexdigest()[:8]}"
+    # weights and forecaster.json (target transform, calibration factors) both shape the served graph
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes() + (model_dir / "forecaster.json").read_bytes())
+    version = f"{model_dir.resolve().name}-{digest.hexdigest()[:8]}"
     if (out / MANIFEST).is_file() and Bundle.load(out).version == version:
         return out
     module = ServedForecaster(forecaster).eval()
