@@ -259,3 +259,13 @@ def test_svr_prediction_in_parallel_chunks_is_identical(panel: RiskSamples) -> N
     two = SVRBaseline(C=1.0, epsilon=0.1, max_samples=300, n_jobs=2, parallel_rows=100).fit(panel)
     assert len(panel) >= 100
     np.testing.assert_array_equal(one.predict(panel), two.predict(panel))
+
+
+@pytest.mark.parametrize("name", ["svr", "tree"])
+def test_grid_search_in_worker_processes_chooses_and_scores_as_in_sequence(panel: RiskSamples, name: str) -> None:
+    grid = {"svr": dict(c_grid=(0.3, 3.0), epsilon_grid=(0.05, 0.2)), "tree": dict(leaf_grid=(0.01, 0.05))}[name]
+    kw = {**FAST[name], **grid}
+    one = make_baseline(name, **kw).fit(panel)
+    two = make_baseline(name, n_jobs=2, **kw).fit(panel)
+    assert len(one.scores_) == 4 and one.scores_ == two.scores_
+    np.testing.assert_array_equal(one.predict(panel), two.predict(panel))

@@ -81,14 +81,29 @@ def _selection_split(train: RiskSamples, val: RiskSamples | None, holdout_frac: 
 
 
 def _grid_search(keys: Sequence[Any], build: Callable[[Any, RiskSamples], Any], score: Callable[[Any, RiskSamples], float],
-                 fit: RiskSamples, sel: RiskSamples, what: str) -> tuple[Any, dict[Any, Any], dict[str, float]]:
-    """Fit every candidate on ``fit``, score on ``sel`` (lower is better); (best key, fitted models, scores)."""
-    models, scores = {}, {}
-    for key in track(list(keys), f"{what} selection"):
-        models[key] = build(key, fit)
-        scores[str(key)] = float(score(models[key], sel))
+                 fit: RiskSamples, sel: RiskSamples, what: str, n_jobs: int = 1,
+                 executor: str = "joblib") -> tuple[Any, dict[Any, Any], dict[str, float]]:
+    """Fit every candidate on ``fit``, score on ``sel`` (lower is better); (best key, fitted models, scores).
+
+    With ``n_jobs`` > 1 the candidates are fitted in worker processes (``build`` and ``score``
+    must pickle: bound methods of a baseline do); the results are the same as in sequence.
+    """
+    keys = list(keys)
+    if n_jobs != 1 and len(keys) > 1:
+        results = map_tasks(_build_and_score, [(build, score, key, fit, sel) for key in keys], n_jobs, executor)
+    else:
+        results = [_build_and_score((build, score, key, fit, sel)) for key in track(keys, f"{what} selection")]
+    models = {key: model for key, (model, _) in zip(keys, results)}
+    scores = {str(key): value for key, (_, value) in zip(keys, results)}
     best = min(keys, key=lambda k: scores[str(k)])
     return best, models, scores
+
+
+def _build_and_score(task: tuple) -> tuple[Any, float]:
+    """One grid candidate: (fitted model, its selection score); module level so workers unpickle it."""
+    build, score, key, fit, sel = task
+    model = build(key, fit)
+    return model, float(score(model, sel))
 
 
 class Baseline(ABC):
@@ -194,9 +209,9 @@ class SVRBaseline(Baseline):
         epsilon_grid: Sequence[float] = (0.05, 0.2),
         holdout_frac: float = 0.2,  # selection set when no val is given
         random_state: int = 0,
-        n_jobs: int = 1,  # processes for prediction (-1: all cores); libsvm predicts on one core
+        n_jobs: int = 1,  # processes for the C/epsilon grid and prediction (-1: all cores); libsvm uses one core
         executor: str = "joblib",  # "joblib" (local processes) or "ray"
-        parallel_rows: int = 20_000,  # predict in n_jobs chunks only from this many rows (process start-up costs)
+        parallel_rows: int = 5_000,  # predict in n_jobs chunks only from this many rows (process start-up costs)
     ):
         if max_samples < 10 or grid_samples < 10:
             raise NimbleError("svr: max_samples and grid_samples must be >= 10", fix="raise them")
@@ -225,6 +240,13 @@ class SVRBaseline(Baseline):
         y = (samples.target[rows] - self.y_mean_) / self.y_std_
         return SVR(kernel="rbf", C=key[0], epsilon=key[1], gamma="scale", cache_size=1000).fit(x, y)
 
+    def _grid_svr(self, key: tuple[float, float], samples: RiskSamples) -> SVR:
+        return self._svr(key, samples, self.grid_samples)
+
+    def _mse(self, model: SVR, samples: RiskSamples) -> float:
+        """MSE of vol: the grid's selection score."""
+        return float(np.mean((self._vol(model, samples) - samples.target) ** 2))
+
     def _vol(self, model: SVR, samples: RiskSamples) -> np.ndarray:
         x = self.scaler_.transform(samples.flat.astype(np.float64))
         jobs = (os.cpu_count() or 1) if self.n_jobs == -1 else self.n_jobs
@@ -250,9 +272,7 @@ class SVRBaseline(Baseline):
         if len(keys) > 1:
             fit, sel, self.selection_ = _selection_split(train, val, self.holdout_frac)
             sel = sel.subset(self._rows(len(sel), self.grid_samples))
-            best, _, self.scores_ = _grid_search(
-                keys, lambda key, s: self._svr(key, s, self.grid_samples),
-                lambda m, s: float(np.mean((self._vol(m, s) - s.target) ** 2)), fit, sel, self.name)
+            best, _, self.scores_ = _grid_search(keys, self._grid_svr, self._mse, fit, sel, self.name, self.n_jobs, self.executor)
         self.C_, self.epsilon_ = best
         self.model_ = self._svr(best, train, self.max_samples)
         self.n_fit_rows_ = min(len(train), self.max_samples)
@@ -292,7 +312,12 @@ class TreeBaseline(Baseline):
         max_fit_samples: int | None = 200_000,  # training rows of the final fit (None: all)
         holdout_frac: float = 0.2,  # selection set when no val is given
         random_state: int = 0,
+        n_jobs: int = 1,  # processes for the leaf-size grid (-1: all cores); a tree grows on one core
+        executor: str = "joblib",  # "joblib" (local processes) or "ray"
     ):
+        check_executor(executor, n_jobs)
+        self.n_jobs = n_jobs
+        self.executor = executor
         if any(not 0.0 < f < 0.5 for f in (*leaf_grid, *([min_samples_leaf] if min_samples_leaf else []))):
             raise NimbleError("tree: leaf sizes are fractions of the training rows in (0, 0.5)", fix="e.g. leaf_grid=(0.001,)")
         self.max_depth = max_depth
@@ -328,9 +353,13 @@ class TreeBaseline(Baseline):
             if len(fit) > self.grid_samples:
                 rows = np.random.default_rng(self.random_state).choice(len(fit), size=self.grid_samples, replace=False)
                 fit = fit.subset(np.sort(rows))
-            for leaf in track(leaves, f"{self.name} selection"):
-                deep = self._tree(max(depths), leaf, fit)
-                for d, mse in self._depth_mse(deep, sel, depths).items():
+            tasks = [(self, leaf, fit, sel, depths) for leaf in leaves]
+            if self.n_jobs != 1 and len(tasks) > 1:  # one deep tree per leaf size, in parallel
+                results = map_tasks(_tree_depth_scores, tasks, self.n_jobs, self.executor)
+            else:
+                results = [_tree_depth_scores(task) for task in track(tasks, f"{self.name} selection")]
+            for leaf, by_depth in zip(leaves, results):
+                for d, mse in by_depth.items():
                     self.scores_[str((d, leaf))] = mse
             best = min(((d, f) for d in depths for f in leaves), key=lambda k: self.scores_[str(k)])
         self.max_depth_, self.min_samples_leaf_ = best
@@ -342,6 +371,12 @@ class TreeBaseline(Baseline):
 
     def _predict(self, samples: RiskSamples) -> np.ndarray:
         return self.model_.predict(samples.flat)
+
+
+def _tree_depth_scores(task: tuple) -> dict[int, float]:
+    """MSE of vol at each depth of one deep tree (one leaf size of the grid); module level for workers."""
+    tree, leaf, fit, sel, depths = task
+    return tree._depth_mse(tree._tree(max(depths), leaf, fit), sel, depths)
 
 
 # ----------------------------------------------------------------------------- EWMA, GARCH, GJR

@@ -224,7 +224,7 @@ def example_window(fp, predictions: pd.DataFrame) -> tuple[np.ndarray, str]:
 
 
 def make_model(name: str, cfg: RiskRunConfig, n_features: int):
-    if name in ("garch", "gjr", "svr"):
+    if name in ("garch", "gjr", "svr", "tree"):
         return make_baseline(name, n_jobs=cfg.n_jobs, executor=cfg.executor)
     if name != "cnn":
         return make_baseline(name)
