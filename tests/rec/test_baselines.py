@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from nimbleml.rec.baselines import EASE, ItemKNN, fit_on_validation, training_matrix
+from nimbleml.errors import NimbleError
+from nimbleml.rec.baselines import EASE, ItemCooccurrence, ItemKNN, RecentItems, fit_on_validation, training_matrix
 from tests.rec.test_train import sequences
 
 
@@ -64,3 +65,16 @@ def test_selection_uses_validation_targets_only() -> None:
     assert isinstance(knn, ItemKNN) and knn.neighbours == selection.params["neighbours"]
     _, none = fit_on_validation("popular", TOY)
     assert none.params == {}
+
+
+def test_recent_items_rank_past_items_by_decayed_counts_above_co_occurrence() -> None:
+    history = np.array([[0, 1, 3, 1]])  # ages: item 1 at 2 and 0, item 3 at 1
+    scores = RecentItems(decay=0.5).fit(TOY).score_all(history)
+    assert scores[0, 1] == pytest.approx(1.0 + 0.25 + 1.0) and scores[0, 3] == pytest.approx(1.0 + 0.5)
+    novel = ItemCooccurrence().fit(TOY).score_all(history)[0]
+    assert 0.0 <= scores[0, 2] < 1.0 and 0.0 <= scores[0, 4] < 1.0
+    assert (scores[0, 2] > scores[0, 4]) == (novel[2] > novel[4])  # the rest keep co-occurrence's order
+    plain = RecentItems(decay=1.0).fit(TOY).score_all(np.array([[3, 1, 1, 0]]))  # 0 is padding, not an item
+    assert plain[0, 1] == pytest.approx(3.0) and plain[0, 3] == pytest.approx(2.0) and plain[0, 0] < 1.0
+    with pytest.raises(NimbleError, match="decay"):
+        RecentItems(decay=0.0)

@@ -38,7 +38,7 @@ def test_prepare_train_evaluate(tmp_path) -> None:
     assert set(metrics["candidates50"]) >= {"hr@10", "ndcg@10", "mrr"}
     protocols = {"full", "sampled100", "candidates50", "candidates50_novel"}
     assert set(metrics["candidates50_novel"]) >= {"hr@10", "ndcg@10", "mrr"}
-    for name in ("popular", "cooccurrence", "itemknn", "ease"):
+    for name in ("popular", "cooccurrence", "itemknn", "ease", "recent"):
         assert set(metrics["baselines"][name]) == protocols | {"selected"}
     assert metrics["baselines"]["itemknn"]["selected"]["params"]["neighbours"] > 0
     # the synthetic log repeats items, so history is kept for the model and for every baseline

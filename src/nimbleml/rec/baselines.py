@@ -220,11 +220,45 @@ class EASE(Recommender):
         return scores
 
 
+class RecentItems(Recommender):
+    """Repeat consumption first, co-occurrence second: a user's past items rank above every
+    other item, by exponentially decayed counts over the history (Σ decay^age, age 0 = the
+    last event: recent and frequent items first); the rest rank by :class:`ItemCooccurrence`.
+
+    The heuristic a reviewer asks for on repeat-heavy logs (on the Taobao head 31% of test
+    targets were seen before): a sequence model that cannot beat "show them what they just
+    looked at" has not learnt the repeat channel. Where history is excluded (no repeats,
+    Video.txt) it is co-occurrence."""
+
+    name = "recent"
+    grid = {"decay": (0.5, 0.8, 0.95)}  # chosen on validation full NDCG@10
+
+    def __init__(self, decay: float = 0.8):
+        if not 0.0 < decay <= 1.0:
+            raise NimbleError(f"recent: decay {decay} is not in (0, 1]", fix="e.g. decay=0.8")
+        self.decay = decay  # weight of an event one step older (1.0 = plain counts)
+
+    def fit(self, data: SequenceData) -> Self:
+        self.cooccurrence_ = ItemCooccurrence().fit(data)
+        return self
+
+    def score_all(self, history: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
+        history = np.asarray(history, dtype=np.int64)
+        novel = self.cooccurrence_.score_all(history)
+        novel /= novel.max(axis=1, keepdims=True) + 1.0  # [0, 1): below every past item
+        n, length = history.shape
+        ages = self.decay ** np.arange(length - 1, -1, -1, dtype=np.float64)  # last column: age 0
+        repeat = np.zeros_like(novel)
+        np.add.at(repeat, (np.repeat(np.arange(n), length), history.ravel()), np.tile(ages, n) * (history.ravel() > 0))
+        return np.where(repeat > 0, 1.0 + repeat, novel)
+
+
 BASELINES: dict[str, type[Recommender]] = {
     MostPopular.name: MostPopular,
     ItemCooccurrence.name: ItemCooccurrence,
     ItemKNN.name: ItemKNN,
     EASE.name: EASE,
+    RecentItems.name: RecentItems,
 }
 
 
