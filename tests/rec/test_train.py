@@ -178,3 +178,29 @@ def test_min_steps_per_epoch_repeats_a_small_log(monkeypatch) -> None:
     steps.clear()
     train(model, data, TrainConfig(epochs=2, batch_size=16, threads=1, patience=10))
     assert len(steps) == 2 * 2  # default: one pass
+
+
+def test_ema_weights_are_validated_and_kept(monkeypatch) -> None:
+    data = make_data(n_users=20)
+    torch.manual_seed(0)
+    model = SeqRec(SeqRecConfig.small(data.n_items, max_len=20))
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    mean = {name: p.detach().clone() for name, p in model.named_parameters()}
+    decay = 0.5
+    original = torch.optim.AdamW.step
+
+    def averaging_step(self, *args, **kwargs):  # the average by hand, from the weights after each step
+        out = original(self, *args, **kwargs)
+        for name, p in model.named_parameters():
+            value = p.detach().clone()
+            if name == "item_emb.weight":
+                value[0] = 0.0  # the padding row is zeroed after every step
+            mean[name] = decay * mean[name] + (1 - decay) * value
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", averaging_step)
+    train(model, data, TrainConfig(epochs=1, batch_size=8, threads=1, ema_decay=decay))
+    for name in names:
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), mean[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(NimbleError, match="ema_decay"):
+        train(model, data, TrainConfig(epochs=1, ema_decay=1.0))
