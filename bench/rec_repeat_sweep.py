@@ -55,7 +55,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--revisit", default="0.0,0.35,0.7", help="comma list of p_revisit values in [0, 1)")
     parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--items", type=int, default=5000)
+    parser.add_argument("--items", type=int, default=1000, help="catalogue size (1,000: like the repeat-heavy log the issue keeps back)")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--epochs", type=int, default=20, help="epoch cap (early stopping on validation still applies)")
     parser.add_argument("--seed", type=int, default=0)
