@@ -218,7 +218,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def train_and_evaluate(
     data: SequenceData, out: Path, preset: str = "default", seed: int = 0, epochs: int | None = None,
-    loss: str | None = None, threads: int | None = None, precision: str | None = None,
+    loss: str | None = None, threads: int | None = None, precision: str | None = None, ema_decay: float | None = None,
 ) -> tuple[dict, TrainResult]:
     """Train the preset on ``data``, save the checkpoint and metrics.json under ``out``.
     In a multi-process group only rank 0 evaluates and writes; the others return ({}, result)."""
@@ -234,6 +234,8 @@ def train_and_evaluate(
         config.threads = threads
     if precision is not None:
         config.precision = precision  # type: ignore[assignment]
+    if ema_decay is not None:
+        config.ema_decay = ema_decay
     model = build_model(preset, data)
     result = train(model, data, config)
     rank, world = process_group()
@@ -260,7 +262,7 @@ def run_train(args: argparse.Namespace) -> int:
         init_process_group()
     data = SequenceData.load(Path(args.data))
     metrics, result = train_and_evaluate(
-        data, Path(args.out), args.preset, args.seed, args.epochs, args.loss, args.threads, args.precision
+        data, Path(args.out), args.preset, args.seed, args.epochs, args.loss, args.threads, args.precision, args.ema_decay
     )
     if not metrics:  # not rank 0: it wrote nothing
         return 0
@@ -373,6 +375,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--nproc", type=int, default=1,
                    help="local training processes (DDP); for many machines run torchrun instead (see README)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="bf16 = torch.autocast mixed precision")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="keep an exponential moving average of the weights (e.g. 0.999); default: the preset's (off)")
     p.add_argument("--out", required=True, help="output folder for the model and metrics.json")
     p.set_defaults(func=run_train)
 
