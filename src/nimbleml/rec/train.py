@@ -386,6 +386,8 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
         raise NimbleError(f"unknown precision {config.precision!r}", fix="use fp32 or bf16")
     if config.loss not in ("ce", "sampled_softmax", "bce"):
         raise NimbleError(f"unknown loss {config.loss!r}", fix="use ce, sampled_softmax or bce")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise NimbleError(f"ema_decay {config.ema_decay} is not in [0, 1)", fix="use 0 (off) or e.g. 0.999")
     if config.loss == "bce" and model.config.repeat_scores:
         raise NimbleError("the bce loss does not train repeat scores", fix="use ce or sampled_softmax, or repeat_scores=False")
     if data.n_items != model.config.n_items:
@@ -422,8 +424,6 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(config.seed + rank)  # dropout differs per process, like separate batch rows
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise NimbleError(f"ema_decay {config.ema_decay} is not in [0, 1)", fix="use 0 (off) or e.g. 0.999")
     params = [p for p in model.parameters() if p.requires_grad]
     averaged = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
     scorer = SeqRecScorer(model, device=device)
