@@ -124,13 +124,17 @@ VARIANTS = {
     "local": {"attention_window": 3, "n_global": 2},
     "structured": {"block_heads": [1, 2], "block_ffn": [7, 20]},
     "behaviour": {"use_behavior": True},
+    "rare": {"min_input_count": 2},
+    "repeats": {"repeat_scores": True, "repeat_counts": True, "exclude_history": False},
 }
 
 
 def _variant(name: str) -> SeqRec:
     torch.manual_seed(0)
-    config = SeqRecConfig.small(N_ITEMS, max_len=12, n_blocks=2, exclude_history=True, **VARIANTS[name])
-    return SeqRec(config).eval()
+    config = SeqRecConfig.small(N_ITEMS, max_len=12, n_blocks=2, **{"exclude_history": True, **VARIANTS[name]})
+    model = SeqRec(config).eval()
+    model.set_item_counts(np.arange(N_ITEMS + 1) % 3)  # items 1, 4, 7, ... seen once, 3, 6, ... never
+    return model
 
 
 def _inputs(batch: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
@@ -211,6 +215,26 @@ def test_structured_model_rebuilds_from_its_folder(tmp_path) -> None:
     inputs = _inputs()
     inputs.pop("behaviors")
     torch.testing.assert_close(loaded(**inputs), model(**inputs))
+
+
+def test_rare_items_share_one_input_vector(tmp_path) -> None:
+    """Below min_input_count an item's identity leaves the input (its candidate score stays its own)."""
+    model = _variant("rare")
+    assert model.input_known[[0, 2, 5]].all() and not model.input_known[[1, 3, 4]].any()
+    history = torch.tensor([[2, 5, 1], [2, 5, 3], [2, 5, 5]])
+    with torch.no_grad():
+        states = model.last_state(history)
+        scores = model.score_candidates(states, history, torch.tensor([[1, 3]] * 3))
+    torch.testing.assert_close(states[0], states[1])  # two rare items: the same state
+    assert not torch.allclose(states[0], states[2])  # a known item keeps its own embedding
+    assert scores[0, 0] != scores[0, 1]
+    save_checkpoint(model, {}, tmp_path)
+    loaded = load_checkpoint(tmp_path)
+    assert torch.equal(loaded.input_known, model.input_known)
+    torch.testing.assert_close(loaded.last_state(history), states)
+    plain = _variant("dense")
+    plain.set_item_counts(np.zeros(N_ITEMS + 1))  # without the switch: a no-op
+    assert plain.rare_emb is None and not hasattr(plain, "input_known")
 
 
 def test_packed_qkv_checkpoint_loads() -> None:

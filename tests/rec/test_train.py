@@ -11,6 +11,7 @@ from nimbleml.rec.data import SequenceData, leave_last_out
 from nimbleml.rec.model import SeqRec, SeqRecConfig
 from nimbleml.rec.train import (
     PrefixRepeats,
+    _param_groups,
     TrainConfig,
     TrainingWindows,
     _proposal_log_q,
@@ -130,6 +131,9 @@ def test_prefix_repeats_known_answer() -> None:
     # at each trained position, columns holding the latest occurrence so far: events since seen
     expected = [[0, 1, 0, 0, 0], [0, 2, 1, 0, 0], [0, 0, 2, 1, 0], [0, 0, 3, 2, 1]]
     np.testing.assert_array_equal(repeats.recency.numpy(), expected)
+    # and how often that item occurred in columns 0..t (item 5: once, then twice from column 3)
+    counts = [[0, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 2, 0], [0, 0, 1, 2, 1]]
+    np.testing.assert_array_equal(repeats.count.numpy(), counts)
     assert (repeats.items == inputs).all()
 
 
@@ -137,9 +141,10 @@ def test_training_logits_with_repeats_equal_the_served_scores() -> None:
     """What the loss sees at a row's last position is what score_all gives for that row
     (earlier positions sit at other position embeddings, so only the last is comparable)."""
     torch.manual_seed(0)
-    model = SeqRec(SeqRecConfig.small(20, repeat_scores=True)).eval()
+    model = SeqRec(SeqRecConfig.small(20, repeat_scores=True, repeat_counts=True)).eval()
     with torch.no_grad():
         model.repeat_recency.weight.normal_()
+        model.repeat_count.weight.normal_()
         inputs = torch.tensor([[0, 0, 3, 4, 3, 3, 8, 4], [1, 2, 3, 1, 2, 3, 1, 2]])
         mask = inputs != 0
         repeats = PrefixRepeats.from_inputs(inputs, mask)
@@ -149,15 +154,19 @@ def test_training_logits_with_repeats_equal_the_served_scores() -> None:
         served = model.score_all(inputs)
         torch.testing.assert_close(logits[last, 1:], served[:, 1:], rtol=1e-5, atol=1e-5)
         assert (served[:, 3] != (model.last_state(inputs) @ model.item_emb.weight.T)[:, 3]).all()  # item 3 was seen
+        candidates = torch.tensor([[3, 4, 8, 9], [1, 2, 3, 9]])
+        picked = model.score_candidates(model.last_state(inputs), inputs, candidates)
+        torch.testing.assert_close(picked, served.gather(1, candidates))  # the serving path agrees
 
 
 @pytest.mark.parametrize("loss", ["ce", "sampled_softmax"])
 def test_repeat_scores_train_and_learn_the_bonus(loss: str) -> None:
     data = make_data()
-    model = SeqRec(SeqRecConfig.small(data.n_items, repeat_scores=True))
-    before = model.repeat_recency.weight.detach().clone()
+    model = SeqRec(SeqRecConfig.small(data.n_items, repeat_scores=True, repeat_counts=True))
+    before = [model.repeat_recency.weight.detach().clone(), model.repeat_count.weight.detach().clone()]
     train(model, data, TrainConfig(epochs=1, batch_size=16, loss=loss, n_negatives=16, threads=1))
-    assert not torch.equal(before, model.repeat_recency.weight)
+    assert not torch.equal(before[0], model.repeat_recency.weight)
+    assert not torch.equal(before[1], model.repeat_count.weight)
     with pytest.raises(NimbleError, match="bce"):
         train(model, data, TrainConfig(epochs=1, loss="bce"))
 
@@ -204,3 +213,18 @@ def test_ema_weights_are_validated_and_kept(monkeypatch) -> None:
         torch.testing.assert_close(dict(model.named_parameters())[name].detach(), mean[name], rtol=1e-5, atol=1e-6)
     with pytest.raises(NimbleError, match="ema_decay"):
         train(model, data, TrainConfig(epochs=1, ema_decay=1.0))
+
+
+def test_repeat_lr_puts_the_repeat_parameters_in_their_own_group() -> None:
+    model = SeqRec(SeqRecConfig.small(30, repeat_scores=True, repeat_counts=True))
+    (everything,) = _param_groups(model, TrainConfig())
+    assert len(everything["params"]) == len(list(model.parameters()))
+    rest, repeat = _param_groups(model, TrainConfig(repeat_lr=0.01, weight_decay=0.1))
+    assert repeat["lr"] == 0.01 and repeat["weight_decay"] == 0.0 and "lr" not in rest
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in repeat["params"]) == [
+        "repeat_count.weight", "repeat_gate.bias", "repeat_gate.weight", "repeat_recency.weight"
+    ]
+    assert len(rest["params"]) + 4 == len(list(model.parameters()))
+    with pytest.raises(NimbleError, match="repeat_lr"):
+        train(model, make_data(), TrainConfig(epochs=1, repeat_lr=0.0))

@@ -112,6 +112,7 @@ def build_model(preset: str, data: SequenceData) -> SeqRec:
     model = SeqRec(model_config(preset, data))
     if model.config.use_category:
         model.set_item_category(data.item_category)
+    model.set_item_counts(data.item_popularity("train"))
     return model
 
 

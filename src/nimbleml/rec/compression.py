@@ -495,6 +495,8 @@ class DistillRecipe(Recipe):
         student = SeqRec(layout)
         if model.config.use_category:
             student.set_item_category(model.item_category)
+        if model.rare_emb is not None:
+            student.input_known.copy_(model.input_known)
         with torch.no_grad():
             _, _, vt = torch.linalg.svd(model.item_emb.weight, full_matrices=False)
             basis = vt[: student.config.dim].T  # (D_teacher, D_student)

@@ -67,6 +67,11 @@ class TrainConfig:
     # 0 = one pass over the data
     min_steps_per_epoch: int = 0
     lr: float = 1e-3  # Adam learning rate (SASRec: 1e-3)
+    # learning rate of the repeat-score parameters (SeqRecConfig.repeat_scores: ~200 bonus
+    # scalars and the propensity gate), without weight decay; None = lr, decayed like the rest.
+    # At lr an Adam step moves a bonus by ~1e-3, so 2,000 steps leave it near its start
+    # (Taobao head: 0.1-0.4 where the dot products span ~10) and recency hardly ranks the past.
+    repeat_lr: float | None = None
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     loss: Literal["ce", "sampled_softmax", "bce"] = "ce"
     n_negatives: int = 2048  # shared negatives per batch for sampled_softmax
@@ -169,12 +174,14 @@ class PrefixRepeats:
     """For a repeat-aware model (``SeqRecConfig.repeat_scores``): at every trained position,
     the items of the history so far and how recently each was last seen.
 
-    items, recency: (N, T) for the N trained positions of a (B, T) batch: items[n, p] is the
-    batch row's input at column p, recency[n, p] = t - p + 1 when column p holds the latest
-    occurrence of its item at or before that position t, else 0 (later, padding, or repeated)."""
+    items, recency, count: (N, T) for the N trained positions of a (B, T) batch: items[n, p] is
+    the batch row's input at column p, recency[n, p] = t - p + 1 when column p holds the latest
+    occurrence of its item at or before that position t, else 0 (later, padding, or repeated),
+    count[n, p] = occurrences of that item in columns 0..t."""
 
     items: torch.Tensor
     recency: torch.Tensor
+    count: torch.Tensor
 
     @classmethod
     def from_inputs(cls, inputs: torch.Tensor, mask: torch.Tensor) -> PrefixRepeats:
@@ -186,20 +193,24 @@ class PrefixRepeats:
         t, p = column.view(1, -1, 1), column.view(1, 1, -1)
         valid = (p <= t) & (t < next_same.unsqueeze(1)) & (inputs != 0).unsqueeze(1)  # (B, t, p)
         recency = torch.where(valid, t - p + 1, 0)
-        return cls(items=inputs.unsqueeze(1).expand(-1, width, -1)[mask], recency=recency[mask])
+        same = (inputs.unsqueeze(2) == inputs.unsqueeze(1)).to(torch.int64)  # (B, p, q)
+        count = torch.where(valid, same.cumsum(-1).transpose(1, 2), 0)  # (B, t, p): same items in 0..t
+        items = inputs.unsqueeze(1).expand(-1, width, -1)[mask]
+        return cls(items=items, recency=recency[mask], count=count[mask])
 
     def bonus(self, model: SeqRec, states: torch.Tensor) -> torch.Tensor:
         """(N, D) states -> (N, T) repeat bonus of each row's history items."""
-        return model.repeat_bonus(states, self.recency)
+        return model.repeat_bonus(states, self.recency, self.count)
 
 
 def _ce_chunk(
-    model: SeqRec, states: torch.Tensor, targets: torch.Tensor, items: torch.Tensor | None, recency: torch.Tensor | None
+    model: SeqRec, states: torch.Tensor, targets: torch.Tensor, items: torch.Tensor | None,
+    recency: torch.Tensor | None, count: torch.Tensor | None,
 ) -> torch.Tensor:
     """Summed cross-entropy of a chunk of rows over the whole catalogue (plus repeat bonuses)."""
     logits = states @ model.item_emb.weight.T
     if items is not None:
-        logits = logits.scatter_add(1, items, model.repeat_bonus(states, recency).to(logits.dtype))
+        logits = logits.scatter_add(1, items, model.repeat_bonus(states, recency, count).to(logits.dtype))
     logits[:, 0] = float("-inf")  # never predict padding
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
@@ -215,8 +226,12 @@ def _ce_loss(
     total = states.new_zeros((), dtype=torch.float32)
     for start in range(0, len(states), chunk_rows):
         rows = slice(start, start + chunk_rows)
-        items, recency = (None, None) if repeats is None else (repeats.items[rows], repeats.recency[rows])
-        total = total + checkpoint(_ce_chunk, model, states[rows], targets[rows], items, recency, use_reentrant=False)
+        items, recency, count = (
+            (None, None, None) if repeats is None else (repeats.items[rows], repeats.recency[rows], repeats.count[rows])
+        )
+        total = total + checkpoint(
+            _ce_chunk, model, states[rows], targets[rows], items, recency, count, use_reentrant=False
+        )
     return total / max(len(states), 1)
 
 
@@ -373,6 +388,17 @@ def _swap_in(params: list[torch.Tensor], values: list[torch.Tensor] | None) -> l
     return held
 
 
+def _param_groups(model: SeqRec, config: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: everything at ``lr``, or with ``repeat_lr`` the repeat-score
+    parameters in a group of their own (that rate, no weight decay)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    repeat = [p for n, p in named if n.startswith("repeat_")]
+    if config.repeat_lr is None or not repeat:
+        return [{"params": [p for _, p in named]}]
+    rest = [p for n, p in named if not n.startswith("repeat_")]
+    return [{"params": rest}, {"params": repeat, "lr": config.repeat_lr, "weight_decay": 0.0}]
+
+
 def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) -> TrainResult:
     """Fit ``model`` on the training part of ``data``; keeps the weights of the epoch with the
     best validation NDCG@10 (full catalogue) and returns what happened.
@@ -388,6 +414,8 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
         raise NimbleError(f"unknown loss {config.loss!r}", fix="use ce, sampled_softmax or bce")
     if not 0.0 <= config.ema_decay < 1.0:
         raise NimbleError(f"ema_decay {config.ema_decay} is not in [0, 1)", fix="use 0 (off) or e.g. 0.999")
+    if config.repeat_lr is not None and not config.repeat_lr > 0:
+        raise NimbleError(f"repeat_lr {config.repeat_lr} is not > 0", fix="use None (= lr) or e.g. 0.01")
     if config.loss == "bce" and model.config.repeat_scores:
         raise NimbleError("the bce loss does not train repeat scores", fix="use ce or sampled_softmax, or repeat_scores=False")
     if data.n_items != model.config.n_items:
@@ -423,7 +451,7 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
     if world > 1:
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(config.seed + rank)  # dropout differs per process, like separate batch rows
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     averaged = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
     scorer = SeqRecScorer(model, device=device)
