@@ -68,4 +68,13 @@ def test_history_exclusion_follows_the_repeat_share() -> None:
         data.items[data.offsets[u] + 1] = data.items[data.offsets[u]]
     assert commands.repeat_share(data) > 0.05
     config = commands.model_config("small", data)
-    assert not config.exclude_history and config.repeat_scores  # repeats are scored, not masked
+    assert not config.exclude_history and config.repeat_scores and config.repeat_counts  # scored, not masked
+
+
+def test_rare_inputs_follow_the_singleton_share() -> None:
+    dense = make_data()  # 30 items walked by 60 users: every item seen many times
+    assert commands.singleton_share(dense) == 0.0 and commands.model_config("small", dense).min_input_count == 0
+    sparse = make_data(n_users=20, n_items=400)  # short walks over a big catalogue: most items seen once
+    counts = sparse.item_popularity("train")
+    assert commands.singleton_share(sparse) == pytest.approx(counts[counts == 1].sum() / counts.sum())
+    assert commands.singleton_share(sparse) > 0.5 and commands.model_config("small", sparse).min_input_count == 2
