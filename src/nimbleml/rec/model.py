@@ -403,16 +403,17 @@ class SeqRec(nn.Module):
             match = (candidates.unsqueeze(-1) == history.unsqueeze(1)) & (history != 0).unsqueeze(1)
             latest = (match * positions).amax(-1)  # (B, C): column of the last occurrence, 0 = unseen
             recency = torch.where(latest > 0, history.shape[1] + 1 - latest, 0)
-            scores = scores + self.repeat_bonus(state, recency, match.sum(-1))
+            count = match.sum(-1) if self.repeat_count is not None else None
+            scores = scores + self.repeat_bonus(state, recency, count)
         if self.config.exclude_history:
             seen = ((candidates.unsqueeze(-1) == history.unsqueeze(1)) & (history != 0).unsqueeze(1)).any(-1)
             scores = scores.masked_fill(seen, float("-inf"))
         return scores
 
-    def repeat_bonus(self, state: torch.Tensor, recency: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    def repeat_bonus(self, state: torch.Tensor, recency: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
         """state: (N, D); recency: (N, C) int64 events since each item was last seen (1 = the
         latest event, 0 = not in the history); count: (N, C) int64 occurrences in the history
-        -> (N, C) score bonus, 0 where recency is 0."""
+        (read only with ``repeat_counts``) -> (N, C) score bonus, 0 where recency is 0."""
         bonus = self.repeat_recency(recency).squeeze(-1) + self.repeat_gate(state)
         if self.repeat_count is not None:
             bonus = bonus + self.repeat_count(count.clamp(max=self.config.max_len)).squeeze(-1)
@@ -436,7 +437,9 @@ class SeqRec(nn.Module):
             positions = torch.arange(1, window.shape[1] + 1, device=history.device).expand_as(window)
             latest = torch.zeros_like(scores, dtype=torch.int64).scatter_reduce(1, window, positions, "amax")
             latest[:, 0] = 0  # padding
-            count = torch.zeros_like(latest).scatter_add(1, window, torch.ones_like(window))
+            count = None  # occurrences per item: a (B, n_items + 1) scatter, only when the model uses it
+            if self.repeat_count is not None:
+                count = torch.zeros_like(latest).scatter_add(1, window, torch.ones_like(window))
             recency = torch.where(latest > 0, window.shape[1] + 1 - latest, 0)
             scores = scores + self.repeat_bonus(state, recency, count)
         if self.config.exclude_history:

@@ -70,7 +70,7 @@ class TrainConfig:
     # learning rate of the repeat-score parameters (SeqRecConfig.repeat_scores: ~200 bonus
     # scalars and the propensity gate), without weight decay; None = lr, decayed like the rest.
     # At lr an Adam step moves a bonus by ~1e-3, so 2,000 steps leave it near its start
-    # (Taobao head: 0.1-0.4 where the dot products span ~10) and recency hardly ranks the past.
+    # (Taobao head: bonuses 0.1-0.4, flat in recency) and recency hardly ranks the past.
     repeat_lr: float | None = None
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     loss: Literal["ce", "sampled_softmax", "bce"] = "ce"
@@ -188,13 +188,13 @@ class PrefixRepeats:
         """inputs: (B, T) left-padded ids; mask: (B, T) bool, the trained positions."""
         width = inputs.shape[1]
         column = torch.arange(width, device=inputs.device)
-        later_same = (inputs.unsqueeze(2) == inputs.unsqueeze(1)) & (column.view(1, 1, -1) > column.view(1, -1, 1))
+        same = inputs.unsqueeze(2) == inputs.unsqueeze(1)  # (B, p, q): columns p and q hold one item
+        later_same = same & (column.view(1, 1, -1) > column.view(1, -1, 1))
         next_same = torch.where(later_same, column.view(1, 1, -1), width).amin(-1)  # (B, T): next column with the item
         t, p = column.view(1, -1, 1), column.view(1, 1, -1)
         valid = (p <= t) & (t < next_same.unsqueeze(1)) & (inputs != 0).unsqueeze(1)  # (B, t, p)
         recency = torch.where(valid, t - p + 1, 0)
-        same = (inputs.unsqueeze(2) == inputs.unsqueeze(1)).to(torch.int64)  # (B, p, q)
-        count = torch.where(valid, same.cumsum(-1).transpose(1, 2), 0)  # (B, t, p): same items in 0..t
+        count = torch.where(valid, same.to(torch.int64).cumsum(-1).transpose(1, 2), 0)  # (B, t, p): same items in 0..t
         items = inputs.unsqueeze(1).expand(-1, width, -1)[mask]
         return cls(items=items, recency=recency[mask], count=count[mask])
 
