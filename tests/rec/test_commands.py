@@ -68,7 +68,7 @@ def test_history_exclusion_follows_the_repeat_share() -> None:
         data.items[data.offsets[u] + 1] = data.items[data.offsets[u]]
     assert commands.repeat_share(data) > 0.05
     config = commands.model_config("small", data)
-    assert not config.exclude_history and config.repeat_scores and config.repeat_counts  # scored, not masked
+    assert not config.exclude_history and config.repeat_scores and config.repeat_counts and config.repeat_decay  # scored, not masked
 
 
 def test_rare_inputs_follow_the_singleton_share() -> None:

@@ -125,7 +125,7 @@ VARIANTS = {
     "structured": {"block_heads": [1, 2], "block_ffn": [7, 20]},
     "behaviour": {"use_behavior": True},
     "rare": {"min_input_count": 2},
-    "repeats": {"repeat_scores": True, "repeat_counts": True, "exclude_history": False},
+    "repeats": {"repeat_scores": True, "repeat_counts": True, "repeat_decay": True, "exclude_history": False},
 }
 
 

@@ -134,20 +134,25 @@ def test_prefix_repeats_known_answer() -> None:
     # and how often that item occurred in columns 0..t (item 5: once, then twice from column 3)
     counts = [[0, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 2, 0], [0, 0, 1, 2, 1]]
     np.testing.assert_array_equal(repeats.count.numpy(), counts)
-    assert (repeats.items == inputs).all()
+    assert (repeats.items == inputs).all() and repeats.decayed is None
+    # Σ 0.5^(t - q) over that item's columns q <= t (item 5 at t = 3: 0.5^0 + 0.5^2)
+    decayed = PrefixRepeats.from_inputs(inputs, inputs != 0, torch.tensor(0.5)).decayed
+    expected = [[0, 1, 0, 0, 0], [0, 0.5, 1, 0, 0], [0, 0, 0.5, 1.25, 0], [0, 0, 0.25, 0.625, 1]]
+    np.testing.assert_allclose(decayed.numpy(), expected)
 
 
 def test_training_logits_with_repeats_equal_the_served_scores() -> None:
     """What the loss sees at a row's last position is what score_all gives for that row
     (earlier positions sit at other position embeddings, so only the last is comparable)."""
     torch.manual_seed(0)
-    model = SeqRec(SeqRecConfig.small(20, repeat_scores=True, repeat_counts=True)).eval()
+    model = SeqRec(SeqRecConfig.small(20, repeat_scores=True, repeat_counts=True, repeat_decay=True)).eval()
     with torch.no_grad():
         model.repeat_recency.weight.normal_()
         model.repeat_count.weight.normal_()
+        model.repeat_decay_weight.fill_(2.0)
         inputs = torch.tensor([[0, 0, 3, 4, 3, 3, 8, 4], [1, 2, 3, 1, 2, 3, 1, 2]])
         mask = inputs != 0
-        repeats = PrefixRepeats.from_inputs(inputs, mask)
+        repeats = PrefixRepeats.from_inputs(inputs, mask, model.decay_gamma())
         states = model.encode(inputs)[mask]
         logits = (states @ model.item_emb.weight.T).scatter_add(1, repeats.items, repeats.bonus(model, states))
         last = torch.cumsum(mask.flatten(), 0).view(2, 8)[:, -1] - 1  # row of each user's last position
@@ -162,11 +167,12 @@ def test_training_logits_with_repeats_equal_the_served_scores() -> None:
 @pytest.mark.parametrize("loss", ["ce", "sampled_softmax"])
 def test_repeat_scores_train_and_learn_the_bonus(loss: str) -> None:
     data = make_data()
-    model = SeqRec(SeqRecConfig.small(data.n_items, repeat_scores=True, repeat_counts=True))
-    before = [model.repeat_recency.weight.detach().clone(), model.repeat_count.weight.detach().clone()]
+    model = SeqRec(SeqRecConfig.small(data.n_items, repeat_scores=True, repeat_counts=True, repeat_decay=True))
+    learnt = [model.repeat_recency.weight, model.repeat_count.weight, model.repeat_decay_logit, model.repeat_decay_weight]
+    before = [p.detach().clone() for p in learnt]
     train(model, data, TrainConfig(epochs=1, batch_size=16, loss=loss, n_negatives=16, threads=1))
-    assert not torch.equal(before[0], model.repeat_recency.weight)
-    assert not torch.equal(before[1], model.repeat_count.weight)
+    for old, new in zip(before, learnt):
+        assert not torch.equal(old, new) and torch.isfinite(new).all()
     with pytest.raises(NimbleError, match="bce"):
         train(model, data, TrainConfig(epochs=1, loss="bce"))
 
@@ -216,15 +222,16 @@ def test_ema_weights_are_validated_and_kept(monkeypatch) -> None:
 
 
 def test_repeat_lr_puts_the_repeat_parameters_in_their_own_group() -> None:
-    model = SeqRec(SeqRecConfig.small(30, repeat_scores=True, repeat_counts=True))
+    model = SeqRec(SeqRecConfig.small(30, repeat_scores=True, repeat_counts=True, repeat_decay=True))
     (everything,) = _param_groups(model, TrainConfig())
     assert len(everything["params"]) == len(list(model.parameters()))
     rest, repeat = _param_groups(model, TrainConfig(repeat_lr=0.01, weight_decay=0.1))
     assert repeat["lr"] == 0.01 and repeat["weight_decay"] == 0.0 and "lr" not in rest
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[id(p)] for p in repeat["params"]) == [
-        "repeat_count.weight", "repeat_gate.bias", "repeat_gate.weight", "repeat_recency.weight"
+        "repeat_count.weight", "repeat_decay_logit", "repeat_decay_weight", "repeat_gate.bias",
+        "repeat_gate.weight", "repeat_recency.weight",
     ]
-    assert len(rest["params"]) + 4 == len(list(model.parameters()))
+    assert len(rest["params"]) + 6 == len(list(model.parameters()))
     with pytest.raises(NimbleError, match="repeat_lr"):
         train(model, make_data(), TrainConfig(epochs=1, repeat_lr=0.0))

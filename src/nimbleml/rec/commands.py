@@ -113,7 +113,7 @@ def model_config(preset: str, data: SequenceData) -> SeqRecConfig:
     """The preset's SeqRecConfig for this data: behaviour and category embeddings are used
     only when the data has more than one behaviour type / has categories; history items are
     ranked last only when the training data (almost) never repeats an item; where it does, the
-    model gets repeat-aware scores (by recency and count) instead; on a long-tail log (many
+    model gets repeat-aware scores (by recency, count and decayed count) instead; on a long-tail log (many
     items seen once) rare items share one input vector."""
     share = repeat_share(data)
     repeats = share >= REPEAT_SHARE_TO_KEEP_HISTORY
@@ -124,6 +124,7 @@ def model_config(preset: str, data: SequenceData) -> SeqRecConfig:
         exclude_history=not repeats,
         repeat_scores=repeats,
         repeat_counts=repeats,
+        repeat_decay=repeats,
         min_input_count=2 if singleton_share(data) >= SINGLETON_SHARE_FOR_RARE_INPUTS else 0,
     )
     if preset == "small":
@@ -263,14 +264,18 @@ def train_and_evaluate(
     model = build_model(preset, data)
     result = train(model, data, config)
     rank, world = process_group()
-    if rank != 0:
-        return {}, result
-    save_checkpoint(model, {"preset": preset, "train": config.to_dict(), "result": result.to_dict()}, out)
-    metrics = evaluate_all(model, data, seed=seed)
-    metrics.update(epochs=result.epochs_run, best_epoch=result.best_epoch, train_seconds=result.train_seconds,
-                   loss=config.loss, precision=config.precision, processes=world, preset=preset,
-                   environment=environment())
-    _write_json(out / METRICS_FILE, metrics)
+    metrics: dict = {}
+    if rank == 0:
+        save_checkpoint(model, {"preset": preset, "train": config.to_dict(), "result": result.to_dict()}, out)
+        metrics = evaluate_all(model, data, seed=seed)
+        metrics.update(epochs=result.epochs_run, best_epoch=result.best_epoch, train_seconds=result.train_seconds,
+                       loss=config.loss, precision=config.precision, processes=world, preset=preset,
+                       environment=environment())
+        _write_json(out / METRICS_FILE, metrics)
+    if world > 1:
+        # every process waits for rank 0's evaluation: one that tore down its gloo group while
+        # its peer still held the connections died with SIGABRT about 1 run in 14 (seen in CI)
+        torch.distributed.barrier()
     return metrics, result
 
 

@@ -61,6 +61,11 @@ class SeqRecConfig:
     # item viewed five times is likelier next than one viewed once as long ago). Off in
     # checkpoints written before it existed.
     repeat_counts: bool = False
+    # with repeat_scores: also w * log(Σ γ^age) over the item's occurrences in the window (age 0
+    # = the last event), w and γ in (0.5, 1) learnt: the exponentially decayed count that the
+    # `recent` baseline ranks by. Recency and count bonuses add up; this one lets frequency and
+    # recency trade off (three views 10 back against one view 2 back) the way `recent` does.
+    repeat_decay: bool = False
     # inputs: an item seen fewer than this many times in training enters the history as one
     # shared learnt "rare item" vector (its category and behaviour embeddings still added).
     # Why: on a long-tail log the item a user touched last is often new. On the Taobao head 60%
@@ -100,6 +105,8 @@ class SeqRecConfig:
             raise ValueError(f"head_rank must be in 0..{self.head_width}, got {self.head_rank}")
         if self.repeat_counts and not self.repeat_scores:
             raise ValueError("repeat_counts needs repeat_scores")
+        if self.repeat_decay and not self.repeat_scores:
+            raise ValueError("repeat_decay needs repeat_scores")
         if self.min_input_count < 0:
             raise ValueError(f"min_input_count must be >= 0, got {self.min_input_count}")
         if self.attention_window < 0 or self.n_global < 0 or (self.n_global and not self.attention_window):
@@ -288,6 +295,9 @@ class SeqRec(nn.Module):
         self.repeat_gate = nn.Linear(config.dim, 1) if config.repeat_scores else None
         # and by occurrences in the window, 1..max_len (0 = not in the history)
         self.repeat_count = nn.Embedding(config.max_len + 1, 1, padding_idx=0) if config.repeat_counts else None
+        # and w * log(decayed count): gamma = 0.5 + 0.5 * sigmoid(logit), 0.8 at the start, w = 1
+        self.repeat_decay_logit = nn.Parameter(torch.tensor(0.405)) if config.repeat_decay else None
+        self.repeat_decay_weight = nn.Parameter(torch.tensor(1.0)) if config.repeat_decay else None
         self.apply(self._init_weights)
         if self.rare_emb is not None:
             nn.init.normal_(self.rare_emb, std=0.02)
@@ -404,20 +414,40 @@ class SeqRec(nn.Module):
             latest = (match * positions).amax(-1)  # (B, C): column of the last occurrence, 0 = unseen
             recency = torch.where(latest > 0, history.shape[1] + 1 - latest, 0)
             count = match.sum(-1) if self.repeat_count is not None else None
-            scores = scores + self.repeat_bonus(state, recency, count)
+            decayed = None
+            if self.repeat_decay_logit is not None:  # Σ gamma^age over the item's occurrences
+                decayed = (match.float() * self.decay_weights(history.shape[1])).sum(-1)
+            scores = scores + self.repeat_bonus(state, recency, count, decayed)
         if self.config.exclude_history:
             seen = ((candidates.unsqueeze(-1) == history.unsqueeze(1)) & (history != 0).unsqueeze(1)).any(-1)
             scores = scores.masked_fill(seen, float("-inf"))
         return scores
 
-    def repeat_bonus(self, state: torch.Tensor, recency: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
+    def decay_gamma(self) -> torch.Tensor:
+        """The learnt per-event decay of ``repeat_decay``, in (0.5, 1): the floor keeps
+        gamma^(max_len - 1) above float32's smallest normal number (0.5^99 ~ 1.6e-30)."""
+        return 0.5 + 0.5 * torch.sigmoid(self.repeat_decay_logit)
+
+    def decay_weights(self, length: int) -> torch.Tensor:
+        """(length,) float32 gamma^age of each window column, the last column age 0."""
+        ages = torch.arange(length - 1, -1, -1, device=self.repeat_decay_logit.device, dtype=torch.float32)
+        return self.decay_gamma().float() ** ages
+
+    def repeat_bonus(
+        self, state: torch.Tensor, recency: torch.Tensor, count: torch.Tensor | None,
+        decayed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """state: (N, D); recency: (N, C) int64 events since each item was last seen (1 = the
         latest event, 0 = not in the history); count: (N, C) int64 occurrences in the history
-        (read only with ``repeat_counts``) -> (N, C) score bonus, 0 where recency is 0."""
+        (read only with ``repeat_counts``); decayed: (N, C) float Σ gamma^age over the item's
+        occurrences (read only with ``repeat_decay``) -> (N, C) score bonus, 0 where recency is 0."""
+        unseen = recency == 0
         bonus = self.repeat_recency(recency).squeeze(-1) + self.repeat_gate(state)
         if self.repeat_count is not None:
             bonus = bonus + self.repeat_count(count.clamp(max=self.config.max_len)).squeeze(-1)
-        return bonus.masked_fill(recency == 0, 0.0)
+        if self.repeat_decay_weight is not None:  # log(1) = 0 for unseen items: no inf, no NaN gradient
+            bonus = bonus + self.repeat_decay_weight * torch.log(torch.where(unseen, 1.0, decayed.float()))
+        return bonus.masked_fill(unseen, 0.0)
 
     def forward(
         self, history: torch.Tensor, candidates: torch.Tensor, behaviors: torch.Tensor | None = None
@@ -440,8 +470,12 @@ class SeqRec(nn.Module):
             count = None  # occurrences per item: a (B, n_items + 1) scatter, only when the model uses it
             if self.repeat_count is not None:
                 count = torch.zeros_like(latest).scatter_add(1, window, torch.ones_like(window))
+            decayed = None
+            if self.repeat_decay_logit is not None:
+                weights = self.decay_weights(window.shape[1]).expand(window.shape)
+                decayed = torch.zeros_like(scores, dtype=torch.float32).scatter_add(1, window, weights)
             recency = torch.where(latest > 0, window.shape[1] + 1 - latest, 0)
-            scores = scores + self.repeat_bonus(state, recency, count)
+            scores = scores + self.repeat_bonus(state, recency, count, decayed)
         if self.config.exclude_history:
             seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, history, True)
             seen[:, 0] = False
