@@ -113,8 +113,8 @@ def model_config(preset: str, data: SequenceData) -> SeqRecConfig:
     """The preset's SeqRecConfig for this data: behaviour and category embeddings are used
     only when the data has more than one behaviour type / has categories; history items are
     ranked last only when the training data (almost) never repeats an item; where it does, the
-    model gets repeat-aware scores (by recency, count and decayed count) instead; on a long-tail log (many
-    items seen once) rare items share one input vector."""
+    model gets repeat-aware scores (by recency, count and decayed count) instead; on a long-tail
+    log (many items seen once) rare items share one input vector."""
     share = repeat_share(data)
     repeats = share >= REPEAT_SHARE_TO_KEEP_HISTORY
     extra = dict(
@@ -273,8 +273,8 @@ def train_and_evaluate(
                        environment=environment())
         _write_json(out / METRICS_FILE, metrics)
     if world > 1:
-        # every process waits for rank 0's evaluation: one that tore down its gloo group while
-        # its peer still held the connections died with SIGABRT about 1 run in 14 (seen in CI)
+        # every process waits here until rank 0 has written, so no process tears down its gloo
+        # group while a peer still holds the connections (see the SIGABRT note in rec.train.train)
         torch.distributed.barrier()
     return metrics, result
 
