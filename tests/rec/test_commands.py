@@ -78,3 +78,6 @@ def test_rare_inputs_follow_the_singleton_share() -> None:
     counts = sparse.item_popularity("train")
     assert commands.singleton_share(sparse) == pytest.approx(counts[counts == 1].sum() / counts.sum())
     assert commands.singleton_share(sparse) > 0.5 and commands.model_config("small", sparse).min_input_count == 2
+    # the default preset: a wide embedding where items have events to fill it, narrow on a long tail
+    assert commands.model_config("default", dense).dim == commands.DEFAULT_DIM == 128
+    assert commands.model_config("default", sparse).dim == commands.LONG_TAIL_DIM == 64

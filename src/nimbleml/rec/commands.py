@@ -61,16 +61,22 @@ REPORT_FILE = "prepare_report.json"
 # Negatives are drawn half by popularity, half uniformly ("mixed"): on Games (validation, best
 # epoch of each, history items not excluded) popularity alone gave full NDCG@10 0.043 and
 # sampled-100 NDCG@10 0.540, uniform alone 0.041 / 0.545, mixed 0.043 / 0.549; 256 uniform
-# negatives learnt more slowly (0.513 at epoch 8). With history exclusion (model_config) the
-# validation full NDCG@10 climbs to ~0.057 by epoch 12 and stays flat, so patience 5 ends the run
-# after ~17 epochs (~7 min on one thread; the 17-minute limit is a guard). SASRec's
+# negatives learnt more slowly (0.513 at epoch 8; all these at dim 64, weight decay 0.1). With
+# history exclusion (model_config), dim 128 and weight decay 0.5 the validation full NDCG@10
+# levels off near 0.063 by epoch ~15, so patience 5 ends the run after ~23 epochs (~13 min on 2
+# threads; the 17-minute limit is a guard). SASRec's
 # one-negative BCE (dim 50, 1 head) is still climbing at epoch 36 (sampled NDCG@10 0.506,
 # full 0.027), too slow for the CPU budget.
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "small": TrainConfig(epochs=12, batch_size=64, lr=2e-3, patience=3, loss="ce", max_valid_users=1000),
     "default": TrainConfig(
         epochs=200, batch_size=128, lr=1e-3, patience=5, loss="sampled_softmax", n_negatives=2048,
-        negatives_from="mixed", weight_decay=0.1, time_limit_s=17 * 60,
+        negatives_from="mixed", time_limit_s=17 * 60,
+        # AdamW decoupled weight decay. Video.txt at dim 128 (validation full NDCG@10 /
+        # sampled-100 NDCG@10): 0.1 -> 0.0614 / 0.556 at epoch 10, then overfits; 0.5 -> 0.0642 /
+        # 0.567 at epoch 15; 1.0 still 0.0508 / 0.550 at epoch 12. Taobao head (dim 64): best 0.0994
+        # -> 0.1000
+        weight_decay=0.5,
         # Taobao head (815 users, 7 batches): validation full NDCG@10 0.035 -> 0.091 with 100
         # steps an epoch; Video.txt (240 batches) is unchanged
         min_steps_per_epoch=100,
@@ -98,8 +104,13 @@ def repeat_share(data: SequenceData) -> float:
 
 # at or above this share of training events on items seen once in training, rare items enter
 # histories as one shared vector (SeqRecConfig.min_input_count = 2). Taobao head: 48.6% (on);
-# Video.txt: 1.8% (off; on, its validation full NDCG@10 was 0.0595 against 0.0600 off)
+# Video.txt: 1.8% (off; on, its validation full NDCG@10 was 0.0595 against 0.0600 off).
+# Such a log also keeps the narrower embedding (LONG_TAIL_DIM): its items have too few events
+# to fill a wider one (Taobao head, weight decay 0.5, validation full NDCG@10 at epoch 6: dim 64
+# 0.0994, dim 128 0.0890), while Video.txt gains from it (best 0.0605 at dim 64, 0.0642 at 128)
 SINGLETON_SHARE_FOR_RARE_INPUTS = 0.10
+DEFAULT_DIM = 128  # embedding width of the default preset
+LONG_TAIL_DIM = 64  # ... on a long-tail log
 
 
 def singleton_share(data: SequenceData) -> float:
@@ -114,9 +125,11 @@ def model_config(preset: str, data: SequenceData) -> SeqRecConfig:
     only when the data has more than one behaviour type / has categories; history items are
     ranked last only when the training data (almost) never repeats an item; where it does, the
     model gets repeat-aware scores (by recency, count and decayed count) instead; on a long-tail
-    log (many items seen once) rare items share one input vector."""
+    log (many items seen once) rare items share one input vector and the embedding stays
+    narrow (LONG_TAIL_DIM; DEFAULT_DIM elsewhere)."""
     share = repeat_share(data)
     repeats = share >= REPEAT_SHARE_TO_KEEP_HISTORY
+    long_tail = singleton_share(data) >= SINGLETON_SHARE_FOR_RARE_INPUTS
     extra = dict(
         n_categories=data.n_categories,
         use_category=data.n_categories > 0,
@@ -125,11 +138,11 @@ def model_config(preset: str, data: SequenceData) -> SeqRecConfig:
         repeat_scores=repeats,
         repeat_counts=repeats,
         repeat_decay=repeats,
-        min_input_count=2 if singleton_share(data) >= SINGLETON_SHARE_FOR_RARE_INPUTS else 0,
+        min_input_count=2 if long_tail else 0,
     )
     if preset == "small":
         return SeqRecConfig.small(data.n_items, **extra)
-    return SeqRecConfig(n_items=data.n_items, **extra)
+    return SeqRecConfig(n_items=data.n_items, dim=LONG_TAIL_DIM if long_tail else DEFAULT_DIM, **extra)
 
 
 def build_model(preset: str, data: SequenceData) -> SeqRec:
