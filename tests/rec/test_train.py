@@ -195,6 +195,24 @@ def test_min_steps_per_epoch_repeats_a_small_log(monkeypatch) -> None:
     assert len(steps) == 2 * 2  # default: one pass
 
 
+def test_plateau_lowers_the_rate_after_flat_validation(monkeypatch) -> None:
+    from nimbleml.rec import train as train_module
+    from nimbleml.rec.evaluate import RankingResult
+
+    flat = RankingResult("full", 10, {"hr@10": 0.5, "ndcg@10": 0.25, "mrr": 0.2})
+    monkeypatch.setattr(train_module, "evaluate_full", lambda *args, **kwargs: flat)
+    data = make_data(n_users=20)
+    model = SeqRec(SeqRecConfig.small(data.n_items, max_len=20))
+    config = TrainConfig(epochs=6, batch_size=16, lr=1e-3, threads=1, patience=10, lr_plateau_factor=0.5)
+    result = train(model, data, config)
+    # epoch 1 sets the best; epochs 2 and 3 do not beat it -> halved for epoch 4; 4 and 5 -> again
+    assert [row["lr"] for row in result.history] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+    off = train(model, data, TrainConfig(epochs=3, batch_size=16, lr=1e-3, threads=1, patience=10))
+    assert [row["lr"] for row in off.history] == [1e-3] * 3
+    with pytest.raises(NimbleError, match="lr_plateau_factor"):
+        train(model, data, TrainConfig(epochs=1, threads=1, lr_plateau_factor=0.0))
+
+
 def test_ema_weights_are_validated_and_kept(monkeypatch) -> None:
     data = make_data(n_users=20)
     torch.manual_seed(0)

@@ -90,6 +90,13 @@ class TrainConfig:
     # 0.999 averages over the last ~1,000 optimiser steps (about 4 epochs of Video.txt).
     ema_decay: float = 0.0
     patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
+    # learning-rate drops on a plateau (torch's ReduceLROnPlateau on validation NDCG@10): after
+    # ``lr_plateau_patience`` + 1 evaluations that do not beat the best by ``lr_plateau_threshold``
+    # (absolute), every rate is multiplied by ``lr_plateau_factor``; 1.0 = off (constant rate).
+    # The threshold is absolute because EMA weights creep up by ~1e-4 an epoch on a plateau.
+    lr_plateau_factor: float = 1.0
+    lr_plateau_patience: int = 1
+    lr_plateau_threshold: float = 5e-4
     eval_every: int = 1  # epochs between validation evaluations
     max_valid_users: int | None = 10_000  # validation users (random, fixed) per evaluation; None = all
     time_limit_s: float | None = None  # stop after this many seconds of training (None = no limit)
@@ -430,6 +437,8 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
         raise NimbleError(f"unknown loss {config.loss!r}", fix="use ce, sampled_softmax or bce")
     if not 0.0 <= config.ema_decay < 1.0:
         raise NimbleError(f"ema_decay {config.ema_decay} is not in [0, 1)", fix="use 0 (off) or e.g. 0.999")
+    if not 0.0 < config.lr_plateau_factor <= 1.0:
+        raise NimbleError(f"lr_plateau_factor {config.lr_plateau_factor} is not in (0, 1]", fix="use 1.0 (off) or e.g. 0.3")
     if config.repeat_lr is not None and not config.repeat_lr > 0:
         raise NimbleError(f"repeat_lr {config.repeat_lr} is not > 0", fix="use None (= lr) or e.g. 0.01")
     if config.loss == "bce" and model.config.repeat_scores:
@@ -468,6 +477,12 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(config.seed + rank)  # dropout differs per process, like separate batch rows
     optimizer = torch.optim.AdamW(_param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
+    plateau = None
+    if config.lr_plateau_factor < 1.0:
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=config.lr_plateau_factor, patience=config.lr_plateau_patience,
+            threshold=config.lr_plateau_threshold, threshold_mode="abs",
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     averaged = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
     scorer = SeqRecScorer(model, device=device)
@@ -479,8 +494,8 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
         type(model).__name__, len(windows), data.n_users, data.n_items, config.loss, config.precision, device,
         rank + 1, world,
     )
-    def _validate(epoch: int, loss: float) -> bool:
-        """Evaluate on the validation users, log and record it; True when it is the best so far."""
+    def _validate(epoch: int, loss: float) -> tuple[bool, float]:
+        """Evaluate on the validation users, log and record it -> (best so far?, NDCG@10)."""
         valid = evaluate_full(
             scorer, split.valid_input[valid_users], split.valid_target[valid_users], valid_behaviors,
             exclude_history=model.config.exclude_history, ks=(10,),
@@ -492,7 +507,7 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
                 valid_behaviors, max_users=None, seed=config.seed, seen=valid_seen,
                 exclude_history=model.config.exclude_history,
             ).to_dict()
-        row = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - start}
+        row = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - start, "lr": optimizer.param_groups[0]["lr"]}
         row.update({f"valid_{k}": v for k, v in valid.items() if k != "n_users"})
         row.update({f"valid_sampled100_{k}": sampled[k] for k in ("hr@10", "ndcg@10")})
         result.history.append(row)
@@ -501,10 +516,10 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
             epoch, row["loss"], valid["ndcg@10"], valid["hr@10"],
             "n/a" if sampled["ndcg@10"] is None else f"{sampled['ndcg@10']:.4f}", row["seconds"],
         )
-        if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
+        improved = valid["ndcg@10"] > result.best_valid["ndcg@10"]
+        if improved:
             result.best_valid = valid
-            return True
-        return False
+        return improved, valid["ndcg@10"]
 
     start = time.perf_counter()
     with make_progress() as progress:
@@ -538,7 +553,9 @@ def train(model: SeqRec, data: SequenceData, config: TrainConfig | None = None) 
             if epoch % config.eval_every and epoch != config.epochs and not out_of_time:
                 continue
             raw = _swap_in(params, averaged)  # validate (and keep) the averaged weights
-            improved = _from_rank0(_validate(epoch, epoch_loss / max(epoch_rows, 1)) if rank == 0 else None)
+            improved, score = _from_rank0(_validate(epoch, epoch_loss / max(epoch_rows, 1)) if rank == 0 else None)
+            if plateau is not None:
+                plateau.step(score)  # on every process, so the rates stay equal
             if improved:
                 result.best_epoch, since_best = epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
