@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from nimbleml.environment import environment
+from nimbleml.errors import NimbleError
 from nimbleml.rec.commands import TRAIN_PRESETS, build_model
 from nimbleml.rec.data import SequenceData
 from nimbleml.rec.train import TrainConfig, launch_local, process_group, train
@@ -65,10 +67,17 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for name in names:  # all checked before any variant trains
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}; use some of: {', '.join(VARIANTS)}")
+    try:  # a missing or broken data folder is one message here, not a traceback per spawned process
+        SequenceData.load(args.data)
+    except NimbleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rows = []
+    for name in names:
         precision, processes = VARIANTS[name]
         result_file = args.out / f"row-{len(rows)}.json"
         launch_local(_train_variant, processes, args.data, precision, args.epochs, args.threads, result_file)
