@@ -94,6 +94,8 @@ class TrainConfig:
     # ``lr_plateau_patience`` + 1 evaluations that do not beat the best by ``lr_plateau_threshold``
     # (absolute), every rate is multiplied by ``lr_plateau_factor``; 1.0 = off (constant rate).
     # The threshold is absolute because EMA weights creep up by ~1e-4 an epoch on a plateau.
+    # Video.txt, default preset with factor 0.3: best validation full NDCG@10 0.0628 -> 0.0633,
+    # sampled-100 0.5660 -> 0.5679, within the preset's own run-to-run spread, so the preset keeps it off.
     lr_plateau_factor: float = 1.0
     lr_plateau_patience: int = 1
     lr_plateau_threshold: float = 5e-4
