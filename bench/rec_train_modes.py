@@ -66,7 +66,6 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for name in names:  # all checked before any variant trains
         if name not in VARIANTS:
@@ -76,6 +75,7 @@ def main() -> int:
     except NimbleError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
         precision, processes = VARIANTS[name]

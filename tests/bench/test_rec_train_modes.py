@@ -40,9 +40,11 @@ def test_unknown_variant_is_a_clear_error(tmp_path: Path) -> None:
     done = _run("--data", str(tmp_path / "data"), "--variants", "fp32-1proc,fp8-9proc", "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "unknown variant 'fp8-9proc'" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before the valid first variant trained
 
 
 def test_missing_data_is_one_message(tmp_path: Path) -> None:
     done = _run("--data", str(tmp_path / "nowhere"), "--variants", "fp32-1proc", "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "prepared sequence data not found" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
