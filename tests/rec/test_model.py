@@ -125,6 +125,7 @@ VARIANTS = {
     "structured": {"block_heads": [1, 2], "block_ffn": [7, 20]},
     "behaviour": {"use_behavior": True},
     "rare": {"min_input_count": 2},
+    "unknown": {"unknown_input_alpha": 0.5},
     "repeats": {"repeat_scores": True, "repeat_counts": True, "repeat_decay": True, "exclude_history": False},
 }
 
@@ -235,6 +236,30 @@ def test_rare_items_share_one_input_vector(tmp_path) -> None:
     plain = _variant("dense")
     plain.set_item_counts(np.zeros(N_ITEMS + 1))  # without the switch: a no-op
     assert plain.rare_emb is None and not hasattr(plain, "input_known")
+
+
+def test_unknown_input_dropout_follows_item_counts(tmp_path) -> None:
+    """Word dropout: in training an item seen c times enters as the unknown vector with probability
+    alpha / (alpha + c); at inference only items training never saw do."""
+    model = _variant("unknown")  # counts: items 3, 6, ... 0; 1, 4, ... once; 2, 5, ... twice
+    assert model.input_known[[0, 1, 2]].all() and not model.input_known[[3, 6]].any()
+    torch.testing.assert_close(model.unknown_rate[[0, 1, 2, 3]], torch.tensor([0.0, 0.5 / 1.5, 0.5 / 2.5, 1.0]))
+    history = torch.tensor([[1, 2, 3, 0]]).repeat(20_000, 1)
+    with torch.no_grad():
+        model.eval()
+        x = model.input_embedding(history[:1])[0]
+        torch.testing.assert_close(x[2], model.rare_emb)  # never seen: the shared vector
+        assert not torch.allclose(x[0], model.rare_emb) and not x[3].any()  # known item; padding stays 0
+        model.train()
+        torch.manual_seed(1)
+        dropped = (model.input_embedding(history) == model.rare_emb).all(-1).float().mean(0)
+    expected = torch.tensor([0.5 / 1.5, 0.5 / 2.5, 1.0, 0.0])
+    torch.testing.assert_close(dropped, expected, atol=0.015, rtol=0)
+    save_checkpoint(model.eval(), {}, tmp_path)
+    loaded = load_checkpoint(tmp_path)  # the rates are derived from counts, not saved
+    torch.testing.assert_close(loaded.last_state(history[:2]), model.last_state(history[:2]))
+    with pytest.raises(ValueError, match="unknown_input_alpha"):
+        SeqRecConfig(n_items=5, unknown_input_alpha=-1.0)
 
 
 def test_packed_qkv_checkpoint_loads() -> None:

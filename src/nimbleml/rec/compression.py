@@ -497,6 +497,7 @@ class DistillRecipe(Recipe):
             student.set_item_category(model.item_category)
         if model.rare_emb is not None:
             student.input_known.copy_(model.input_known)
+            student.unknown_rate.copy_(model.unknown_rate)
         with torch.no_grad():
             _, _, vt = torch.linalg.svd(model.item_emb.weight, full_matrices=False)
             basis = vt[: student.config.dim].T  # (D_teacher, D_student)

@@ -75,6 +75,13 @@ class SeqRecConfig:
     # 0.39 on validation, where the last input is always a training item). Items below the
     # count are scored as candidates as before. 0 = off (every item its own embedding).
     min_input_count: int = 0
+    # item-frequency aware input dropout (word dropout, Kiperwasser & Goldberg 2016): in training,
+    # an input event of an item seen c times in training becomes the shared unknown-item vector
+    # (the rare-item one above) with probability alpha / (alpha + c), so that vector is learnt in
+    # the contexts of rare items, and items training never saw (a test input often ends in one:
+    # its only event was the validation target) enter histories as it, not as an untrained row.
+    # 0 = off; with it on, items with 0 training events map to the vector even when min_input_count is 0.
+    unknown_input_alpha: float = 0.0
     # lightweight attention (the compression recipes of `rec.compression`); defaults = the dense baseline
     qkv_groups: int = 1  # grouped Q/K/V and output projections: k block-diagonal groups, k times fewer weights (1 = dense)
     head_rank: int = 0  # low-rank per-head Q/K/V projections: each head's (dim -> head_dim) map is rank r (0 = full)
@@ -110,6 +117,8 @@ class SeqRecConfig:
             raise ValueError("repeat_decay needs repeat_scores")
         if self.min_input_count < 0:
             raise ValueError(f"min_input_count must be >= 0, got {self.min_input_count}")
+        if self.unknown_input_alpha < 0:
+            raise ValueError(f"unknown_input_alpha must be >= 0, got {self.unknown_input_alpha}")
         if self.attention_window < 0 or self.n_global < 0 or (self.n_global and not self.attention_window):
             raise ValueError("attention_window and n_global must be >= 0; n_global needs a window")
 
@@ -285,9 +294,13 @@ class SeqRec(nn.Module):
         # item id -> category id, so serving needs item ids only; filled by set_item_category
         self.register_buffer("item_category", torch.zeros(config.n_items + 1, dtype=torch.int64))
         # the shared input vector of rare items and which items are not rare (set_item_counts)
-        self.rare_emb = nn.Parameter(torch.zeros(config.dim)) if config.min_input_count else None
-        if config.min_input_count:
+        shared_input = bool(config.min_input_count or config.unknown_input_alpha)
+        self.rare_emb = nn.Parameter(torch.zeros(config.dim)) if shared_input else None
+        if shared_input:
             self.register_buffer("input_known", torch.ones(config.n_items + 1, dtype=torch.bool))
+        # per item, the training-time probability of entering as the shared vector (derived from
+        # the counts by set_item_counts, so not saved)
+        self.register_buffer("unknown_rate", torch.zeros(config.n_items + 1), persistent=False)
         self.emb_drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, b) for b in range(config.n_blocks))
         self.ln_final = nn.LayerNorm(config.dim)
@@ -324,17 +337,27 @@ class SeqRec(nn.Module):
         counted fewer times enter histories as the shared rare-item vector; without, a no-op."""
         if self.rare_emb is None:
             return
-        known = torch.as_tensor(np.asarray(counts)) >= self.config.min_input_count
+        counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+        alpha = self.config.unknown_input_alpha
+        known = counts >= max(self.config.min_input_count, 1 if alpha else 0)
         known[0] = True  # padding keeps its (zero, masked) row
         self.input_known.copy_(known)
+        if alpha:
+            rate = alpha / (alpha + counts)
+            rate[0] = 0.0
+            self.unknown_rate.copy_(rate.float())
 
     def input_embedding(self, history: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) input vectors: the item's embedding, or the rare-item vector
-        for an item below ``min_input_count`` training events."""
+        for an item below ``min_input_count`` training events (in training also, at random, an
+        event dropped by ``unknown_input_alpha``)."""
         x = self.item_emb(history)
         if self.rare_emb is None:
             return x
-        return torch.where(self.input_known[history].unsqueeze(-1), x, self.rare_emb.to(x.dtype))
+        known = self.input_known[history]
+        if self.training and self.config.unknown_input_alpha:
+            known = known & (torch.rand(history.shape, device=history.device) >= self.unknown_rate[history])
+        return torch.where(known.unsqueeze(-1), x, self.rare_emb.to(x.dtype))
 
     def embed(
         self,
