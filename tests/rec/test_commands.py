@@ -81,3 +81,7 @@ def test_rare_inputs_follow_the_singleton_share() -> None:
     # the default preset: a wide embedding where items have events to fill it, narrow on a long tail
     assert commands.model_config("default", dense).dim == commands.DEFAULT_DIM == 128
     assert commands.model_config("default", sparse).dim == commands.LONG_TAIL_DIM == 64
+    # and the unknown-item vector learnt by input dropout where rare inputs do not already share it
+    assert commands.model_config("default", dense).unknown_input_alpha == commands.UNKNOWN_INPUT_ALPHA > 0
+    assert commands.model_config("default", sparse).unknown_input_alpha == 0.0
+    assert commands.model_config("small", dense).unknown_input_alpha == 0.0
