@@ -1,13 +1,17 @@
 """Where a trained SeqRec wins or loses against `recent` and co-occurrence: full NDCG@10 on the
-validation and test targets, split by repeat / novel target and by how many events back the
-target was last seen, plus the share of inputs whose last item training never saw (the gap
-that made the Taobao head's validation score fail to carry over to its test targets).
+validation and test targets, split by repeat / novel target, by how many events back the
+target was last seen, and by whether training ever saw the input's last item (the gap that made
+the Taobao head's validation score fail to carry over to its test targets).
 
     .venv/bin/python bench/rec_repeat_diagnostic.py --model runs/taobao/model-v2 --data runs/taobao/data --out runs/diag
+    .venv/bin/python bench/rec_repeat_diagnostic.py --model runs/video/model-v7 --data runs/video/data --sampled --out runs/diag-v7
 
 Writes ``repeat_diagnostic.json``: {"<part>": {"n_users", "last_input_unseen_share",
-"<scorer>": {"all", "repeat", "novel", "back_<lo>-<hi>"}}} with part in valid/test, scorer in
-model/recent/cooccurrence (NDCG@10 over the users in each group; null where a group is empty).
+"<scorer>": {"all", "repeat", "novel", "back_<lo>-<hi>", "last_input_unseen", "last_input_seen"}}}
+with part in valid/test, scorer in model/recent/cooccurrence (NDCG@10 over the users in each
+group; null where a group is empty). ``--sampled`` adds "model_sampled100": the model's NDCG@10
+under the SASRec paper's 100 uniform negatives, on every user of each group (seed 0, so two
+models scored with the same data and groups meet the same negatives).
 """
 
 from __future__ import annotations
@@ -22,20 +26,29 @@ from rich.table import Table
 
 from nimbleml.rec.baselines import ItemCooccurrence, RecentItems
 from nimbleml.rec.data import SequenceData, leave_last_out
-from nimbleml.rec.evaluate import SeqRecScorer, checked_scores
+from nimbleml.rec.evaluate import SeqRecScorer, checked_scores, evaluate_sampled, mask_seen
 from nimbleml.rec.train import load_checkpoint
 
 BACK = ((2, 2), (3, 5), (6, 20), (21, 100))  # events since the target was last seen (1 = the last input)
 
 
-def full_ranks(scorer: object, inputs: np.ndarray, targets: np.ndarray, behaviors: np.ndarray | None) -> np.ndarray:
-    """0-based rank of each target among all items (pessimistic ties), like ``evaluate_full``."""
-    scores = checked_scores(scorer.score_all(inputs, behaviors))
-    rows = np.arange(len(targets))
-    target = scores[rows, targets].copy()
-    scores[:, 0] = -np.inf
-    scores[rows, targets] = -np.inf
-    return (scores >= target[:, None]).sum(1)
+def full_ranks(
+    scorer: object, inputs: np.ndarray, targets: np.ndarray, behaviors: np.ndarray | None, exclude_history: bool
+) -> np.ndarray:
+    """0-based rank of each target among all items (pessimistic ties; the input window's items
+    masked when ``exclude_history``), like ``evaluate_full``; 2,048 users at a time."""
+    ranks = np.empty(len(targets), dtype=np.int64)
+    for start in range(0, len(targets), 2048):
+        batch = slice(start, start + 2048)
+        scores = checked_scores(scorer.score_all(inputs[batch], None if behaviors is None else behaviors[batch]))
+        if exclude_history:
+            mask_seen(scores, inputs[batch])
+        rows, target = np.arange(len(scores)), targets[batch]
+        target_score = scores[rows, target].copy()
+        scores[:, 0] = -np.inf
+        scores[rows, target] = -np.inf
+        ranks[batch] = (scores >= target_score[:, None]).sum(1)
+    return ranks
 
 
 def ndcg10(ranks: np.ndarray) -> float | None:
@@ -47,6 +60,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, required=True, help="folder written by `rec train`")
     parser.add_argument("--data", type=Path, required=True, help="folder written by `rec prepare`")
     parser.add_argument("--decay", type=float, default=0.95, help="`recent` decay (rec train reports the chosen one)")
+    parser.add_argument("--sampled", action="store_true", help="also the model's sampled-100 NDCG@10 per group")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     data = SequenceData.load(args.data)
@@ -57,7 +71,8 @@ def main() -> int:
                "cooccurrence": ItemCooccurrence().fit(data)}
     result: dict = {}
     table = Table(title=f"full NDCG@10 by target type ({args.model})")
-    for column in ("part", "scorer", "all", "repeat", "novel", *(f"back {lo}-{hi}" for lo, hi in BACK)):
+    for column in ("part", "scorer", "all", "repeat", "novel", *(f"back {lo}-{hi}" for lo, hi in BACK),
+                   "last input unseen", "last input seen"):
         table.add_column(column, justify="right")
     for part in ("valid", "test"):
         inputs, targets = split[f"{part}_input"], split[f"{part}_target"]
@@ -67,11 +82,27 @@ def main() -> int:
         back = np.where(match.any(1), width - np.where(match, np.arange(width), -1).max(1), 0)
         groups = {"all": np.ones(len(targets), bool), "repeat": back > 0, "novel": back == 0}
         groups |= {f"back_{lo}-{hi}": (back >= lo) & (back <= hi) for lo, hi in BACK}
-        result[part] = {"n_users": len(targets), "last_input_unseen_share": float((trained[inputs[:, -1]] == 0).mean())}
+        unseen = trained[inputs[:, -1]] == 0
+        groups |= {"last_input_unseen": unseen, "last_input_seen": ~unseen}
+        result[part] = {"n_users": len(targets), "last_input_unseen_share": float(unseen.mean())}
         for name, scorer in scorers.items():
-            ranks = full_ranks(scorer, inputs, targets, behaviors if name == "model" else None)
+            ranks = full_ranks(scorer, inputs, targets, behaviors if name == "model" else None,
+                               model.config.exclude_history)
             result[part][name] = {group: ndcg10(ranks[mask]) for group, mask in groups.items()}
             table.add_row(part, name, *("" if v is None else f"{v:.3f}" for v in result[part][name].values()))
+        if args.sampled:  # every item the user had before the target is never a negative
+            end = data.offsets[1:] - (2 if part == "valid" else 1)
+            seen = [data.items[a:b] for a, b in zip(data.offsets[:-1], end)]
+            result[part]["model_sampled100"] = {
+                group: None if not mask.any() else evaluate_sampled(
+                    scorers["model"], inputs[mask], targets[mask], data.n_items,
+                    None if behaviors is None else behaviors[mask], max_users=None, seed=0,
+                    seen=[seen[u] for u in np.flatnonzero(mask)], exclude_history=model.config.exclude_history,
+                ).to_dict()["ndcg@10"]
+                for group, mask in groups.items()
+            }
+            table.add_row(part, "model, sampled-100",
+                          *("" if v is None else f"{v:.3f}" for v in result[part]["model_sampled100"].values()))
     console = Console()
     console.print(table)
     for part in ("valid", "test"):
