@@ -14,7 +14,9 @@ from nimbleml.rec.train import (
     _param_groups,
     TrainConfig,
     TrainingWindows,
+    _ce_loss,
     _proposal_log_q,
+    _sampled_softmax_loss,
     load_checkpoint,
     save_checkpoint,
     train,
@@ -162,6 +164,38 @@ def test_training_logits_with_repeats_equal_the_served_scores() -> None:
         candidates = torch.tensor([[3, 4, 8, 9], [1, 2, 3, 9]])
         picked = model.score_candidates(model.last_state(inputs), inputs, candidates)
         torch.testing.assert_close(picked, served.gather(1, candidates))  # the serving path agrees
+
+
+def test_sampled_softmax_with_repeats_tends_to_the_full_softmax() -> None:
+    """With many negatives the sampled loss and its repeat-parameter gradients match the
+    full-catalogue cross-entropy (history items exact, their sampled copies taken out)."""
+    torch.manual_seed(0)
+    model = SeqRec(SeqRecConfig.small(20, repeat_scores=True, repeat_counts=True, repeat_decay=True)).eval()
+    with torch.no_grad():
+        model.repeat_recency.weight.normal_()
+        model.repeat_count.weight.normal_()
+    inputs = torch.tensor([[0, 0, 3, 4, 3, 3, 8, 4], [1, 2, 3, 1, 2, 3, 1, 2]])
+    targets = torch.tensor([[0, 0, 4, 3, 3, 8, 4, 9], [2, 3, 1, 2, 3, 1, 2, 3]])
+    mask = inputs != 0
+
+    def loss_and_grads(full: bool) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        hidden = model.encode(inputs)
+        repeats = PrefixRepeats.from_inputs(inputs, mask, model.decay_gamma())
+        if full:
+            loss = _ce_loss(model, hidden[mask], targets[mask], 256, repeats)
+        else:
+            seen_dots = torch.bmm(hidden, model.item_emb(inputs).transpose(1, 2))[mask]
+            loss = _sampled_softmax_loss(model, hidden[mask], targets[mask], 200_000, _proposal_log_q(np.ones(21), "uniform"),
+                                         torch.Generator().manual_seed(0), repeats, seen_dots)  # fmt: skip
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for n, p in model.named_parameters() if n.startswith("repeat_")]
+
+    full_loss, full_grads = loss_and_grads(full=True)
+    sampled_loss, sampled_grads = loss_and_grads(full=False)
+    assert sampled_loss == pytest.approx(full_loss, abs=2e-3)
+    for full, sampled in zip(full_grads, sampled_grads):
+        torch.testing.assert_close(sampled, full, atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("loss", ["ce", "sampled_softmax"])
