@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from nimbleml.errors import NimbleError
 from nimbleml.rec.baselines import ItemCooccurrence, RecentItems
 from nimbleml.rec.data import SequenceData, leave_last_out
 from nimbleml.rec.evaluate import SeqRecScorer, checked_scores, evaluate_sampled, mask_seen
@@ -63,8 +65,12 @@ def main() -> int:
     parser.add_argument("--sampled", action="store_true", help="also the model's sampled-100 NDCG@10 per group")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    data = SequenceData.load(args.data)
-    model = load_checkpoint(args.model)
+    try:  # a missing or broken folder is one message, not a traceback
+        data = SequenceData.load(args.data)
+        model = load_checkpoint(args.model)
+    except NimbleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     split = leave_last_out(data, max_len=model.config.max_len)
     trained = np.bincount(split.train_items, minlength=data.n_items + 1)
     scorers = {"model": SeqRecScorer(model), "recent": RecentItems(args.decay).fit(data),

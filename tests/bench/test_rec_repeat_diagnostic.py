@@ -41,3 +41,12 @@ def test_groups_partition_the_users_and_match_the_evaluation(tmp_path: Path) -> 
         sampled = report[part]["model_sampled100"]
         assert set(sampled) == set(groups) and 0.0 <= sampled["all"] <= 1.0
     assert report["test"]["model"]["all"] == expected  # the same number `rec train` reports
+
+
+def test_missing_folders_are_one_message(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tmp_path / "no-model"), "--data",
+                           str(tmp_path / "no-data"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "prepared sequence data not found" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
