@@ -307,7 +307,7 @@ def _sampled_softmax_loss(
     draws = torch.bincount(negatives, minlength=weight.shape[0]).float()[repeats.items]
     # a finite floor, not -inf: logsumexp's gradient is NaN on a row with no finite entry
     copies = torch.where(other | (draws == 0), -1e4, seen_dots - log_q[repeats.items] + torch.log(draws.clamp(min=1.0)))
-    sampled = torch.logsumexp(negative, dim=1, keepdim=True)
+    sampled = torch.logsumexp(negative.clamp(min=-1e4), dim=1, keepdim=True)  # finite even if every draw was the target
     share = torch.exp(torch.logsumexp(copies, dim=1, keepdim=True) - sampled).clamp(max=1.0 - 1e-6)
     rest = sampled + torch.log1p(-share)  # log of the negatives' sum without the history items
     logits = torch.cat([positive, rest, seen], dim=1)
