@@ -28,29 +28,10 @@ from rich.table import Table
 from nimbleml.errors import NimbleError
 from nimbleml.rec.baselines import ItemCooccurrence, RecentItems
 from nimbleml.rec.data import SequenceData, leave_last_out
-from nimbleml.rec.evaluate import SeqRecScorer, checked_scores, evaluate_sampled, mask_seen
+from nimbleml.rec.evaluate import SeqRecScorer, evaluate_sampled, full_ranks
 from nimbleml.rec.train import load_checkpoint
 
 BACK = ((2, 2), (3, 5), (6, 20), (21, 100))  # events since the target was last seen (1 = the last input)
-
-
-def full_ranks(
-    scorer: object, inputs: np.ndarray, targets: np.ndarray, behaviors: np.ndarray | None, exclude_history: bool
-) -> np.ndarray:
-    """0-based rank of each target among all items (pessimistic ties; the input window's items
-    masked when ``exclude_history``), like ``evaluate_full``; 2,048 users at a time."""
-    ranks = np.empty(len(targets), dtype=np.int64)
-    for start in range(0, len(targets), 2048):
-        batch = slice(start, start + 2048)
-        scores = checked_scores(scorer.score_all(inputs[batch], None if behaviors is None else behaviors[batch]))
-        if exclude_history:
-            mask_seen(scores, inputs[batch])
-        rows, target = np.arange(len(scores)), targets[batch]
-        target_score = scores[rows, target].copy()
-        scores[:, 0] = -np.inf
-        scores[rows, target] = -np.inf
-        ranks[batch] = (scores >= target_score[:, None]).sum(1)
-    return ranks
 
 
 def ndcg10(ranks: np.ndarray) -> float | None:

@@ -222,6 +222,19 @@ def evaluate_full(
     inputs: (U, L) left-padded histories; targets: (U,) held-out item ids (1..n_items);
     exclude_history: score the input window's items -inf (:func:`mask_seen`).
     """
+    return RankingResult.from_ranks("full", full_ranks(scorer, inputs, targets, behaviors, exclude_history, batch_size), ks)
+
+
+def full_ranks(
+    scorer: Scorer,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    behaviors: np.ndarray | None = None,
+    exclude_history: bool = False,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """(U,) 0-based rank of each target among every item but the padding id, as
+    :func:`evaluate_full` scores it (``batch_size`` users at a time)."""
     inputs = np.asarray(inputs, dtype=np.int64)
     targets = np.asarray(targets, dtype=np.int64)
     ranks = np.empty(len(targets), dtype=np.int64)
@@ -236,7 +249,7 @@ def evaluate_full(
         scores[np.arange(len(target)), target] = -np.inf
         # pessimistic ties: every other item scoring >= the target ranks above it
         ranks[rows] = (scores >= target_score[:, None]).sum(axis=1)
-    return RankingResult.from_ranks("full", ranks, ks)
+    return ranks
 
 
 def _sample_negatives(
