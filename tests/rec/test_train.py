@@ -252,23 +252,32 @@ def test_ema_weights_are_validated_and_kept(monkeypatch) -> None:
     torch.manual_seed(0)
     model = SeqRec(SeqRecConfig.small(data.n_items, max_len=20))
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    mean = {name: p.detach().clone() for name, p in model.named_parameters()}
-    decay = 0.5
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    after_steps: list[dict[str, torch.Tensor]] = []
+    decay = 0.9
     original = torch.optim.AdamW.step
 
-    def averaging_step(self, *args, **kwargs):  # the average by hand, from the weights after each step
+    def recording_step(self, *args, **kwargs):  # the weights after each step
         out = original(self, *args, **kwargs)
-        for name, p in model.named_parameters():
-            value = p.detach().clone()
-            if name == "item_emb.weight":
-                value[0] = 0.0  # the padding row is zeroed after every step
-            mean[name] = decay * mean[name] + (1 - decay) * value
+        weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+        weights["item_emb.weight"][0] = 0.0  # the padding row is zeroed after every step
+        after_steps.append(weights)
         return out
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", averaging_step)
-    train(model, data, TrainConfig(epochs=1, batch_size=8, threads=1, ema_decay=decay))
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    train(model, data, TrainConfig(epochs=1, batch_size=4, threads=1, ema_decay=decay))
+    n = len(after_steps)
+    assert n == 5
+    # the bias-corrected average: weights decay^(n-1-i) over the n steps' weights, normalised;
+    # the random initialisation has no weight in it (it had decay^n = 59% here before)
+    coefficients = torch.tensor([decay ** (n - 1 - i) for i in range(n)], dtype=torch.float64)
+    coefficients /= coefficients.sum()
     for name in names:
-        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), mean[name], rtol=1e-5, atol=1e-6)
+        expected = sum(float(c) * w[name] for c, w in zip(coefficients, after_steps))
+        kept = dict(model.named_parameters())[name].detach()
+        torch.testing.assert_close(kept, expected, rtol=1e-5, atol=1e-6)
+        if name == "repeat_gate.bias" or name.endswith("ln_final.bias"):
+            assert not torch.allclose(kept, initial[name])
     with pytest.raises(NimbleError, match="ema_decay"):
         train(model, data, TrainConfig(epochs=1, ema_decay=1.0))
 
