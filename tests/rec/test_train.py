@@ -276,8 +276,8 @@ def test_ema_weights_are_validated_and_kept(monkeypatch) -> None:
         expected = sum(float(c) * w[name] for c, w in zip(coefficients, after_steps))
         kept = dict(model.named_parameters())[name].detach()
         torch.testing.assert_close(kept, expected, rtol=1e-5, atol=1e-6)
-        if name == "repeat_gate.bias" or name.endswith("ln_final.bias"):
-            assert not torch.allclose(kept, initial[name])
+    final_bias = dict(model.named_parameters())["ln_final.bias"].detach()
+    assert not torch.allclose(final_bias, initial["ln_final.bias"])  # the steps moved it off its start
     with pytest.raises(NimbleError, match="ema_decay"):
         train(model, data, TrainConfig(epochs=1, ema_decay=1.0))
 
