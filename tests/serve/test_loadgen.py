@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 
 import numpy as np
 import pytest
 
 from nimbleml.cli import main
 from nimbleml.errors import NimbleError
-from nimbleml.serve.loadgen import loopback_target, summarise
+from nimbleml.serve.loadgen import (LoadPlan, http_request, latency_percentile, loopback_target, run_load,
+                                    status_split, summarise)
 from tests.serve.conftest import KEYS
 
 
@@ -22,12 +25,84 @@ def test_only_loopback_targets():
 
 def test_summary_counts_and_percentiles():
     status = np.array([200, 200, 429, 503, 0, 500], dtype=np.int16)
-    latency = np.array([1.0, 3.0, 0.5, 0.5, np.nan, 2.0], dtype=np.float32)
+    latency = np.array([1.0, 3.0, 0.5, 0.5, 5000.0, 2.0], dtype=np.float32)
     tier = np.array([0, 1, 1, 1, 0, 0], dtype=np.int8)
     s = summarise(status, latency, tier, ["premium", "free"], duration_s=2.0)
     assert (s["sent"], s["answered"], s["ok"], s["rejected"], s["errors"]) == (6, 5, 2, 2, 2)
     assert s["throughput_rps"] == 1.0
-    assert s["by_tier"]["free"]["rejected"] == 2 and s["by_tier"]["premium"]["p50_ms"] == 1.0
+    assert s["by_tier"]["free"]["rejected"] == 2
+    # premium: 200 at 1 ms, a timeout, a 500 at 2 ms; the timeout is infinitely slow
+    assert s["by_tier"]["premium"]["p50_ms"] == 2.0 and s["by_tier"]["premium"]["p99_ms"] is None
+    # free: the two refusals stay out of p50/p99 but not out of p99_all_ms
+    assert s["by_tier"]["free"]["p99_ms"] == 3.0 and s["by_tier"]["free"]["p99_all_ms"] == 3.0
+
+
+def test_status_split_by_tier():
+    status = np.array([200, 204, 429, 429, 503, 504, 500, 502, 0, 0, 404, 200], dtype=np.int16)
+    latency = np.arange(1, 13, dtype=np.float32)
+    tier = np.array([0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1, 1], dtype=np.int8)
+    assert status_split(status) == {"2xx": 3, "429": 2, "503": 1, "504": 1, "other_5xx": 2, "timeout": 2, "other": 1}
+    s = summarise(status, latency, tier, ["premium", "free"], duration_s=1.0)
+    assert s["by_tier"]["premium"]["status"] == {"2xx": 2, "429": 0, "503": 0, "504": 1, "other_5xx": 1,
+                                                 "timeout": 1, "other": 0}
+    assert s["by_tier"]["free"]["status"] == {"2xx": 1, "429": 2, "503": 1, "504": 0, "other_5xx": 1,
+                                              "timeout": 1, "other": 1}
+    assert sum(s["status"].values()) == s["sent"] == 12
+
+
+def test_premium_504s_and_timeouts_enter_its_p99():
+    """100 premium requests: 98 fast 2xx, one 504 at 40 ms, one timeout. p99 lands on the 504
+    with the timeout outside it; with two timeouts p99 is infinite (None)."""
+    status = np.array([200] * 98 + [504, 0], dtype=np.int16)
+    latency = np.array([1.0] * 98 + [40.0, 5000.0], dtype=np.float32)
+    tier = np.zeros(100, dtype=np.int8)
+    assert summarise(status, latency, tier, ["premium"], 1.0)["by_tier"]["premium"]["p99_ms"] == 40.0
+    status[98] = 0
+    assert summarise(status, latency, tier, ["premium"], 1.0)["by_tier"]["premium"]["p99_ms"] is None
+    assert latency_percentile(latency[:98], status[:98], 99) == 1.0
+
+
+class _Echo(asyncio.Protocol):
+    """Answers every request with its own body: a sampled answer shows which request it answered."""
+
+    def connection_made(self, transport) -> None:
+        import httptools
+
+        self.transport, self.body = transport, b""
+        self.parser = httptools.HttpRequestParser(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(self.body), self.body))
+        self.body = b""
+
+
+def test_sampled_answers_name_their_requests():
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(_Echo, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        target = loopback_target(f"http://127.0.0.1:{port}/echo")
+        bodies = {"a": [b"a%d" % i for i in range(7)], "b": [b"b%d" % i for i in range(5)]}
+        requests = {tier: [http_request(target, body, None) for body in tier_bodies] for tier, tier_bodies in bodies.items()}
+        plan = LoadPlan(target, 200.0, 0.5, requests, {"a": 0.5, "b": 0.5}, processes=1, timeout_s=2.0, sample_every=3)
+        result = run_load(plan)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert result.summary()["ok"] == len(result.status) > 30
+    assert len(result.samples) == pytest.approx(len(result.status) / 3, abs=1)
+    for sample in result.samples:
+        assert sample.status == 200 and sample.body == bodies[sample.tier][sample.request]
+    later = result.after(0.25)
+    assert later.duration_s == 0.25 and (later.scheduled_s >= 0).all() and len(later.status) < len(result.status)
 
 
 def test_loadtest_command_writes_the_report(server, tmp_path, monkeypatch):

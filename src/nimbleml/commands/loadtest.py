@@ -23,7 +23,8 @@ from rich.table import Table
 
 from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
-from nimbleml.serve.loadgen import LoadPlan, LoadResult, http_request, loopback_target, plot_latency, request_bodies, run_load
+from nimbleml.serve.loadgen import (STATUS_CLASSES, LoadPlan, LoadResult, http_request, loopback_target, plot_latency,
+                                    request_bodies, run_load)
 
 KEYS_ENV = "NIMBLEML_LOADTEST_KEYS"  # tier=key,tier=key: the key each tier's requests carry
 ROUTES = {"recommend": "/v1/recommend", "risk": "/v1/risk"}
@@ -57,7 +58,9 @@ def build_plan(url: str, rps: float, duration_s: float, mix: dict[str, float], k
     """Ask the server what it serves, then pre-encode every request."""
     base = loopback_target(url)
     try:
-        models = httpx.get(f"http://{base.host}:{base.port}/v1/models", timeout=10).json()
+        key = next(iter(keys.values()), None)  # /v1/models needs a key where the server has keys
+        models = httpx.get(f"http://{base.host}:{base.port}/v1/models", timeout=10,
+                           headers={"x-api-key": key} if key else {}).json()
     except (httpx.HTTPError, ValueError) as exc:
         raise NimbleError(f"cannot read {url}/v1/models ({exc})", fix="start the server first: nimbleml serve") from exc
     target = loopback_target(f"http://{base.host}:{base.port}{ROUTES[models['operation']]}")
@@ -67,12 +70,16 @@ def build_plan(url: str, rps: float, duration_s: float, mix: dict[str, float], k
 
 
 def summary_table(summary: dict, title: str) -> Table:
+    """One row per tier (and all): what each request got, by status, and p50/p99 over all but the
+    deliberate refusals (a timeout as infinite: shown as "inf")."""
     table = Table(title=title)
-    for column in ("tier", "sent", "ok", "rejected", "errors", "p50 ms", "p99 ms"):
+    for column in ("tier", "sent", *STATUS_CLASSES, "p50 ms", "p99 ms"):
         table.add_column(column, justify="right" if column != "tier" else "left")
     rows = [("all", summary)] + list(summary["by_tier"].items())
     for name, block in rows:
-        table.add_row(name, *(str(block[k]) for k in ("sent", "ok", "rejected", "errors", "p50_ms", "p99_ms")))
+        counted = block["sent"] > block["rejected"]  # None then means a timeout, else nothing to count
+        latency = [str(block[k]) if block[k] is not None else "inf" if counted else "-" for k in ("p50_ms", "p99_ms")]
+        table.add_row(name, str(block["sent"]), *(str(block["status"][k]) for k in STATUS_CLASSES), *latency)
     return table
 
 

@@ -1,19 +1,27 @@
 """`nimbleml bench serve`: a naive server against ours, side by side in one run, on this machine.
 
-- **naive**: what a user would write: FastAPI + pydantic, PyTorch eager FP32, one forward
-  per request (``--naive`` mode of this module, run as its own process).
+- **naive**: what a competent user would write: FastAPI + pydantic, PyTorch eager FP32, one
+  forward per request (``--naive`` mode of this module, run as its own server). Four variants:
+  an ``async def`` route, a plain ``def`` route, the async route with one torch thread, and
+  ``naive_workers``: one uvicorn worker process per core, one torch thread each (what
+  ``uvicorn --workers N`` or gunicorn gives). ``ratio`` is taken against the best of them.
 - **nimbleml**: ``nimbleml serve`` on the same model (fastest runtime backend, workers,
   dynamic batching, our httptools hot path); also behind uvicorn with the lean ASGI hot path
   (``nimbleml_asgi``) and with every route through FastAPI (``nimbleml_fastapi_route``), to
   show what each HTTP layer costs.
 - **ray_serve**: the same bundle as a Ray Serve deployment (``serve/ray_app.py``).
 
-For each, the highest offered rate (Poisson, open loop) whose p99 stays <= 50 ms with >= 99 %
-answered 2xx, and the server processes' CPU per answered request. Then a 2x overload of ours
-with the tier mix, once with every tier on one port and once with premium callers on the
-premium lane (``serve --premium-port``: a second process at normal CPU priority while the main
-one runs niced). The generator's own ceiling against a trivial server is recorded, so the
-ratio can be read even where the generator limits it. Writes ``serve_bench.json``.
+For each, its capacity (``nimbleml.bench.capacity``): the highest offered rate (Poisson, open
+loop) at which every request is answered 2xx with p99 over all of them <= 50 ms, found by a x1.25
+grid and bisection to 3 %, then measured three times (median ``max_rps``, every run in
+``max_rps_runs``), with the server processes' CPU per answered request. A sample of the answers
+under load is checked (the ranked items are exactly the request's candidates, scores finite and
+sorted): ``verified`` and ``wrong``. Each server is cross-checked with Debian's ``wrk`` at 4, 8,
+16 and 32 connections (``wrk.<server>.<connections>``). Then a 2x overload of ours with the tier
+mix, once with every tier on one port and once with premium callers on the premium lane
+(``serve --premium-port``), each tier's answers split by status (2xx, 429, 503, 504, other 5xx,
+timeout). The generator's own ceiling against a trivial server is recorded, so the ratio can be
+read even where the generator limits it. Writes ``serve_bench.json`` after every phase.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -36,14 +45,21 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from nimbleml.bench.capacity import Capacity, SearchConfig, Step, find_capacity
+from nimbleml.bench.wrk import CONNECTIONS, wrk_available, wrk_sweep
 from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
-from nimbleml.serve.loadgen import LoadPlan, http_request, loopback_target, request_bodies, run_load
+from nimbleml.serve.loadgen import LoadPlan, ResponseSample, http_request, loopback_target, request_bodies, run_load
 
 log = logging.getLogger(__name__)
 
-HELP = "naive FastAPI + eager server vs nimbleml serve (and Ray Serve): max req/s at p99 <= 50 ms, 2x overload"
+HELP = "naive FastAPI + eager servers vs nimbleml serve (and Ray Serve): capacity at p99 <= 50 ms, wrk, 2x overload"
 TIERS = ("premium", "standard", "free")
+ADMIN_KEY = "bench-admin"
+# name -> (route style, torch threads (0: torch's default), uvicorn worker processes (0: one per core))
+NAIVE_VARIANTS = {"naive_async": ("async", 0, 1), "naive_sync": ("sync", 0, 1), "naive_async_1thread": ("async", 1, 1),
+                  "naive_workers": ("async", 1, 0)}
+NAIVE_ENV = "NIMBLEML_NAIVE"  # model folder, route style and threads for the naive app's factory (uvicorn workers)
 OVERLOAD_MIX = {"premium": 0.1, "standard": 0.6, "free": 0.3}
 
 
@@ -121,7 +137,9 @@ def naive_app(model_dir: Path, endpoint: str = "async", threads: int | None = No
     40 pool threads each bring their own team of spinning OpenMP threads onto 2 cores.
     threads: torch's intra-op threads (None: torch's default, one per core); one thread keeps
     torch's spinning OpenMP team from fighting the HTTP loop and the load generator for 2 cores.
-    The ratio is taken against the best naive variant, so no such pathology counts as our win.
+    Scores leave torch with one ``tolist()`` (a per-element ``float(scores[i])`` loop costs
+    ~0.37 ms a request by itself). The ratio is taken against the best naive variant, so no
+    such pathology counts as our win.
     """
     import torch
     from fastapi import FastAPI
@@ -139,7 +157,8 @@ def naive_app(model_dir: Path, endpoint: str = "async", threads: int | None = No
         with torch.no_grad():
             scores = model(torch.tensor([history]), torch.tensor([request.candidates]))[0]
         order = torch.argsort(scores, descending=True).tolist()
-        items = [{"item": request.candidates[i], "score": float(scores[i]) if torch.isfinite(scores[i]) else None}
+        values = scores.tolist()
+        items = [{"item": request.candidates[i], "score": values[i] if math.isfinite(values[i]) else None}
                  for i in order]
         return {"items": items, "model_version": "naive"}
 
@@ -157,6 +176,13 @@ def naive_app(model_dir: Path, endpoint: str = "async", threads: int | None = No
         return {"status": "alive"}
 
     return app
+
+
+def naive_factory():
+    """The naive app from ``$NIMBLEML_NAIVE`` (``model|endpoint|threads``): uvicorn's import
+    string for ``--workers``, where each worker process builds its own app."""
+    model, endpoint, threads = os.environ[NAIVE_ENV].split("|")
+    return naive_app(Path(model), endpoint, int(threads) or None)
 
 
 class _Trivial(asyncio.Protocol):
@@ -187,39 +213,115 @@ def _start(cmd: list[str], log_path: Path, env: dict | None = None) -> subproces
 
 
 # ---------------------------------------------------------------------------- measurements
-def capacity(url: str, route: str, bodies: list[bytes], key: str | None, pids: list[int], start_rps: float,
-             factor: float, max_rps: float, step_s: float, slo_ms: float, processes: int, label: str) -> dict:
-    """Raise the offered rate by ``factor`` until three steps in a row miss the SLO; the best passing
-    step wins. A first, uncounted step at the start rate warms the server (first-call costs)."""
+def check_ranking(request_body: bytes, answer: bytes) -> str | None:
+    """Why an answer to a Recommend request is wrong, None when it is right: the ranked items are
+    exactly the request's candidates (as a multiset), every score is finite or null, the numeric
+    scores never rise, nulls come last and only for candidates in the request's history (the
+    model's history exclusion)."""
+    import msgspec
+
+    request = msgspec.json.decode(request_body)
+    try:
+        items = msgspec.json.decode(answer)["items"]
+        ranked = [item["item"] for item in items]
+        scores = [item["score"] for item in items]
+    except (msgspec.DecodeError, KeyError, TypeError) as exc:
+        return f"not a ranking: {type(exc).__name__}: {answer[:200]!r}"
+    if sorted(ranked) != sorted(request["candidates"]):
+        return f"ranked items are not the candidates: {ranked[:5]}... for {request['candidates'][:5]}..."
+    numeric = [s for s in scores if s is not None]
+    if any(not isinstance(s, (int, float)) or not math.isfinite(s) for s in numeric):
+        return "a score is not a finite number"
+    if scores[:len(numeric)] != numeric:
+        return "a null score ranks above a numeric one"
+    if any(a < b for a, b in zip(numeric, numeric[1:])):
+        return "scores are not sorted best first"
+    history = set(request.get("history") or ())
+    if any(item not in history for item, score in zip(ranked, scores) if score is None):
+        return "a null score for a candidate outside the history"
+    return None
+
+
+class Checks:
+    """Answers checked under load for one server: counts and the first few reasons."""
+
+    def __init__(self, bodies: list[bytes]):
+        self.bodies, self.verified, self.wrong, self.reasons = bodies, 0, 0, []
+
+    def add(self, samples: list[ResponseSample]) -> None:
+        for sample in samples:
+            if not 200 <= sample.status < 300:
+                continue  # not an answer to check; the status split counts it
+            reason = check_ranking(self.bodies[sample.request], sample.body)
+            self.verified += 1
+            if reason is not None:
+                self.wrong += 1
+                if len(self.reasons) < 5:
+                    self.reasons.append(reason)
+
+    def to_dict(self) -> dict:
+        return {"verified": self.verified, "wrong": self.wrong, "wrong_examples": self.reasons}
+
+
+def load_measure(url: str, route: str, bodies: list[bytes], key: str | None, pids: list[int], processes: int,
+                 checks: Checks | None = None, sample_every: int = 25, timeout_s: float = 2.0):
+    """The capacity search's measure function for one server: open-loop load at ``rate`` for
+    ``warmup_s + duration_s`` seconds in one run (no pause between the warm-up and the measured
+    part), the warm-up's arrivals left out of the figures; CPU per answered request of the
+    server's processes over the whole run; every ``sample_every``-th answer checked."""
     target = loopback_target(f"{url}{route}")
     requests = {"standard": [http_request(target, b, key) for b in bodies]}
-    run_load(LoadPlan(target, start_rps, step_s, requests, {"standard": 1.0}, processes=processes, timeout_s=2.0))
-    steps, best, misses, rate = [], None, 0, start_rps
-    while rate <= max_rps and misses < 3:
+    seed = [0]
+
+    def measure(rate: float, duration_s: float, warmup_s: float) -> Step:
+        seed[0] += 1
         cpu_before = sum(_cpu_seconds(p) for p in pids)
-        result = run_load(LoadPlan(target, rate, step_s, requests, {"standard": 1.0}, processes=processes,
-                                   timeout_s=2.0, seed=len(steps)))
+        full = run_load(LoadPlan(target, rate, warmup_s + duration_s, requests, {"standard": 1.0}, processes=processes,
+                                 timeout_s=timeout_s, seed=seed[0], sample_every=sample_every if checks else 0))
         cpu = sum(_cpu_seconds(p) for p in pids) - cpu_before
-        summary = result.summary()
-        ok_share = summary["ok"] / max(1, summary["sent"])
-        passed = summary["p99_ms"] is not None and summary["p99_ms"] <= slo_ms and ok_share >= 0.99
-        step = {"offered_rps": round(rate, 1), "throughput_rps": summary["throughput_rps"], "p50_ms": summary["p50_ms"],
-                "p99_ms": summary["p99_ms"], "ok_share": round(ok_share, 4), "passed": passed,
-                "cpu_ms_per_request": round(1000 * cpu / summary["answered"], 3) if pids and summary["answered"] else None,
-                "generator_cpu_s": summary["generator_cpu_s"], "load_average": list(os.getloadavg())}
-        steps.append(step)
-        log.info("%s: offered %.0f req/s -> %.0f ok/s, p99 %s ms, ok %.3f %s", label, rate, summary["throughput_rps"],
-                 summary["p99_ms"], ok_share, "pass" if passed else "MISS")
-        if passed:
-            misses = 0
-            if best is None or step["throughput_rps"] > best["throughput_rps"]:
-                best = step
-        else:
-            misses += 1
-        rate *= factor
-    return {"max_rps": best["throughput_rps"] if best else 0.0, "p99_ms": best["p99_ms"] if best else None,
-            "offered_rps": best["offered_rps"] if best else None,
-            "cpu_ms_per_request": best["cpu_ms_per_request"] if best else None, "steps": steps}
+        if checks is not None:
+            checks.add(full.samples)
+        answered = int((full.status != 0).sum())
+        summary = full.after(warmup_s).summary()
+        return Step(offered_rps=round(rate, 1), throughput_rps=summary["throughput_rps"], sent=summary["sent"],
+                    ok=summary["ok"], p50_ms=summary["p50_ms"], p99_ms=summary["p99_all_ms"],
+                    extra={"duration_s": duration_s, "warmup_s": warmup_s, "status": summary["status"],
+                           "cpu_ms_per_request": round(1000 * cpu / answered, 3) if pids and answered else None,
+                           "generator_cpu_s": summary["generator_cpu_s"], "load_average": list(os.getloadavg())})
+    return measure
+
+
+def capacity_row(found: Capacity, checks: Checks | None = None) -> dict:
+    """A server's row in serve_bench.json: the capacity, CPU per request at it, the checks."""
+    repeats = [s for s in found.steps if s.phase == "repeat"][-len(found.max_rps_runs):] if found.max_rps_runs else []
+    cpu = [s.extra.get("cpu_ms_per_request") for s in repeats if s.extra.get("cpu_ms_per_request") is not None]
+    row = found.to_dict()
+    row["cpu_ms_per_request"] = round(sorted(cpu)[len(cpu) // 2], 3) if cpu else None
+    if checks is not None:
+        row.update(checks.to_dict())
+    return row
+
+
+def best_variant(rows: dict[str, dict]) -> str:
+    """The best of the naive variants, the ratio's denominator: the highest ``max_rps``, and on a
+    tie the one using less CPU per request (the conservative choice)."""
+    return max(rows, key=lambda n: (rows[n]["max_rps"], -(rows[n].get("cpu_ms_per_request") or math.inf)))
+
+
+def capacity_ratio(ours: dict, naive: dict) -> float:
+    """Our capacity over the best naive variant's (0 where the naive one served nothing)."""
+    return round(ours["max_rps"] / naive["max_rps"], 2) if naive["max_rps"] > 0 else 0.0
+
+
+def wrk_agreement(wrk_rows: dict[str, dict], max_rps: float, slo_ms: float) -> dict:
+    """wrk's best 2xx req/s among the connection counts whose p99 is within the objective, against
+    our open-loop capacity: ``ratio`` near 1 means the two tools agree."""
+    within = {c: r for c, r in wrk_rows.items() if r["p99_ms"] <= slo_ms and r["non_2xx"] == 0}
+    if not within:
+        return {"wrk_rps": None, "connections": None, "ours": max_rps, "ratio": None}
+    conns = max(within, key=lambda c: within[c]["ok_rps"])
+    return {"wrk_rps": within[conns]["ok_rps"], "connections": int(conns), "ours": max_rps,
+            "ratio": round(within[conns]["ok_rps"] / max_rps, 3) if max_rps > 0 else None}
 
 
 def overload(url: str, bodies: list[bytes], keys: dict[str, str], rps: float, duration_s: float, processes: int,
@@ -233,7 +335,7 @@ def overload(url: str, bodies: list[bytes], keys: dict[str, str], rps: float, du
     servers = [url] + ([lane_url] if lane_url else [])
 
     def restarts() -> int:
-        return sum(httpx.get(f"{u}/v1/models", headers={"x-api-key": keys["premium"]}).json()["worker_restarts"]
+        return sum(httpx.get(f"{u}/v1/models", headers={"x-api-key": ADMIN_KEY}).json()["worker_restarts"]
                    for u in servers)
 
     before = restarts()
@@ -306,8 +408,8 @@ def state_paths(url: str, pid: int, bodies: list[bytes], key: str, ingest_key: s
     return out
 
 
-def _ray_capacity(bundle: Path, backend: str, args: argparse.Namespace, bodies: list[bytes]) -> dict:
-    """Start a local Ray Serve with the same bundle; measure it with the same generator."""
+def _ray_capacity(bundle: Path, backend: str, search: SearchConfig, bodies: list[bytes], processes: int) -> dict:
+    """Start a local Ray Serve with the same bundle; measure it with the same generator and search."""
     import ray
     from ray import serve
 
@@ -321,27 +423,46 @@ def _ray_capacity(bundle: Path, backend: str, args: argparse.Namespace, bodies: 
         serve.run(build_app({"bundle": str(bundle), "backend": backend}), name="nimbleml", route_prefix="/v1/recommend")
         url = f"http://127.0.0.1:{port}"
         httpx.post(f"{url}/v1/recommend", content=bodies[0], timeout=30)
-        return capacity(url, "/v1/recommend", bodies, None, [], args.start_rps, args.factor, args.max_rps,
-                        args.step_s, args.slo_ms, args.processes, "ray_serve")
+        checks = Checks(bodies)
+        found = find_capacity(load_measure(url, "/v1/recommend", bodies, None, [], processes, checks), search,
+                              "ray_serve")
+        return capacity_row(found, checks)
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
+SERVERS = ("generator", *NAIVE_VARIANTS, "nimbleml", "nimbleml_asgi", "nimbleml_fastapi_route", "ray_serve")
+
+
 def _table(result: dict) -> Table:
-    table = Table(title="nimbleml bench serve: max req/s with p99 <= 50 ms (same machine, same generator)")
-    for column in ("server", "max req/s", "p99 ms", "CPU ms/request"):
+    table = Table(title="nimbleml bench serve: capacity (every request 2xx, p99 <= SLO), same machine and generator")
+    for column in ("server", "max req/s", "runs", "p99 ms", "CPU ms/request", "wrong/verified", "wrk req/s (conns)"):
         table.add_column(column, justify="right" if column != "server" else "left")
-    for name in ("generator", "naive_async", "naive_sync", "naive_async_1thread", "nimbleml", "nimbleml_asgi", "nimbleml_fastapi_route", "ray_serve"):
+    for name in SERVERS:
         row = result.get(name)
         if row:
-            table.add_row(name, str(row.get("max_rps")), str(row.get("p99_ms")), str(row.get("cpu_ms_per_request")))
+            agree = result.get("wrk_agreement", {}).get(name) or {}
+            table.add_row(name, str(row.get("max_rps")), str(row.get("max_rps_runs")), str(row.get("p99_ms")),
+                          str(row.get("cpu_ms_per_request")), f"{row.get('wrong', '-')}/{row.get('verified', '-')}",
+                          f"{agree.get('wrk_rps')} ({agree.get('connections')})" if agree else "-")
     return table
+
+
+def _status_line(block: dict) -> str:
+    return ", ".join(f"{t} p99 {b['p99_ms']} ms " + " ".join(f"{k}:{v}" for k, v in b["status"].items() if v)
+                     for t, b in block["by_tier"].items())
 
 
 def _save(result: dict, out: Path) -> None:
     """Write serve_bench.json after every phase: a failure late in the run keeps what was measured."""
     (out / "serve_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def search_config(args: argparse.Namespace) -> SearchConfig:
+    return SearchConfig(start_rps=args.start_rps, factor=args.factor, max_rps=args.max_rps, grid_s=args.grid_s,
+                        tolerance=args.tolerance, step_s=args.step_s, warmup_s=args.warmup_s, repeats=args.repeats,
+                        slo_ms=args.slo_ms)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -355,43 +476,68 @@ def run(args: argparse.Namespace) -> int:
     bundle = Bundle.load(bundle_dir)
     if bundle.operation != "recommend":
         raise NimbleError("bench serve measures a recommender", path=args.model, fix="pass a `nimbleml rec train` folder")
+    unknown = set(args.naive_variants) - set(NAIVE_VARIANTS)
+    if unknown or not args.naive_variants:
+        raise NimbleError(f"unknown naive variants {sorted(unknown)}", fix=f"choose from {', '.join(NAIVE_VARIANTS)}")
     backend = args.backend or best_backend()
     bodies = request_bodies({n: [vars(i) for i in g.inputs] for n, g in bundle.graphs.items()}, "recommend", 256)
     keys = {tier: f"bench-{tier}" for tier in TIERS}
-    key_env = {"NIMBLEML_API_KEYS": ",".join(f"{k}={t}" for t, k in keys.items()) + ",bench-admin=premium:admin"}
+    key_env = {"NIMBLEML_API_KEYS": ",".join(f"{k}={t}" for t, k in keys.items()) + f",{ADMIN_KEY}=premium:admin"}
     here = [sys.executable, "-m", "nimbleml.commands.serve_bench"]
-    result: dict = {"command": " ".join(sys.argv), "model": str(args.model), "backend": backend,
+    cores = len(os.sched_getaffinity(0))
+    search = search_config(args)
+    result: dict = {"command": " ".join(sys.argv), "model": str(args.model), "backend": backend, "cores": cores,
                     "load_average_at_start": list(os.getloadavg()), "environment": environment(),
-                    "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}}
-    search = dict(start_rps=args.start_rps, factor=args.factor, max_rps=args.max_rps, step_s=args.step_s,
-                  slo_ms=args.slo_ms, processes=args.processes)
+                    "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+                    "search": vars(search), "wrk": {}, "wrk_agreement": {}}
+    wrk_skip = ("--skip-wrk" if args.skip_wrk else None) or (None if wrk_available() else "wrk is not installed")
+    if wrk_skip:
+        log.warning("the wrk cross-check is left out: %s", wrk_skip)
 
-    def measure(name: str, cmd: list[str], url: str, health: str, key: str | None, env: dict | None = None) -> dict:
+    def cross_check(name: str, url: str, route: str, key: str | None) -> None:
+        if wrk_skip:
+            result["wrk"][name] = {"skipped": wrk_skip}
+            return
+        result["wrk"][name] = wrk_sweep(f"{url}{route}", bodies[:64], {"x-api-key": key} if key else {}, args.wrk_s,
+                                        tuple(args.wrk_connections), threads=min(2, cores))
+        result["wrk_agreement"][name] = wrk_agreement(result["wrk"][name], result[name]["max_rps"], args.slo_ms)
+
+    def measure(name: str, cmd: list[str], url: str, health: str, key: str | None, env: dict | None = None) -> None:
         process = _start(cmd, args.out / f"{name}.log", env)
         try:
             _wait_http(f"{url}{health}", process)
-            return capacity(url, "/v1/recommend", bodies, key, [process.pid], label=name, **search)
+            checks = Checks(bodies)
+            found = find_capacity(load_measure(url, "/v1/recommend", bodies, key, [process.pid], args.processes,
+                                               checks, args.sample_every), search, name)
+            result[name] = capacity_row(found, checks)
+            _save(result, args.out)
+            cross_check(name, url, "/v1/recommend", key)
         finally:
             _stop(process)
+        _save(result, args.out)
 
     port = _free_port()
     process = _start([*here, "--trivial", "--port", str(port)], args.out / "trivial.log")
     try:
         time.sleep(1.0)
         url = f"http://127.0.0.1:{port}"
-        result["generator"] = capacity(url, "/", bodies, None, [], label="generator", **{
-            **search, "start_rps": 500.0, "factor": 1.5, "max_rps": args.max_rps * 4})
+        ceiling = SearchConfig(start_rps=500.0, factor=1.5, max_rps=args.max_rps * 4, grid_s=args.grid_s,
+                               tolerance=0.1, step_s=args.grid_s, warmup_s=0.0, repeats=1, slo_ms=args.slo_ms)
+        result["generator"] = capacity_row(find_capacity(load_measure(url, "/", bodies, None, [], args.processes),
+                                                         ceiling, "generator"))
+        cross_check("generator", url, "/", None)
     finally:
         _stop(process)
 
-    naive = {"naive_async": ("async", 0), "naive_sync": ("sync", 0), "naive_async_1thread": ("async", 1)}
-    for name, (endpoint, threads) in naive.items():
+    for name in args.naive_variants:
+        endpoint, threads, workers = NAIVE_VARIANTS[name]
         port = _free_port()
-        result[name] = measure(name, [*here, "--naive", str(args.model), "--endpoint", endpoint, "--threads",
-                                      str(threads), "--port", str(port)], f"http://127.0.0.1:{port}", "/healthz", None)
-    # the best naive: highest rate, and on a tie the one using less CPU (the conservative denominator)
-    best_naive = max(naive, key=lambda n: (result[n]["max_rps"], -(result[n]["cpu_ms_per_request"] or 1e9)))
-    result["naive"] = {**result[best_naive], "endpoint": best_naive}  # the ratio's denominator: the better naive
+        measure(name, [*here, "--naive", str(args.model), "--endpoint", endpoint, "--threads", str(threads),
+                       "--workers", str(workers or cores), "--port", str(port)], f"http://127.0.0.1:{port}",
+                "/healthz", None)
+    best_naive = best_variant({n: result[n] for n in args.naive_variants})
+    result["naive_variants"] = list(args.naive_variants)
+    result["naive"] = {**result[best_naive], "endpoint": best_naive}  # the ratio's denominator: the best naive
     serve_cmd = [sys.executable, "-m", "nimbleml.cli", "serve", "--model", str(bundle_dir), "--backend", backend,
                  "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     if args.workers:
@@ -400,11 +546,14 @@ def run(args: argparse.Namespace) -> int:
         ("nimbleml_asgi", "asgi"), ("nimbleml_fastapi_route", "fastapi")])
     for name, http in variants:
         port = _free_port()
-        result[name] = measure(name, [*serve_cmd, "--port", str(port), "--http", http], f"http://127.0.0.1:{port}",
-                               "/readyz", keys["standard"], key_env)
-    result["ratio"] = round(result["nimbleml"]["max_rps"] / max(1e-9, result["naive"]["max_rps"]), 2)
+        measure(name, [*serve_cmd, "--port", str(port), "--http", http], f"http://127.0.0.1:{port}", "/readyz",
+                keys["standard"], key_env)
+    result["ratio"] = capacity_ratio(result["nimbleml"], result["naive"])
     if result["naive"]["cpu_ms_per_request"] and result["nimbleml"]["cpu_ms_per_request"]:
         result["cpu_ratio"] = round(result["naive"]["cpu_ms_per_request"] / result["nimbleml"]["cpu_ms_per_request"], 2)
+    measured = [n for n in SERVERS if isinstance(result.get(n), dict) and "verified" in result[n]]
+    result["verified"] = sum(result[n]["verified"] for n in measured)
+    result["wrong"] = sum(result[n]["wrong"] for n in measured)
     _save(result, args.out)
 
     port = _free_port()
@@ -445,7 +594,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.skip_ray:
         try:
-            result["ray_serve"] = _ray_capacity(bundle_dir, backend, args, bodies)
+            result["ray_serve"] = _ray_capacity(bundle_dir, backend, search, bodies, args.processes)
         except Exception as exc:  # Ray is optional here: record why it is missing rather than lose the run
             log.error("Ray Serve measurement failed: %s", exc)
             result["ray_serve"] = {"max_rps": None, "error": f"{type(exc).__name__}: {exc}"}
@@ -453,14 +602,16 @@ def run(args: argparse.Namespace) -> int:
     _save(result, args.out)
     console = Console()
     console.print(_table(result))
+    console.print(f"ratio {result['ratio']}x against {best_naive} ({result['naive']['max_rps']} req/s, runs "
+                  f"{result['naive']['max_rps_runs']}); answers checked under load: {result['verified']}, "
+                  f"wrong {result['wrong']}")
     over = result["overload"]
-    console.print(f"ratio {result['ratio']}x; 2x overload ({over['offered_rps']} req/s): sent {over['sent']}, "
-                  f"answered {over['answered']}, " + ", ".join(
-                      f"{t} p99 {b['p99_ms']} ms rejected {b['rejected']}" for t, b in over["by_tier"].items()))
+    console.print(f"2x overload ({over['offered_rps']} req/s): sent {over['sent']}, answered {over['answered']}; "
+                  + _status_line(over))
     lane = result["overload_premium_lane"]
     if "by_tier" in lane:
-        console.print(f"2x overload, premium on its own lane: sent {lane['sent']}, answered {lane['answered']}, "
-                      + ", ".join(f"{t} p99 {b['p99_ms']} ms rejected {b['rejected']}" for t, b in lane["by_tier"].items()))
+        console.print(f"2x overload, premium on its own lane: sent {lane['sent']}, answered {lane['answered']}; "
+                      + _status_line(lane))
     paths = result["state_paths"]
     console.print(f"known-user Recommend at {paths['cached']['offered_rps']:g} req/s: cached state p50/p99 "
                   f"{paths['cached']['p50_ms']}/{paths['cached']['p99_ms']} ms, {paths['cached']['cpu_ms_per_request']} "
@@ -471,17 +622,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SearchConfig()
     parser.add_argument("--model", type=Path, required=True, help="a `nimbleml rec train` model folder")
     parser.add_argument("--out", type=Path, default=Path("reports/bench/serve"), help="output folder")
     parser.add_argument("--backend", default=None, help="runtime backend for ours (default: fastest available)")
     parser.add_argument("--workers", type=int, default=0, help="our worker processes (default: cores - 1)")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
-    parser.add_argument("--slo-ms", type=float, default=50.0, help="p99 objective, ms")
-    parser.add_argument("--start-rps", type=float, default=25.0, help="first offered rate of each search")
-    parser.add_argument("--factor", type=float, default=1.25, help="rate multiplier between steps")
-    parser.add_argument("--max-rps", type=float, default=6000.0, help="stop searching above this rate")
-    parser.add_argument("--step-s", type=float, default=3.0, help="seconds of arrivals per step")
+    parser.add_argument("--slo-ms", type=float, default=defaults.slo_ms, help="p99 objective over every request, ms")
+    parser.add_argument("--start-rps", type=float, default=defaults.start_rps, help="first offered rate of each grid")
+    parser.add_argument("--factor", type=float, default=defaults.factor, help="rate multiplier between grid steps")
+    parser.add_argument("--max-rps", type=float, default=defaults.max_rps, help="stop the grid above this rate")
+    parser.add_argument("--grid-s", type=float, default=defaults.grid_s, help="seconds of arrivals per grid step")
+    parser.add_argument("--tolerance", type=float, default=defaults.tolerance,
+                        help="bisect until the bracket is within this fraction")
+    parser.add_argument("--step-s", type=float, default=defaults.step_s,
+                        help="seconds measured per bisection step and per repeat")
+    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s,
+                        help="seconds at a step's rate before it is measured")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="measurements of the capacity point")
+    parser.add_argument("--sample-every", type=int, default=25, help="check every n-th answer under load")
+    parser.add_argument("--naive-variants", nargs="+", default=list(NAIVE_VARIANTS), metavar="NAME",
+                        help=f"naive servers to measure (default: all of {', '.join(NAIVE_VARIANTS)})")
+    parser.add_argument("--wrk-s", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--wrk-connections", type=int, nargs="+", default=list(CONNECTIONS),
+                        help="connection counts of the wrk cross-check")
+    parser.add_argument("--skip-wrk", action="store_true", help="leave out the wrk cross-check")
     parser.add_argument("--overload-s", type=float, default=8.0, help="seconds of the 2x overload run")
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument("--skip-ray", action="store_true", help="leave out Ray Serve")
@@ -497,6 +663,7 @@ def _main() -> None:
     parser.add_argument("--naive", type=Path)
     parser.add_argument("--endpoint", choices=("async", "sync"), default="async")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--trivial", action="store_true")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
@@ -507,8 +674,9 @@ def _main() -> None:
     else:
         import uvicorn
 
-        uvicorn.run(naive_app(args.naive, args.endpoint, args.threads or None), host="127.0.0.1", port=args.port,
-                    log_level="warning")
+        os.environ[NAIVE_ENV] = f"{args.naive}|{args.endpoint}|{args.threads}"
+        uvicorn.run("nimbleml.commands.serve_bench:naive_factory", factory=True, workers=args.workers,
+                    host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

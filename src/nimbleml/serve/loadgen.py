@@ -18,7 +18,7 @@ import ipaddress
 import multiprocessing as mp
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httptools
@@ -75,9 +75,20 @@ class LoadPlan:
     timeout_s: float = 5.0  # no answer after this long counts as an error, seconds
     seed: int = 0
     targets: dict[str, Target] | None = None  # tier -> its own listener (e.g. a premium lane's port); default target
+    sample_every: int = 0  # keep the answer to every n-th arrival of each process, to check it (0: keep none)
 
     def target_of(self, tier: str) -> Target:
         return (self.targets or {}).get(tier, self.target)
+
+
+@dataclass
+class ResponseSample:
+    """One answer kept under load: which pre-encoded request it answered, and what came back."""
+
+    tier: str
+    request: int  # position in ``LoadPlan.requests[tier]``
+    status: int  # HTTP status, 0 = no answer
+    body: bytes
 
 
 @dataclass
@@ -91,6 +102,14 @@ class LoadResult:
     tiers: list[str]
     duration_s: float
     generator_cpu_s: float = 0.0  # CPU time the generator processes used
+    samples: list[ResponseSample] = field(default_factory=list)  # answers kept (``LoadPlan.sample_every``)
+
+    def after(self, start_s: float) -> LoadResult:
+        """Only the arrivals scheduled at or after ``start_s``: a warm-up at the same rate, cut off
+        without a pause in the load. The answers kept for checking stay (warm-up answers must be right too)."""
+        keep = self.scheduled_s >= start_s
+        return LoadResult(self.scheduled_s[keep] - start_s, self.tier[keep], self.status[keep], self.latency_ms[keep],
+                          self.tiers, self.duration_s - start_s, self.generator_cpu_s, self.samples)
 
     def summary(self) -> dict:
         """The stable keys of loadtest.json."""
@@ -98,27 +117,57 @@ class LoadResult:
             "generator_cpu_s": round(self.generator_cpu_s, 3)}
 
 
-def _percentile(values: np.ndarray, q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if len(values) else None
+STATUS_CLASSES = ("2xx", "429", "503", "504", "other_5xx", "timeout", "other")  # the status split's keys
+REFUSED = (429, 503)  # deliberate refusals (sent with Retry-After): the only answers a tier's p99 leaves out
+
+
+def status_split(status: np.ndarray) -> dict[str, int]:
+    """Counts by what "answered" means: 2xx, 429, 503, 504, any other 5xx, no answer ("timeout":
+    nothing within the timeout, or the connection dropped) and anything else (e.g. 4xx)."""
+    ok = (status >= 200) & (status < 300)
+    other_5xx = (status >= 500) & (status < 600) & (status != 503) & (status != 504)
+    counts = {"2xx": ok, "429": status == 429, "503": status == 503, "504": status == 504, "other_5xx": other_5xx,
+              "timeout": status == TIMEOUT_STATUS}
+    counts["other"] = ~np.logical_or.reduce(list(counts.values())) if len(status) else np.zeros(0, dtype=bool)
+    return {name: int(mask.sum()) for name, mask in counts.items()}
+
+
+def latency_percentile(latency_ms: np.ndarray, status: np.ndarray, q: float) -> float | None:
+    """The ``q``-th percentile, a timeout (status 0) counting as infinitely slow: the nearest-rank
+    definition (numpy's "inverted_cdf"), an observed value, never interpolated.
+
+    None when there are no requests *or* when the percentile lands on a timeout (JSON has no
+    infinity): read it with the status split beside it."""
+    if not len(latency_ms):
+        return None
+    values = np.where(status == TIMEOUT_STATUS, np.inf, latency_ms.astype(np.float64))
+    value = float(np.percentile(values, q, method="inverted_cdf"))
+    return round(value, 3) if np.isfinite(value) else None
 
 
 def summarise(status: np.ndarray, latency_ms: np.ndarray, tier: np.ndarray, tiers: list[str], duration_s: float) -> dict:
-    """sent / answered / ok / rejected / errors, throughput and percentiles, overall and by tier.
+    """sent / answered / ok / rejected / errors, the status split, throughput and percentiles,
+    overall and by tier.
 
     ``rejected`` = 429 and 503 (refused on purpose, with Retry-After); ``errors`` = no answer or
-    any other non-2xx; percentiles are over the requests answered 2xx."""
+    any other non-2xx. ``p50_ms``/``p99_ms`` count every request but the deliberate refusals: a
+    504 at its latency, a timeout as infinite (so a tier's timeouts raise its p99, never hide).
+    ``p99_all_ms`` counts every request, refusals included (the capacity search's criterion)."""
     def block(mask: np.ndarray) -> dict:
-        s = status[mask]
+        s, lat = status[mask], latency_ms[mask]
         ok = (s >= 200) & (s < 300)
-        rejected = (s == 429) | (s == 503)
+        rejected = np.isin(s, REFUSED)
+        kept = ~rejected
         return {
             "sent": int(mask.sum()),
             "answered": int((s != TIMEOUT_STATUS).sum()),
             "ok": int(ok.sum()),
             "rejected": int(rejected.sum()),
             "errors": int((~ok & ~rejected).sum()),
-            "p50_ms": _percentile(latency_ms[mask][ok], 50),
-            "p99_ms": _percentile(latency_ms[mask][ok], 99),
+            "status": status_split(s),
+            "p50_ms": latency_percentile(lat[kept], s[kept], 50),
+            "p99_ms": latency_percentile(lat[kept], s[kept], 99),
+            "p99_all_ms": latency_percentile(lat, s, 99),
         }
 
     overall = block(np.ones(len(status), dtype=bool))
@@ -136,6 +185,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.current = -1  # request index in flight, -1 = idle
+        self.body: list[bytes] | None = None  # the answer's body, collected only for a sampled request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -143,7 +193,12 @@ class _Connection(asyncio.Protocol):
 
     def send(self, index: int) -> None:
         self.current = index
+        self.body = [] if self.gen.sampled(index) else None
         self.transport.write(self.gen.payload(index))
+
+    def on_body(self, body: bytes) -> None:
+        if self.body is not None:
+            self.body.append(body)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -153,6 +208,9 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         index, self.current = self.current, -1
+        if self.body is not None:
+            self.gen.keep(index, self.parser.get_status_code(), b"".join(self.body))
+            self.body = None
         self.gen.done(index, self.parser.get_status_code(), self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -170,6 +228,12 @@ class _Pool:
 
     def payload(self, index: int) -> bytes:
         return self.owner.payload(index)
+
+    def sampled(self, index: int) -> bool:
+        return self.owner.sampled(index)
+
+    def keep(self, index: int, status: int, body: bytes) -> None:
+        self.owner.samples.append((index, status, body))
 
     def fire(self, index: int) -> None:
         if self.idle:
@@ -221,6 +285,7 @@ class _Generator:
         self.status = np.full(len(times), TIMEOUT_STATUS, dtype=np.int16)
         self.latency = np.full(len(times), np.nan, dtype=np.float32)
         self.finished = 0
+        self.samples: list[tuple[int, int, bytes]] = []  # (arrival index, status, body) of sampled answers
         self.all_done = asyncio.Event()
         names = list(plan.mix)
         self.payloads = [plan.requests[names[t]] for t in range(len(names))]
@@ -235,6 +300,9 @@ class _Generator:
     def payload(self, index: int) -> bytes:
         options = self.payloads[self.tiers[index]]
         return options[index % len(options)]
+
+    def sampled(self, index: int) -> bool:
+        return self.plan.sample_every > 0 and index % self.plan.sample_every == 0
 
     def fire(self, index: int) -> None:
         self.pools[self.tiers[index]].fire(index)
@@ -271,7 +339,10 @@ async def _generate(plan: LoadPlan, index: int, start_at: float) -> tuple[np.nda
     except asyncio.TimeoutError:
         pass
     gen.expire()
-    return times, tiers.astype(np.int8), gen.status, gen.latency
+    names = list(plan.mix)
+    samples = [ResponseSample(names[tiers[i]], i % len(plan.requests[names[tiers[i]]]), status, body)
+               for i, status, body in gen.samples]
+    return times, tiers.astype(np.int8), gen.status, gen.latency, samples
 
 
 def _process_main(plan: LoadPlan, index: int, conn) -> None:
@@ -321,7 +392,8 @@ def run_load(plan: LoadPlan) -> LoadResult:
         latency_ms=np.concatenate([p[3] for p in parts])[order],
         tiers=list(plan.mix),
         duration_s=plan.duration_s,
-        generator_cpu_s=float(sum(p[4] for p in parts)),
+        generator_cpu_s=float(sum(p[5] for p in parts)),
+        samples=[sample for p in parts for sample in p[4]],
     )
 
 
