@@ -5,9 +5,10 @@ and reads back a :class:`Step`. First a geometric grid (rate x ``factor``) brack
 between the last passing and the first failing rate; then bisection narrows the bracket to
 ``tolerance``, each step a full ``step_s`` after a warm-up at its own rate; then the capacity
 point is measured ``repeats`` times and the median throughput is the capacity, with every run
-kept so the spread can be read. A repeat that misses the objective moves the point down by
-``tolerance`` and starts the repeats again (at most ``retreats`` times), so the reported
-capacity is normally a rate every repeat passed; ``repeats_passed`` says when it is not.
+kept so the spread can be read. A repeat that misses the objective moves the point down (the
+point's remaining repeats are not run) and starts the repeats again: by ``tolerance``, then twice
+that, four times... (at most ``retreats`` times), so the reported capacity is normally a rate
+every repeat passed; ``repeats_passed`` says when it is not.
 
 A step passes only when *every* request got a 2xx and the p99 over every request (a timeout
 counted as infinite) is within the objective: shedding cannot remove the slow tail from p99.
@@ -34,13 +35,13 @@ class SearchConfig:
     start_rps: float = 25.0  # first rate of the grid
     factor: float = 1.25  # grid step: rate x factor
     max_rps: float = 6000.0  # the grid stops above this rate
-    misses: int = 2  # the grid stops after this many failing rates in a row
+    misses: int = 3  # the grid stops after this many failing rates in a row (one miss can be noise)
     grid_s: float = 3.0  # seconds of arrivals per grid step (the grid only brackets)
     tolerance: float = 0.03  # bisect until first failing / last passing <= 1 + tolerance
     step_s: float = 10.0  # seconds of arrivals per bisection step and per repeat
     warmup_s: float = 3.0  # seconds at a step's own rate before it is measured, not counted
     repeats: int = 3  # measurements of the capacity point
-    retreats: int = 3  # times the point may move down by ``tolerance`` when a repeat misses
+    retreats: int = 4  # times the point may move down when a repeat misses (1 x, 2 x, 4 x, 8 x tolerance)
     slo_ms: float = 50.0  # p99 objective over every request
 
 
@@ -125,11 +126,17 @@ def find_capacity(measure: Measure, config: SearchConfig, label: str = "") -> Ca
     bracket = (round(low, 1), round(high, 1) if high is not None else None)
 
     point = low
-    for _ in range(config.retreats + 1):
-        runs = [run(point, config.step_s, config.warmup_s, "repeat") for _ in range(config.repeats)]
+    for retreat in range(config.retreats + 1):
+        if retreat:
+            point /= (1 + config.tolerance) ** (2 ** (retreat - 1))
+        runs: list[Step] = []
+        while len(runs) < config.repeats and (not runs or runs[-1].passed):  # a miss ends this point's repeats
+            runs.append(run(point, config.step_s, config.warmup_s, "repeat"))
         if all(r.passed for r in runs):
             break
-        point /= 1 + config.tolerance
+    if not all(r.passed for r in runs):
+        log.warning("%s: no repeat point passed every repeat down to %.0f req/s: the capacity is unconfirmed",
+                    label, point)
     throughputs = [r.throughput_rps for r in runs]
     median = float(np.median(throughputs))
     p99s = [r.p99_ms for r in runs if r.p99_ms is not None]

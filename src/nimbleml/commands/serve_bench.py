@@ -325,8 +325,9 @@ def wrk_agreement(wrk_rows: dict[str, dict], max_rps: float, slo_ms: float) -> d
 
 
 def overload(url: str, bodies: list[bytes], keys: dict[str, str], rps: float, duration_s: float, processes: int,
-             lane_url: str | None = None) -> dict:
-    """The tier mix at ``rps``; with ``lane_url`` the premium share goes to the premium lane's port."""
+             lane_url: str | None = None, sample_every: int = 25) -> dict:
+    """The tier mix at ``rps``; with ``lane_url`` the premium share goes to the premium lane's port.
+    Each tier's answers split by status; every ``sample_every``-th answer checked."""
     target = loopback_target(f"{url}/v1/recommend")
     targets = {tier: target for tier in OVERLOAD_MIX}
     if lane_url is not None:
@@ -340,9 +341,11 @@ def overload(url: str, bodies: list[bytes], keys: dict[str, str], rps: float, du
 
     before = restarts()
     result = run_load(LoadPlan(target, rps, duration_s, requests, dict(OVERLOAD_MIX), processes=processes,
-                               timeout_s=5.0, targets=targets))
+                               timeout_s=5.0, targets=targets, sample_every=sample_every))
+    checks = Checks(bodies)
+    checks.add(result.samples)
     return {"offered_rps": round(rps, 1), **result.summary(), "worker_restarts": restarts() - before,
-            "premium_port": "lane" if lane_url else "shared"}
+            "premium_port": "lane" if lane_url else "shared", **checks.to_dict()}
 
 
 def _bench_redis(url: str | None, folder: Path) -> tuple[str | None, subprocess.Popen | None]:
@@ -443,7 +446,9 @@ def _table(result: dict) -> Table:
         row = result.get(name)
         if row:
             agree = result.get("wrk_agreement", {}).get(name) or {}
-            table.add_row(name, str(row.get("max_rps")), str(row.get("max_rps_runs")), str(row.get("p99_ms")),
+            runs = row.get("max_rps_runs") or []
+            passed = f" ({row['repeats_passed']}/{len(runs)} pass)" if runs else ""
+            table.add_row(name, str(row.get("max_rps")), f"{runs}{passed}", str(row.get("p99_ms")),
                           str(row.get("cpu_ms_per_request")), f"{row.get('wrong', '-')}/{row.get('verified', '-')}",
                           f"{agree.get('wrk_rps')} ({agree.get('connections')})" if agree else "-")
     return table
@@ -455,7 +460,12 @@ def _status_line(block: dict) -> str:
 
 
 def _save(result: dict, out: Path) -> None:
-    """Write serve_bench.json after every phase: a failure late in the run keeps what was measured."""
+    """Write serve_bench.json after every phase: a failure late in the run keeps what was measured.
+    ``verified`` and ``wrong`` total the answers checked so far (capacity runs and overloads)."""
+    checked = [b for n in (*SERVERS, "overload", "overload_premium_lane")
+               if isinstance(b := result.get(n), dict) and "verified" in b]
+    result["verified"] = sum(b["verified"] for b in checked)
+    result["wrong"] = sum(b["wrong"] for b in checked)
     (out / "serve_bench.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -500,7 +510,8 @@ def run(args: argparse.Namespace) -> int:
             return
         result["wrk"][name] = wrk_sweep(f"{url}{route}", bodies[:64], {"x-api-key": key} if key else {}, args.wrk_s,
                                         tuple(args.wrk_connections), threads=min(2, cores))
-        result["wrk_agreement"][name] = wrk_agreement(result["wrk"][name], result[name]["max_rps"], args.slo_ms)
+        if name != "generator":  # the generator's row is a ceiling, not a capacity to agree with
+            result["wrk_agreement"][name] = wrk_agreement(result["wrk"][name], result[name]["max_rps"], args.slo_ms)
 
     def measure(name: str, cmd: list[str], url: str, health: str, key: str | None, env: dict | None = None) -> None:
         process = _start(cmd, args.out / f"{name}.log", env)
@@ -551,9 +562,6 @@ def run(args: argparse.Namespace) -> int:
     result["ratio"] = capacity_ratio(result["nimbleml"], result["naive"])
     if result["naive"]["cpu_ms_per_request"] and result["nimbleml"]["cpu_ms_per_request"]:
         result["cpu_ratio"] = round(result["naive"]["cpu_ms_per_request"] / result["nimbleml"]["cpu_ms_per_request"], 2)
-    measured = [n for n in SERVERS if isinstance(result.get(n), dict) and "verified" in result[n]]
-    result["verified"] = sum(result[n]["verified"] for n in measured)
-    result["wrong"] = sum(result[n]["wrong"] for n in measured)
     _save(result, args.out)
 
     port = _free_port()
@@ -562,7 +570,8 @@ def run(args: argparse.Namespace) -> int:
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/readyz", process)
         rate = 2 * max(result["nimbleml"]["max_rps"], 1.0)
-        result["overload"] = overload(url, bodies, keys, rate, args.overload_s, args.processes)
+        result["overload"] = overload(url, bodies, keys, rate, args.overload_s, args.processes,
+                                      sample_every=args.sample_every)
         time.sleep(2.0)  # let the overload's queues drain before measuring the two Recommend paths
         _save(result, args.out)
         result["state_paths"] = state_paths(url, process.pid, bodies, keys["standard"], keys["premium"],
@@ -584,7 +593,7 @@ def run(args: argparse.Namespace) -> int:
             _wait_http(f"{lane_url}/readyz", process)
             rate = 2 * max(result["nimbleml"]["max_rps"], 1.0)
             result["overload_premium_lane"] = overload(url, bodies, keys, rate, args.overload_s, args.processes,
-                                                       lane_url=lane_url)
+                                                       lane_url=lane_url, sample_every=args.sample_every)
         finally:
             _stop(process)
             if redis_process is not None:
@@ -600,7 +609,7 @@ def run(args: argparse.Namespace) -> int:
             result["ray_serve"] = {"max_rps": None, "error": f"{type(exc).__name__}: {exc}"}
     result["load_average_at_end"] = list(os.getloadavg())
     _save(result, args.out)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(_table(result))
     console.print(f"ratio {result['ratio']}x against {best_naive} ({result['naive']['max_rps']} req/s, runs "
                   f"{result['naive']['max_rps_runs']}); answers checked under load: {result['verified']}, "
