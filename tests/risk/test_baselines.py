@@ -269,3 +269,25 @@ def test_grid_search_in_worker_processes_chooses_and_scores_as_in_sequence(panel
     two = make_baseline(name, n_jobs=2, **kw).fit(panel)
     assert len(one.scores_) == 4 and one.scores_ == two.scores_
     np.testing.assert_array_equal(one.predict(panel), two.predict(panel))
+
+
+def test_every_model_floors_at_the_floor_the_samples_carry(panel: RiskSamples) -> None:
+    """Issue 25.2: a fold attaches one per-asset floor; HAR's selection and every forecast use it."""
+    from nimbleml.risk.cnn import CNNForecaster
+    from nimbleml.risk.evaluate import VarianceFloor
+    from nimbleml.risk.imaging import get_encoder
+    from nimbleml.risk.model import RiskCNNConfig
+
+    days = np.unique(panel.dates)
+    train, val = split(panel, days[int(0.7 * len(days))])
+    shared = VarianceFloor.of_samples(train).by_asset * 50  # far above anything a model would fit by itself
+    train, val = replace(train, var_floor=shared), replace(val, var_floor=shared)
+    for name in ("linear", "har", "ewma"):
+        model = make_baseline(name).fit(train, val)
+        np.testing.assert_array_equal(model.variance_floor_.by_asset, shared)
+        assert (model.predict(val) ** 2 >= shared[val.asset] * (1 - 1e-12)).all()
+    assert make_baseline("har").fit(train, val).var_floor_ is not None
+    config = RiskCNNConfig(image_size=16, n_conv=2, filters=4, fc=(8,), max_epochs=1, batch_size=256)
+    cnn = CNNForecaster(config, get_encoder("heatmap", image_size=16), max_train_samples=500).fit(train, val)
+    np.testing.assert_array_equal(cnn.floor_.by_asset, shared)
+    assert (cnn.predict(val) ** 2 >= shared[val.asset] * (1 - 1e-6)).all()

@@ -147,7 +147,7 @@ def test_class_calibration_fits_one_factor_per_asset_class(tmp_path: Path) -> No
     encoder = get_encoder("heatmap", image_size=16)
     config = small_config(max_epochs=1, class_embedding_dim=0)  # the network cannot see the class
     fitted = CNNForecaster(config, encoder, seed=0, max_train_samples=1000, calibrate_by="class").fit(train, val)
-    ratio = np.maximum(val.target**2, fitted.transform_.var_eps) / fitted._predict_variance(val)
+    ratio = np.maximum(val.target**2, fitted.floor_.rows(val.asset)) / fitted._predict_variance(val)
     for c in range(4):
         assert fitted.class_calibration_[c] == pytest.approx(ratio[val.asset_class == c].mean())
     assert fitted.class_calibration_[1] > 4 * fitted.class_calibration_[0]
@@ -157,3 +157,52 @@ def test_class_calibration_fits_one_factor_per_asset_class(tmp_path: Path) -> No
     assert (pooled.class_calibration_ == pooled.calibration_).all()
     with pytest.raises(NimbleError, match="unknown calibration"):
         CNNForecaster(config, encoder, calibrate_by="asset")
+
+
+def two_level_samples(n: int, seed: int) -> RiskSamples:
+    """Asset 0 equity-like (daily vol ~1%), asset 1 a quiet short yield (vol ~6e-6, 1/3 of rows).
+
+    Feature 0 carries each row's log vol, so the network can tell the two levels apart.
+    """
+    rng = np.random.default_rng(seed)
+    asset = (rng.random(n) < 1 / 3).astype(np.int64)
+    log_vol = np.where(asset == 1, -12.0, -4.6) + rng.normal(0, 0.2, n)
+    windows = rng.random((n, N_FEATURES, WINDOW)).astype(np.float32) * 0.1
+    windows[:, 0, :] = ((log_vol[:, None] + 13.0) / 9.0).astype(np.float32)
+    target = np.exp(log_vol) * np.sqrt(rng.chisquare(5, n) / 5)
+    har = np.repeat((np.exp(log_vol) ** 2)[:, None], 3, axis=1)
+    return RiskSamples(windows=windows, target=target, dates=np.full(n, np.datetime64("2020-01-01", "ns")),
+                       asset=asset, asset_class=np.where(asset == 1, 1, 0).astype(np.int64), har=har, har_range=har,
+                       returns=[pd.Series(dtype=float)] * 2, feature_names=[f"f{i}" for i in range(N_FEATURES)],
+                       asset_names=["EQ", "DGS3MO"], horizon=5)
+
+
+def test_low_variance_asset_forecasts_go_below_the_pooled_floor() -> None:
+    """Issue 25.1: a floor of 1e-4 x the pooled median variance (set by equities) sat above a
+    quiet yield's whole forecast range; the floor is per asset now, so the CNN can forecast it."""
+    train, val, test = two_level_samples(3000, 0), two_level_samples(600, 1), two_level_samples(600, 2)
+    pooled_floor = 1e-4 * np.median(train.target**2)
+    assert np.median(test.target[test.asset == 1] ** 2) < pooled_floor / 10  # the quiet asset lives below it
+    fitted = CNNForecaster(small_config(max_epochs=4), get_encoder("heatmap", image_size=16), seed=0,
+                           max_train_samples=None).fit(train, val)
+    quiet = fitted.predict(test)[test.asset == 1] ** 2
+    assert np.median(quiet) < pooled_floor / 10  # the pooled floor times any calibration factor did not allow this
+    assert fitted.floor_.by_asset[1] < pooled_floor / 100
+    assert (quiet >= fitted.floor_.by_asset[1]).all()
+
+
+def test_class_calibration_survives_validation_subsampling_and_records_fallbacks() -> None:
+    """Issue 25.5: a pooled draw of max_val_samples rows left a small class under the 100-row
+    minimum, so it silently got the pooled factor; the draw is per class now, fallbacks named."""
+    train = synthetic_samples(2000, 0)
+    full = synthetic_samples(12000, 1)
+    cls = full.asset_class
+    keep = np.flatnonzero((cls <= 1) | ((cls == 3) & (np.cumsum(cls == 3) <= 300)) | ((cls == 2) & (np.cumsum(cls == 2) <= 60)))
+    val = full.subset(keep)  # ~6000 equity + bond rows, 300 fx, 60 commodity
+    val.target[val.asset_class == 3] *= 3.0  # fx is 9x more variable than its windows say
+    config = small_config(max_epochs=1, class_embedding_dim=0)
+    fitted = CNNForecaster(config, get_encoder("heatmap", image_size=16), seed=0, max_train_samples=1000,
+                           max_val_samples=1000, calibrate_by="class").fit(train, val)
+    assert fitted.class_calibration_[3] > 4 * fitted.class_calibration_[0]  # fx got its own factor
+    assert fitted.calibration_fallback_ == ["commodity"]  # 60 rows < 100: pooled factor, and said so
+    assert fitted.class_calibration_[2] == fitted.calibration_

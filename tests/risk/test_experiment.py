@@ -35,3 +35,25 @@ def test_experts_refit_each_fold_on_all_past_data_and_count_fallbacks():
 
 def _report():
     return SimpleNamespace(to_dict=lambda: {"counts": {}})
+
+
+def test_one_floor_per_fold_for_every_model_and_the_rows_it_touched_are_reported():
+    """Issue 25.2: predictions carry each row's floor; no model forecasts below it; metrics count the floored rows."""
+    panel = generated_panel(900, seed=5, classes=("equity", "bond", "fx"))
+    frame = panel.frame.copy()
+    bond = frame["asset"] == "BO1"
+    late = np.sort(frame.loc[bond, "date"].unique())[800:812]
+    frame.loc[bond & frame["date"].isin(late), "close"] = 2.0  # a flat yield for 12 days: zero targets in the test period
+    cfg = RiskRunConfig(models=("linear", "ewma", "har"), mcs_reps=50, features=FeatureConfig(span="all"))
+    result = run_risk_evaluation(cfg, SimpleNamespace(frame=frame, source="generated", report=_report()))
+    p = result.predictions
+    assert (p["var_floor"] > 0).all() and p.groupby("asset")["var_floor"].nunique().eq(1).all()
+    for m in cfg.models:
+        assert (p[m] ** 2 >= p["var_floor"] * (1 - 1e-9)).all()
+    metrics = result.metrics()
+    floored = int((p["target"] ** 2 < p["var_floor"]).sum())
+    assert floored > 0
+    assert metrics["variance_floor"]["target_rows_floored"] == floored == metrics["models"]["har"]["n_target_floored"]
+    zero_bond = int(((p["asset_class"] == "bond") & (p["target"] == 0)).sum())
+    assert zero_bond >= 5 and metrics["variance_floor"]["target_rows_floored_by_class"]["bond"] >= zero_bond
+    assert metrics["models"]["har"]["qlike_unfloored"] != metrics["models"]["har"]["qlike"]

@@ -34,9 +34,9 @@ from sklearn.tree import DecisionTreeRegressor
 
 from nimbleml.errors import NimbleError
 from nimbleml.progress import track
+from nimbleml.risk.evaluate import VarianceFloor, qlike_loss
 from nimbleml.risk.parallel import check_executor, map_tasks
 from nimbleml.risk.samples import RiskSamples, concat_samples
-from nimbleml.risk.stats import qlike
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,12 @@ def _build_and_score(task: tuple) -> tuple[Any, float]:
 class Baseline(ABC):
     """A volatility forecaster with the scikit-learn face; subclasses fill ``_fit`` and ``_predict``.
 
-    After ``fit``: ``asset_names_``, ``horizon_``, ``train_end_`` (datetime64[ns]), ``floor_``
-    (per asset, the 1st percentile of its positive training targets: every forecast is clipped
-    up to it, so a pooled paper model that goes negative on a low-vol asset gets a plausible
-    low value rather than ~0) and ``fit_seconds_``.
+    After ``fit``: ``asset_names_``, ``horizon_``, ``train_end_`` (datetime64[ns]),
+    ``variance_floor_`` (the per-asset ``VarianceFloor`` every model and the evaluation share:
+    the fold's when the samples carry it, else fitted on ``train``), ``floor_`` (its square
+    root: every volatility forecast is clipped up to it, so a pooled paper model that goes
+    negative on a low-vol asset gets a low positive value rather than ~0) and ``fit_seconds_``.
     """
-
-    floor_quantile: ClassVar[float] = 0.01  # quantile of an asset's training targets used as its floor
 
     name: ClassVar[str]
 
@@ -131,7 +130,8 @@ class Baseline(ABC):
         self.horizon_ = int(train.horizon)
         self.window_shape_ = tuple(train.windows.shape[1:])
         self.train_end_ = _as_ns(train.dates).max()
-        self.floor_ = self._vol_floor(train)
+        self.variance_floor_ = VarianceFloor.for_training(train)
+        self.floor_ = np.sqrt(self.variance_floor_.by_asset)
         self._fit(train, val)
         self.fit_seconds_ = time.perf_counter() - start
         log.info("%s: fitted on %d rows in %.1f s", self.name, len(train), self.fit_seconds_)
@@ -153,17 +153,6 @@ class Baseline(ABC):
         if not np.isfinite(vol).all():
             raise NimbleError(f"{self.name}: {int((~np.isfinite(vol)).sum())} non-finite forecasts", fix="check the inputs for NaN or inf")
         return vol
-
-    @staticmethod
-    def _vol_floor(train: RiskSamples) -> np.ndarray:
-        """(n_assets,) per-asset low quantile of positive training targets; assets without rows get the panel's lowest."""
-        positive = train.target > 0
-        if not positive.any():
-            raise NimbleError("every training target is zero", fix="check the returns feeding the target")
-        floor = np.full(len(train.asset_names), train.target[positive].min())
-        for a in np.unique(train.asset[positive]):
-            floor[a] = np.quantile(train.target[positive & (train.asset == a)], Baseline.floor_quantile)
-        return floor
 
     @abstractmethod
     def _fit(self, train: RiskSamples, val: RiskSamples | None) -> None:
@@ -603,8 +592,8 @@ class HARBaseline(Baseline):
     (log variance on log variances, back-transformed with a bias factor: "smearing" = mean of
     exp(residual) (Duan 1983), "normal" = exp(s^2/2)). ``features``: "cc" (close-to-close
     ``har``) or "cc+range" (adds Garman-Klass ``har_range``). Either left None is chosen by
-    QLIKE on the selection set. Log inputs and forecasts are floored at ``log_floor`` x the
-    asset's median monthly RV. Choices land in ``form_``, ``features_``, ``scores_``,
+    QLIKE on the selection set. Log inputs, targets, forecasts and the selection QLIKE are
+    floored at the shared per-asset ``VarianceFloor``. Choices land in ``form_``, ``features_``, ``scores_``,
     ``selection_``, ``coef_`` (asset -> [const, d, w, m(, d_gk, w_gk, m_gk)]), ``pooled_assets_``.
     """
 
@@ -616,7 +605,6 @@ class HARBaseline(Baseline):
         features: str | None = None,  # "cc", "cc+range" or None (choose; "cc" when har_range == har)
         min_rows: int = 250,  # fewer training rows -> asset-class pooled fit
         log_bias: str = "smearing",  # "smearing" or "normal"
-        log_floor: float = 0.01,  # variance floor, fraction of the asset's median 22-day RV
         holdout_frac: float = 0.2,  # selection set when no val is given
     ):
         if form not in (None, "levels", "log") or features not in (None, "cc", "cc+range") or log_bias not in ("smearing", "normal"):
@@ -626,7 +614,6 @@ class HARBaseline(Baseline):
         self.features = features
         self.min_rows = min_rows
         self.log_bias = log_bias
-        self.log_floor = log_floor
         self.holdout_frac = holdout_frac
 
     def _design(self, samples: RiskSamples, form: str, features: str) -> np.ndarray:
@@ -668,15 +655,10 @@ class HARBaseline(Baseline):
         return np.maximum(out, self.var_floor_[samples.asset])
 
     def _qlike(self, fit: _HARFit, samples: RiskSamples) -> float:
-        y = np.maximum(samples.target_variance, self.var_floor_[samples.asset])
-        return float(np.mean(qlike(y, self._variance(fit, samples))))
+        return float(np.mean(qlike_loss(samples.target_variance, self._variance(fit, samples), self.var_floor_[samples.asset])))
 
     def _fit(self, train: RiskSamples, val: RiskSamples | None) -> None:
-        med = np.median(train.har[:, 2])
-        self.var_floor_ = np.full(len(train.asset_names), self.log_floor * med)
-        for a in np.unique(train.asset):
-            self.var_floor_[a] = self.log_floor * np.median(train.har[train.asset == a, 2])
-        self.var_floor_ = np.maximum(self.var_floor_, np.finfo(float).tiny)
+        self.var_floor_ = self.variance_floor_.by_asset
         forms = [self.form] if self.form else ["levels", "log"]
         if self.features:
             features = [self.features]

@@ -6,7 +6,9 @@ Images are encoded per batch from ``RiskSamples.windows`` (all images of 2M samp
 - ``log_var`` (default): MSE on log(y^2 + eps), standardised with the train mean and std.
   exp() of a mean log forecast is biased low for E[y^2] (Jensen), so forecasts are scaled by
   c = mean(y_val^2 / f_val^2) on the validation set: the c that minimises validation QLIKE,
-  in closed form. eps = 1e-4 x the median train variance keeps zero targets finite.
+  in closed form. Targets are floored per asset (``evaluate.VarianceFloor``: 1% of the asset's
+  median training target variance) so zero targets stay finite; one pooled floor set by the
+  equities would sit above most of a short Treasury yield's targets.
 - ``qlike``: the network outputs a standardised log variance, as for ``log_var``, but is
   trained on the QLIKE loss itself, y^2/f - log(y^2/f) - 1: the evaluation's loss, whose
   minimiser is the conditional mean of y^2, so it needs no Jensen correction.
@@ -14,8 +16,9 @@ Images are encoded per batch from ``RiskSamples.windows`` (all images of 2M samp
 - ``var``: MSE on the standardised variance y^2.
 
 The same calibration applies to all three (``calibrate=False`` turns it off); forecast
-variances are floored at eps. Training stops early on validation QLIKE (after calibration)
-and the best epoch's weights are restored.
+variances are floored at the asset's floor, the one every model and the evaluation use.
+Training stops early on validation QLIKE (after calibration, floored the same way) and the
+best epoch's weights are restored.
 
 Subsampling: stride-1 windows overlap almost entirely, so neighbouring samples are nearly
 copies. When the training set holds more than ``max_train_samples`` rows, each epoch draws
@@ -42,10 +45,10 @@ from torch import nn
 
 from nimbleml.errors import NimbleError
 from nimbleml.progress import make_progress
-from nimbleml.risk.evaluate import qlike_loss
+from nimbleml.risk.evaluate import VarianceFloor, qlike_loss
 from nimbleml.risk.imaging import ImageEncoder, get_encoder
 from nimbleml.risk.model import RiskCNN, RiskCNNConfig
-from nimbleml.risk.samples import RiskSamples
+from nimbleml.risk.samples import ASSET_CLASSES, RiskSamples
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +56,14 @@ TARGETS: tuple[str, ...] = ("log_var", "qlike", "vol", "var")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32")
 CALIBRATE_BY: tuple[str, ...] = ("pooled", "class")
 MIN_CLASS_CALIBRATION_ROWS = 100  # validation rows a class needs for its own calibration factor
+MIN_CLASS_VAL_ROWS = 2_000  # validation rows each class keeps when the validation set is subsampled
 QLIKE_LINEAR_FROM = 4.0  # log-variance gap beyond which the QLIKE training loss grows linearly
 GRAD_CLIP_NORM = 5.0  # global gradient-norm clip: volatility targets have fat tails
-EPS_OF_MEDIAN_VARIANCE = 1e-4  # variance floor eps, as a fraction of the median train variance
 
 
-def mean_qlike(target_variance: np.ndarray, forecast_variance: np.ndarray) -> float:
+def mean_qlike(target_variance: np.ndarray, forecast_variance: np.ndarray, floor: np.ndarray | None = None) -> float:
     """Mean QLIKE on variances, the early-stopping criterion; 0 for a perfect forecast."""
-    return float(np.mean(qlike_loss(target_variance, forecast_variance)))
+    return float(np.mean(qlike_loss(target_variance, forecast_variance, floor)))
 
 
 @dataclass
@@ -70,38 +73,31 @@ class TargetTransform:
     kind: str  # one of TARGETS
     mean: float  # train mean of the transformed target
     std: float  # train std of the transformed target
-    var_eps: float  # variance floor (daily variance)
 
     @classmethod
-    def fit(cls, kind: str, target: np.ndarray) -> TargetTransform:
-        variance = target.astype(np.float64) ** 2
-        median = float(np.median(variance))
-        if median <= 0:
-            raise NimbleError(
-                "at least half the training targets are zero volatility",
-                fix="drop assets or days without price changes before building RiskSamples",
-            )
-        transform = cls(kind=kind, mean=0.0, std=1.0, var_eps=EPS_OF_MEDIAN_VARIANCE * median)
-        raw = transform._raw(target)
+    def fit(cls, kind: str, target: np.ndarray, floor: np.ndarray) -> TargetTransform:
+        """Fit on (n,) training targets (realised vol) and (n,) each row's variance floor."""
+        transform = cls(kind=kind, mean=0.0, std=1.0)
+        raw = transform._raw(target, floor)
         std = float(raw.std())
         if not std > 0:
             raise NimbleError("the training targets are all equal", fix="check the target construction")
         return dataclasses.replace(transform, mean=float(raw.mean()), std=std)
 
-    def _raw(self, target: np.ndarray) -> np.ndarray:
+    def _raw(self, target: np.ndarray, floor: np.ndarray) -> np.ndarray:
         target = target.astype(np.float64)
         if self.kind in ("log_var", "qlike"):
-            return np.log(target**2 + self.var_eps)
+            return np.log(np.maximum(target**2, floor))
         if self.kind == "vol":
             return target
         return target**2
 
-    def encode(self, target: np.ndarray) -> np.ndarray:
-        """(n,) realised vol -> (n,) float32 standardised network target."""
-        return ((self._raw(target) - self.mean) / self.std).astype(np.float32)
+    def encode(self, target: np.ndarray, floor: np.ndarray) -> np.ndarray:
+        """(n,) realised vol and (n,) variance floor -> (n,) float32 standardised network target."""
+        return ((self._raw(target, floor) - self.mean) / self.std).astype(np.float32)
 
-    def variance(self, output: np.ndarray) -> np.ndarray:
-        """(n,) network output -> (n,) float64 forecast variance, floored at var_eps."""
+    def variance(self, output: np.ndarray, floor: np.ndarray) -> np.ndarray:
+        """(n,) network output -> (n,) float64 forecast variance, floored at (n,) ``floor``."""
         raw = output.astype(np.float64) * self.std + self.mean
         if self.kind in ("log_var", "qlike"):
             variance = np.exp(raw)
@@ -109,7 +105,7 @@ class TargetTransform:
             variance = np.maximum(raw, 0.0) ** 2
         else:
             variance = raw
-        return np.maximum(variance, self.var_eps)
+        return np.maximum(variance, floor)
 
 
 class CNNForecaster:
@@ -131,11 +127,17 @@ class CNNForecaster:
         of 444 equities and 14 other series, one constant is set by the equities.
     max_val_samples : validation rows used for early stopping and calibration (a fixed random
         subset when larger): scoring 300k validation images every epoch would cost more than training.
+        The subset is drawn per asset class: each keeps its share, but at least
+        min(its rows, MIN_CLASS_VAL_ROWS), so a class of 14 series among 444 equities still
+        gets its own calibration factor (a pooled draw of 20k rows left FX 44 rows).
     precision : "auto" (bfloat16 autocast on CPUs with native bf16, ~1.9x faster here; float16
         autocast on CUDA), or "fp32". Weights and the optimiser stay float32 either way.
 
-    Fitted attributes: ``model_``, ``config_``, ``transform_``, ``calibration_`` (pooled),
+    Fitted attributes: ``model_``, ``config_``, ``transform_``, ``floor_`` (the per-asset
+    ``VarianceFloor`` of the training rows: targets and forecasts), ``calibration_`` (pooled),
     ``class_calibration_`` ((n_classes,) the factor each asset class's forecasts get),
+    ``calibration_fallback_`` (names of the classes with validation rows but fewer than
+    MIN_CLASS_CALIBRATION_ROWS, which got the pooled factor; empty unless calibrate_by="class"),
     ``history_`` (one dict per epoch), ``best_epoch_`` (1-based), ``fit_seconds_``.
     """
 
@@ -200,13 +202,13 @@ class CNNForecaster:
         self.window_shape_ = (int(n_features), int(window))
         self.config_ = self._resolve_config(n_features)
         self.device_ = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.transform_ = TargetTransform.fit(self.target, train.target)
+        self.floor_ = VarianceFloor.for_training(train)
+        self.transform_ = TargetTransform.fit(self.target, train.target, self.floor_.rows(train.asset))
         self.autocast_dtype_ = _autocast_dtype(self.device_, self.precision)
         if self.max_val_samples is not None and len(val) > self.max_val_samples:
-            pick = np.random.default_rng(self.seed + 1).choice(len(val), self.max_val_samples, replace=False)
-            val = val.subset(np.sort(pick))
-        val_variance = val.target.astype(np.float64) ** 2
-        val_variance_floored = np.maximum(val_variance, self.transform_.var_eps)
+            val = val.subset(_per_class_subset(val.asset_class, self.max_val_samples, self.seed + 1))
+        val_floor = self.floor_.rows(val.asset)
+        val_variance_floored = np.maximum(val.target.astype(np.float64) ** 2, val_floor)
         cfg = self.config_
         n_train = len(train) if self.max_train_samples is None else min(len(train), self.max_train_samples)
         n_batches = -(-n_train // cfg.batch_size)
@@ -224,7 +226,7 @@ class CNNForecaster:
                 self.model_.load_state_dict(warm_start.state_dict())
             self.warm_started_ = warm_start is not None
             optimizer = torch.optim.Adam(self.model_.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            train_z = self.transform_.encode(train.target)
+            train_z = self.transform_.encode(train.target, self.floor_.rows(train.asset))
             self.history_: list[dict[str, float]] = []
             best_qlike, best_state, stale = np.inf, None, 0
             with make_progress() as progress:
@@ -240,12 +242,12 @@ class CNNForecaster:
                     raw = self._predict_variance(val)
                     calibration = float(np.mean(val_variance_floored / raw)) if self.calibrate else 1.0
                     by_class = self._class_factors(val_variance_floored / raw, val.asset_class, calibration)
-                    val_qlike = mean_qlike(val_variance_floored, by_class[val.asset_class] * raw)
+                    val_qlike = mean_qlike(val_variance_floored, by_class[val.asset_class] * raw, val_floor)
                     record = {
                         "epoch": epoch,
                         "train_loss": loss_sum / seen,
                         "val_qlike": val_qlike,
-                        "val_qlike_uncalibrated": mean_qlike(val_variance_floored, raw),
+                        "val_qlike_uncalibrated": mean_qlike(val_variance_floored, raw, val_floor),
                         "calibration": calibration,
                         "train_seconds": train_seconds,
                         "samples_per_s": seen / train_seconds,
@@ -331,15 +333,20 @@ class CNNForecaster:
                 f"windows are {samples.windows.shape[1:]}, the model was fitted on {self.window_shape_}",
                 fix="build samples with the features and window used at fit time",
             )
-        return np.sqrt(self.class_calibration_[samples.asset_class] * self._predict_variance(samples))
+        variance = self.class_calibration_[samples.asset_class] * self._predict_variance(samples)
+        return np.sqrt(np.maximum(variance, self.floor_.rows(samples.asset)))
 
     def _class_factors(self, ratio: np.ndarray, asset_class: np.ndarray, pooled: float) -> np.ndarray:
         """(n_classes,) variance factors: the pooled one, or each class's own mean ratio."""
         factors = np.full(self.config_.n_classes, pooled)
+        self.calibration_fallback_: list[str] = []
         if self.calibrate and self.calibrate_by == "class":
             for c in range(len(factors)):
-                if (asset_class == c).sum() >= MIN_CLASS_CALIBRATION_ROWS:
+                rows = int((asset_class == c).sum())
+                if rows >= MIN_CLASS_CALIBRATION_ROWS:
                     factors[c] = float(np.mean(ratio[asset_class == c]))
+                elif rows:
+                    self.calibration_fallback_.append(ASSET_CLASSES[c])
         return factors
 
     def _predict_variance(self, samples: RiskSamples) -> np.ndarray:
@@ -354,7 +361,7 @@ class CNNForecaster:
                 with self._autocast():
                     outputs.append(self.model_(images, classes).float().cpu().numpy())
         output = np.concatenate(outputs) if outputs else np.empty(0, np.float32)
-        return self.transform_.variance(output)
+        return self.transform_.variance(output, self.floor_.rows(samples.asset))
 
     def _autocast(self) -> torch.autocast:
         dtype = getattr(self, "autocast_dtype_", None)
@@ -419,8 +426,10 @@ class CNNForecaster:
             "calibrate": self.calibrate,
             "calibrate_by": self.calibrate_by,
             "class_calibration": [float(c) for c in self.class_calibration_],
+            "calibration_fallback": self.calibration_fallback_,
             "precision": self.precision,
             "transform": dataclasses.asdict(self.transform_),
+            "variance_floor": self.floor_.to_dict(),
             "calibration": self.calibration_,
             "window_shape": list(self.window_shape_),
             "best_epoch": self.best_epoch_,
@@ -450,13 +459,27 @@ class CNNForecaster:
         forecaster.model_.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(forecaster.device_)))
         forecaster.model_.eval()
         forecaster.transform_ = TargetTransform(**meta["transform"])
+        forecaster.floor_ = VarianceFloor.from_dict(meta["variance_floor"])
         forecaster.calibration_ = float(meta["calibration"])
         forecaster.class_calibration_ = np.asarray(
             meta.get("class_calibration", [forecaster.calibration_] * config.n_classes), dtype=np.float64)
+        forecaster.calibration_fallback_ = list(meta.get("calibration_fallback", []))
         forecaster.window_shape_ = tuple(meta["window_shape"])
         forecaster.best_epoch_ = meta["best_epoch"]
         forecaster.history_ = meta["history"]
         return forecaster
+
+
+def _per_class_subset(asset_class: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted row indices: about ``size`` rows drawn per class in proportion, each class keeping at
+    least min(its rows, MIN_CLASS_VAL_ROWS); a fixed seed gives the same rows every time."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in np.unique(asset_class):
+        rows = np.flatnonzero(asset_class == c)
+        keep = min(len(rows), max(int(round(size * len(rows) / len(asset_class))), MIN_CLASS_VAL_ROWS))
+        picks.append(rng.choice(rows, keep, replace=False))
+    return np.sort(np.concatenate(picks))
 
 
 def _architecture(config: RiskCNNConfig) -> dict:

@@ -31,10 +31,16 @@ log = logging.getLogger(__name__)
 MIN_SLICE_DATES = 10  # fewer forecast dates in a slice: its tests are not computed (named in "skipped")
 
 
+def row_floor(p: pd.DataFrame) -> np.ndarray | None:
+    """(n,) each row's variance floor (the shared per-asset rule), or None for an old run without one."""
+    return p["var_floor"].to_numpy() if "var_floor" in p else None
+
+
 def row_losses(p: pd.DataFrame, models: list[str]) -> pd.DataFrame:
-    """(n, models) QLIKE of each row's variance forecast."""
+    """(n, models) QLIKE of each row's variance forecast, target and forecast floored per asset."""
     y = p["target"].to_numpy() ** 2
-    return pd.DataFrame({m: qlike_loss(y, p[m].to_numpy() ** 2) for m in models}, index=p.index)
+    floor = row_floor(p)
+    return pd.DataFrame({m: qlike_loss(y, p[m].to_numpy() ** 2, floor) for m in models}, index=p.index)
 
 
 def daily_losses(p: pd.DataFrame, losses: pd.DataFrame, mask: np.ndarray | None = None) -> pd.DataFrame:
@@ -46,7 +52,9 @@ def daily_losses(p: pd.DataFrame, losses: pd.DataFrame, mask: np.ndarray | None 
 def slice_scores(p: pd.DataFrame, models: list[str], mask: np.ndarray) -> dict:
     """{model: {rmse, r2, qlike, mae, n}} on the rows in ``mask``."""
     y = p["target"].to_numpy()[mask]
-    return {m: score_forecasts(y, p[m].to_numpy()[mask]).to_dict() for m in models} if mask.any() else {}
+    floor = row_floor(p)
+    floor = None if floor is None else floor[mask]
+    return {m: score_forecasts(y, p[m].to_numpy()[mask], floor).to_dict() for m in models} if mask.any() else {}
 
 
 def slice_tables(p: pd.DataFrame, models: list[str], masks: dict[str, np.ndarray]) -> tuple[dict, dict]:

@@ -20,7 +20,7 @@ from nimbleml.risk.baselines import make_baseline
 from nimbleml.risk.cnn import CNNForecaster
 from nimbleml.risk.comparison import comparison_section
 from nimbleml.risk.data import MarketPanel, load_panel
-from nimbleml.risk.evaluate import qlike_loss, score_by_class, score_forecasts
+from nimbleml.risk.evaluate import FLOOR_RULE, VarianceFloor, qlike_loss, score_by_class, score_forecasts
 from nimbleml.risk.features import FeatureConfig, FeatureScaler, build_samples, compute_features, fit_scaler, zscore_keep
 from nimbleml.risk.imaging import get_encoder
 from nimbleml.risk.model import RiskCNNConfig
@@ -135,15 +135,17 @@ class RiskRunResult:
     def _metrics(self) -> dict:
         p = self.predictions
         y = p["target"].to_numpy()
+        floor = p["var_floor"].to_numpy() if "var_floor" in p else None
         cls = p["asset_class"].map({c: k for k, c in enumerate(ASSET_CLASSES)}).to_numpy()
         models, by_class = {}, {}
         for name in self.config.models:
-            s = score_forecasts(y, p[name].to_numpy()).to_dict()
+            s = score_forecasts(y, p[name].to_numpy(), floor).to_dict()
             s["fit_seconds"] = self.fit_seconds[name]
             s["predict_ms"] = 1000.0 * self.predict_seconds[name] / max(len(p), 1)
             models[name] = s
-            for cname, cs in score_by_class(y, p[name].to_numpy(), cls).items():
-                by_class.setdefault(cname, {})[name] = {"rmse": cs.rmse, "r2": cs.r2, "qlike": cs.qlike, "mae": cs.mae, "n": cs.n}
+            for cname, cs in score_by_class(y, p[name].to_numpy(), cls, floor).items():
+                by_class.setdefault(cname, {})[name] = {"rmse": cs.rmse, "r2": cs.r2, "qlike": cs.qlike, "mae": cs.mae, "n": cs.n,
+                                                        "qlike_unfloored": cs.qlike_unfloored, "n_target_floored": cs.n_target_floored}
         classes = dict(zip(p["asset"], p["asset_class"]))
         regimes = None
         if self.returns:
@@ -172,10 +174,28 @@ class RiskRunResult:
             "models": models,
             "by_asset_class": by_class,
             "regime_rule": RegimeRule().to_dict(),
+            "variance_floor": floor_section(p, list(cfg.models)),
             **comparison,
             "portfolio": portfolio,
             **self.extras,
         }
+
+
+def floor_section(p: pd.DataFrame, models: list[str]) -> dict:
+    """The shared variance floor: its rule and how many test rows it touched (targets, each model's forecasts)."""
+    if "var_floor" not in p:
+        return {"rule": "none recorded (a run from before per-asset floors): QLIKE floors at 1e-14"}
+    floor = p["var_floor"].to_numpy()
+    below = p["target"].to_numpy() ** 2 < floor
+    return {
+        "rule": FLOOR_RULE,
+        "n_rows": int(len(p)),
+        "target_rows_floored": int(below.sum()),
+        "target_rows_floored_by_class": {c: int(below[(p["asset_class"] == c).to_numpy()].sum())
+                                         for c in ASSET_CLASSES if (p["asset_class"] == c).any()},
+        "forecast_rows_floored": {m: int((p[m].to_numpy() ** 2 <= floor * (1 + 1e-9)).sum()) for m in models},
+        "qlike_without_floored_rows": "models.<model>.qlike_unfloored, by_asset_class.<class>.<model>.qlike_unfloored",
+    }
 
 
 def portfolio_section(predictions: pd.DataFrame, returns: list[pd.Series], cfg: RiskRunConfig) -> tuple[dict, pd.DataFrame]:
@@ -298,6 +318,9 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None, ch
         train = build_samples(fp, scaler, train_index, split.leaky)
         val = build_samples(fp, scaler, split.val, split.leaky)
         test = build_samples(fp, scaler, split.test, split.leaky)
+        floor = VarianceFloor.of_samples(train)  # one per-asset floor for every model of this fold
+        for samples in (train, val, test):
+            samples.var_floor = floor.by_asset
         log.info("%s: train %d, val %d, test %d samples", split.name, len(train), len(val), len(test))
         frame = pd.DataFrame(
             {
@@ -306,6 +329,7 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None, ch
                 "asset_class": np.asarray(ASSET_CLASSES)[test.asset_class],
                 "target": test.target,
                 "fold": split.name,
+                "var_floor": floor.rows(test.asset),
             }
         )
         test_assets = set(frame["asset"])
@@ -317,11 +341,14 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None, ch
             fit_s[name] += f_s
             pred_s[name] += p_s
             frame[name] = forecast
-            log.info("%s %s: fit %.1fs, test QLIKE %.4f", split.name, name, f_s, qlike_loss(test.target**2, forecast**2).mean())
+            log.info("%s %s: fit %.1fs, test QLIKE %.4f", split.name, name, f_s,
+                     qlike_loss(test.target**2, forecast**2, frame["var_floor"].to_numpy()).mean())
             if name == "cnn":
                 cnn = model
                 extras["cnn_history"].append({"split": split.name, "warm_started": model.warm_started_,
-                                              "best_epoch": model.best_epoch_, "history": model.history_})
+                                              "best_epoch": model.best_epoch_, "history": model.history_,
+                                              "class_calibration": [float(c) for c in model.class_calibration_],
+                                              "calibration_fallback_classes": model.calibration_fallback_})
             for asset in _fallback_assets(name, model, test_assets):
                 counts = extras["fallbacks"][name]
                 counts[asset] = counts.get(asset, 0) + 1

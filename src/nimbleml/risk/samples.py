@@ -31,6 +31,9 @@ class RiskSamples:
     returns : one pd.Series per asset (index = trading dates, unscaled daily returns over the
         whole loaded span). A forecaster may only use values dated <= a sample's date to
         predict that sample, and <= max(train.dates) to fit.
+    var_floor : (n_assets,) daily-variance floor of each asset (``evaluate.VarianceFloor``),
+        fitted on a fold's training rows and attached to its train, validation and test samples
+        so every model floors targets and forecasts alike; None: each model fits it on its train.
     """
 
     windows: np.ndarray
@@ -46,6 +49,7 @@ class RiskSamples:
     horizon: int
     leaky: bool = False  # True under protocol=paper-random: every output that shows it says so
     meta: dict = field(default_factory=dict)
+    var_floor: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target)
@@ -76,6 +80,7 @@ class RiskSamples:
             horizon=self.horizon,
             leaky=self.leaky,
             meta=dict(self.meta),
+            var_floor=self.var_floor,
         )
 
 
@@ -95,4 +100,5 @@ def concat_samples(first: RiskSamples, second: RiskSamples) -> RiskSamples:
         horizon=first.horizon,
         leaky=first.leaky or second.leaky,
         meta=dict(first.meta),
+        var_floor=first.var_floor,
     )

@@ -49,7 +49,9 @@ class ServedForecaster(nn.Module):
         self.size = encoder.image_size
         self.mode = "nearest-exact" if encoder.resize == "nearest" else "bilinear"
         self.kind = transform.kind
-        self.mean, self.std, self.var_eps = transform.mean, transform.std, transform.var_eps
+        self.mean, self.std = transform.mean, transform.std
+        # the client sends the class, not the asset: floor at the class's lowest asset floor
+        self.register_buffer("floor", torch.as_tensor(forecaster.floor_.by_class, dtype=torch.float32))
         # one variance factor per asset class (all equal unless fitted with calibrate_by="class")
         self.register_buffer("calibration", torch.as_tensor(forecaster.class_calibration_, dtype=torch.float32))
 
@@ -74,7 +76,8 @@ class ServedForecaster(nn.Module):
             variance = torch.clamp(raw, min=0.0) ** 2
         else:
             variance = raw
-        return torch.sqrt(self.calibration[asset_class] * torch.clamp(variance, min=self.var_eps))
+        floor = self.floor[asset_class]
+        return torch.sqrt(torch.maximum(self.calibration[asset_class] * torch.maximum(variance, floor), floor))
 
 
 def prepare_risk_bundle(model_dir: str | Path, out_dir: str | Path | None = None) -> Path:
