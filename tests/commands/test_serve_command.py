@@ -19,3 +19,11 @@ def test_shed_queue_parses_and_refuses_bad_values() -> None:
     for bad in ("8", "24,8", "0,4", "a,b"):
         with pytest.raises(argparse.ArgumentTypeError):
             _two_ints(bad)
+
+
+def test_history_users_must_be_positive() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--model", "m", "--history-users", "10"]).history_users == 10
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--history-users", "0"])

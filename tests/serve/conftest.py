@@ -63,9 +63,8 @@ class Server:
         return f"http://127.0.0.1:{self.http}"
 
     def worker_pids(self) -> list[int]:
-        import httpx
-
-        return [w["pid"] for w in httpx.get(f"{self.url}/v1/models", headers={"x-api-key": KEYS["admin"]}).json()["workers"]]
+        """The worker processes' pids, from /proc (the API shows no pids)."""
+        return worker_pids(self.process.pid)
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -76,6 +75,26 @@ class Server:
                 self.process.kill()
                 self.process.wait(10)
         return self.process.returncode
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        children += [int(c) for c in task.read_text().split()]
+    return children
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The serving workers among a server process's children (spawned, not the resource tracker)."""
+    found = []
+    for child in child_pids(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:  # exited meanwhile
+            continue
+        if b"spawn_main" in cmdline:
+            found.append(child)
+    return sorted(found)
 
 
 def start_server(model: Path, tmp: Path, *args: str, keys: bool = True, timeout_s: float = 120) -> Server:

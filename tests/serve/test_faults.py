@@ -54,7 +54,7 @@ def test_killed_worker_is_restarted_and_every_request_answered(rec_bundle, tmp_p
             time.sleep(0.5)
         after = server.worker_pids()
         assert len(after) == 2 and before[0] not in after
-        models = httpx.get(f"{server.url}/v1/models").json()
+        models = httpx.get(f"{server.url}/v1/models", headers={"x-api-key": KEYS["standard"]}).json()
         assert models["worker_restarts"] == 1
         assert "nimbleml_worker_restarts_total 1.0" in httpx.get(f"{server.url}/metrics").text
     finally:
@@ -65,7 +65,7 @@ def test_model_swap_under_load_fails_no_request(rec_bundle, second_bundle, tmp_p
     server = start_server(rec_bundle, tmp_path)
     admin = {"x-api-key": KEYS["admin"]}
     try:
-        first = httpx.get(f"{server.url}/v1/models").json()["stable"]
+        first = httpx.get(f"{server.url}/v1/models", headers={"x-api-key": KEYS["standard"]}).json()["stable"]
         thread, out = load_in_background(server.url, rps=50, duration_s=6)
         time.sleep(1.0)
         loaded = httpx.post(f"{server.url}/v1/admin/models", json={"model": str(second_bundle), "share": 0.5},
@@ -139,7 +139,7 @@ def test_redis_restart_gives_clear_503s_then_recovers_without_losing_acknowledge
             assert refused and set(range(40, 80)) >= set(refused)  # 503s only while Redis was down
             assert acknowledged[-1] == 120  # and recovery after it came back
             stored = [int(v.split(b":")[0]) for v in reversed(
-                __import__("redis").Redis(port=port).lrange("nimbleml:history:u1", 0, -1))]
+                __import__("redis").Redis(port=port).lrange("nimbleml:history:e:{u1}", 0, -1))]
             assert stored == acknowledged[-100:]  # every acknowledged click is there, in order
             answer = client.post("/v1/recommend", json={"user_id": "u1", "candidates": CANDIDATES})
             assert answer.status_code == 200

@@ -15,6 +15,7 @@ CANDIDATES = list(range(1, 51))
 def post(server, path: str, body, key: str | None = KEYS["standard"], **kwargs) -> httpx.Response:
     headers = {"x-api-key": key} if key else {}
     if isinstance(body, (bytes, str)):
+        headers["content-type"] = "application/json"
         return httpx.post(f"{server.url}{path}", content=body, headers=headers, **kwargs)
     return httpx.post(f"{server.url}{path}", json=body, headers=headers, **kwargs)
 

@@ -12,7 +12,7 @@ import pytest
 
 from nimbleml.cli import main
 from nimbleml.serve.loadgen import LoadPlan, http_request, loopback_target, run_load
-from tests.serve.conftest import KEYS, redis_url, start_server
+from tests.serve.conftest import KEYS, child_pids, redis_url, start_server, worker_pids
 
 CANDIDATES = list(range(1, 51))
 
@@ -57,8 +57,8 @@ def test_lane_serves_premium_only_and_shares_histories(laned):
 
 def test_main_server_runs_niced_and_the_lane_does_not(laned):
     server, lane = laned
-    lane_worker = httpx.get(f"{lane}/v1/models", headers={"x-api-key": KEYS["admin"]}).json()["workers"][0]["pid"]
-    lane_front = int(open(f"/proc/{lane_worker}/stat").read().rsplit(")", 1)[1].split()[1])  # its parent
+    lane_front = _lane_pid(server)
+    lane_worker = worker_pids(lane_front)[0]
     ours = os.getpriority(os.PRIO_PROCESS, os.getpid())
     main_nice = os.getpriority(os.PRIO_PROCESS, server.process.pid)
     assert main_nice == min(19, ours + 10)
@@ -94,7 +94,7 @@ def test_load_generator_sends_each_tier_to_its_own_port(laned):
 
 def test_the_lane_stops_with_its_main_server(laned):
     server, lane = laned
-    lane_pid = json.loads(httpx.get(f"{lane}/v1/models", headers={"x-api-key": KEYS["admin"]}).text)["workers"][0]["pid"]
+    lane_pid = worker_pids(_lane_pid(server))[0]
     server.process.send_signal(signal.SIGKILL)  # no clean-up in the main: the lane notices it is orphaned
     server.process.wait(10)
     deadline = time.monotonic() + 30
@@ -110,6 +110,12 @@ def test_the_lane_stops_with_its_main_server(laned):
     while time.monotonic() < deadline and _alive(lane_pid):
         time.sleep(0.5)
     assert not _alive(lane_pid), "the lane's worker outlived it"
+
+
+def _lane_pid(server) -> int:
+    """The lane process: the main server's child started with --lane."""
+    return next(pid for pid in child_pids(server.process.pid)
+                if b"--lane" in open(f"/proc/{pid}/cmdline", "rb").read())
 
 
 def _alive(pid: int) -> bool:

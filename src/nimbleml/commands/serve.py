@@ -20,7 +20,7 @@ from pathlib import Path
 from nimbleml.errors import NimbleError
 from nimbleml.serve.batcher import BatcherConfig
 from nimbleml.serve.bundle import MANIFEST, Bundle
-from nimbleml.serve.history import open_store
+from nimbleml.serve.history import MAX_USERS, open_store
 from nimbleml.serve.keys import load_keyring
 from nimbleml.serve.limiter import AdmissionController, ShedConfig
 from nimbleml.serve.router import PoolConfig
@@ -74,7 +74,8 @@ def build_service(args: argparse.Namespace) -> Service:
         peers=list(args.peers),
     )
     keys = load_keyring(args.keys, set(admission.tiers))
-    return Service(bundle, keys, config, store=open_store(args.redis), admission=admission, prepare=prepare_model)
+    store = open_store(args.redis, max_users=args.history_users)
+    return Service(bundle, keys, config, store=store, admission=admission, prepare=prepare_model)
 
 
 def _two_ints(text: str) -> tuple[int, int]:
@@ -87,6 +88,16 @@ def _two_ints(text: str) -> tuple[int, int]:
     return soft, hard
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder (rec checkpoint, risk model, or bundle)")
     parser.add_argument("--workers", type=int, default=0, help="worker processes (default: cores - 1, at least 1)")
@@ -94,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0 = any free port)")
     parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: no gRPC; 0 = any free)")
     parser.add_argument("--redis", default=None, help="history store URL, e.g. redis://127.0.0.1:6379/0 (default: in process)")
+    parser.add_argument("--history-users", type=_positive_int, default=MAX_USERS,
+                        help="users the in-process history store keeps, least recently used dropped first "
+                             "(without --redis)")
     parser.add_argument("--max-batch", type=int, default=16, help="largest batch a worker runs")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch, ms")
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="answer 504 instead of later than this, ms")

@@ -80,13 +80,15 @@ class Handler:
         }
         self.decoders = {path: msgspec.json.Decoder(r.request_type) for path, r in self.routes.items() if r.request_type}
 
-    async def handle(self, path: str, key: str | None, body: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        """Answer one POST: (status, JSON body, extra headers)."""
+    async def handle(self, path: str, headers: list[tuple[bytes, bytes]], body: bytes
+                     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """Answer one POST: (status, JSON body, extra headers). headers: lower-case names."""
         route = self.routes[path]
         started = time.perf_counter()
         tier = "unknown"
         try:
-            caller = self.service.caller(key, admin=route.admin)
+            head = read_head(headers)
+            caller = self.service.caller(head.key, admin=route.admin, host=head.host)
             tier = caller.tier
             if route.limited:
                 self.service.admit(caller)
@@ -94,6 +96,8 @@ class Handler:
                 raise Rejected(413, f"body of {len(body)} bytes is over the {self.max_body_bytes}-byte limit")
             request = None
             if route.request_type is not None:
+                if not is_json(head.content_type):
+                    raise Rejected(415, "send the body as JSON with 'Content-Type: application/json'")
                 try:
                     request = self.decoders[path].decode(body)
                 except msgspec.ValidationError as exc:
@@ -102,14 +106,16 @@ class Handler:
                     raise Rejected(400, f"malformed JSON: {exc}") from exc
             answer = await route.call(caller, request)
             if route.forward and self.service.config.peers:
-                await self._forward(path, key, body)
+                await self._forward(path, head.key, body)
             status, payload, headers = 200, _encoder.encode(answer), []
         except Rejected as err:
             status, payload = err.status, _encoder.encode(ErrorResponse(err.message, err.status))
             headers = [(b"retry-after", str(max(1, round(err.retry_after_s))).encode())] if err.retry_after_s else []
+        except Exception:  # a bug: answered 500 and counted in the 5xx metric the alert watches, never dropped
+            log.exception("error answering %s", path)
+            status, payload, headers = 500, _encoder.encode(ErrorResponse("internal error", 500)), []
         self.service.observe(route.name, tier, status, time.perf_counter() - started)
         return status, payload, headers
-
 
     async def _forward(self, path: str, key: str | None, body: bytes) -> None:
         """Repeat an admin model operation on each premium lane, after it succeeded here."""
@@ -118,7 +124,8 @@ class Handler:
         for url in self.service.config.peers:
             try:
                 async with httpx.AsyncClient(timeout=300.0) as client:
-                    answer = await client.post(f"{url}{path}", content=body, headers={"x-api-key": key or ""})
+                    answer = await client.post(f"{url}{path}", content=body, headers={
+                        "x-api-key": key or "", "content-type": "application/json"})
             except httpx.HTTPError as exc:
                 raise Rejected(502, f"done on this port, but the premium lane at {url} is unreachable ({exc}); "
                                     f"repeat the call there") from exc
@@ -131,15 +138,36 @@ async def _now(value: object) -> object:
     return value
 
 
-def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
+@dataclass
+class RequestHead:
+    """The headers a request's admission looks at."""
+
+    key: str | None = None  # 'x-api-key' or 'Authorization: Bearer'
+    host: bytes = b""  # 'Host' (empty when absent: not loopback, refused in open mode)
+    content_type: bytes = b""
+
+
+def read_head(headers: list[tuple[bytes, bytes]]) -> RequestHead:
+    """One pass over the (lower-case name, value) header pairs."""
+    head = RequestHead()
     for name, value in headers:
         if name == b"x-api-key":
-            return value.decode("latin-1")
-        if name == b"authorization":
+            head.key = value.decode("latin-1")
+        elif name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer":
-                return token.strip()
-    return None
+            if scheme.lower() == "bearer" and head.key is None:
+                head.key = token.strip()
+        elif name == b"host":
+            head.host = value
+        elif name == b"content-type":
+            head.content_type = value
+    return head
+
+
+def is_json(content_type: bytes) -> bool:
+    """``application/json`` with any parameters (charset): a browser page on another origin cannot
+    send it without a CORS preflight, which this server never grants."""
+    return content_type.partition(b";")[0].strip().lower() == JSON
 
 
 class HotRoutes:
@@ -163,7 +191,7 @@ class HotRoutes:
             more = message.get("more_body", False)
             if size > limit:
                 break
-        status, payload, headers = await self.handler.handle(scope["path"], key_from_headers(scope["headers"]), b"".join(chunks))
+        status, payload, headers = await self.handler.handle(scope["path"], scope["headers"], b"".join(chunks))
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", JSON), (b"content-length", str(len(payload)).encode()), *headers]})
         await send({"type": "http.response.body", "body": payload})
@@ -183,7 +211,7 @@ def build_api(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[H
     def post_route(path: str, route: Route) -> None:
         async def endpoint(request: Request) -> Response:
             body = await request.body()
-            status, payload, headers = await handler.handle(path, key_from_headers(request.scope["headers"]), body)
+            status, payload, headers = await handler.handle(path, request.scope["headers"], body)
             return Response(payload, status, {k.decode(): v.decode() for k, v in headers}, media_type="application/json")
 
         extra = _openapi_body(route.request_type.__name__) if route.request_type else {}
@@ -204,7 +232,14 @@ def build_api(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[H
         return Response(_encoder.encode({"ready": ready}), 200 if ready else 503, media_type="application/json")
 
     @app.get("/v1/models", tags=["operations"])
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
+        """What is served (versions, input specs, workers); needs a key, like gRPC's Models."""
+        head = read_head(request.scope["headers"])
+        try:
+            service.caller(head.key, host=head.host)
+        except Rejected as err:
+            return Response(_encoder.encode(ErrorResponse(err.message, err.status)), err.status,
+                            media_type="application/json")
         return Response(_encoder.encode(service.models()), media_type="application/json")
 
     @app.get("/metrics", tags=["health"])

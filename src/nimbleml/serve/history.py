@@ -3,20 +3,25 @@
 An Ingest appends atomically per user: Redis runs LPUSH + LTRIM + INCR in one Lua script, so
 two clicks of one user never interleave and the list never exceeds N. Each user also has a
 version counter (events ever appended); the state cache compares it to know a cached user
-state is stale. A store that cannot be reached raises ``StoreUnavailable`` (the front ends
-answer 503), it never answers an empty history in its place.
+state is stale. A store that cannot be reached or answers an error raises ``StoreUnavailable``
+(the front ends answer 503), it never answers an empty history in its place.
+
+User ids reach the stores validated (``schemas.UserId``: letters, digits and ``._@+=-``). The
+in-process store keeps at most ``max_users`` users (least recently used go first, counted).
 """
 
 from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 MAX_EVENTS = 100  # the serving contract: the last 100 behaviours per user
+MAX_USERS = 1_000_000  # users the in-process store keeps (~2 KiB each at 100 events: ~2 GiB at most)
 
 
 class StoreUnavailable(Exception):
@@ -53,25 +58,41 @@ class HistoryStore(ABC):
 
 
 class InProcessHistory(HistoryStore):
-    """A dict of bounded deques: the default, lost when the server stops."""
+    """Bounded deques per user, at most ``max_users`` users (LRU): the default, lost when the server stops.
+
+    An evicted user comes back as unknown (version 0); ``evictions`` counts them and ``on_evict``
+    is called for each (the server's metric)."""
 
     name = "memory"
 
-    def __init__(self, max_events: int = MAX_EVENTS):
+    def __init__(self, max_events: int = MAX_EVENTS, max_users: int = MAX_USERS,
+                 on_evict: Callable[[], None] | None = None):
         super().__init__(max_events)
-        self._events: dict[str, deque] = {}
-        self._versions: dict[str, int] = {}
+        if max_users < 1:
+            raise ValueError(f"max_users must be >= 1, got {max_users}")
+        self.max_users = max_users
+        self.on_evict = on_evict
+        self.evictions = 0
+        self._users: OrderedDict[str, tuple[deque, int]] = OrderedDict()  # user -> (events, version)
 
     async def append(self, user: str, item: int, behavior: int, ts: int) -> int:
-        self._events.setdefault(user, deque(maxlen=self.max_events)).append((item, behavior))
-        self._versions[user] = self._versions.get(user, 0) + 1
-        return self._versions[user]
+        events, version = self._users.pop(user, None) or (deque(maxlen=self.max_events), 0)
+        events.append((item, behavior))
+        self._users[user] = (events, version + 1)  # re-inserted: now the most recently used
+        while len(self._users) > self.max_users:
+            self._users.popitem(last=False)
+            self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict()
+        return version + 1
 
     async def get(self, user: str) -> History:
-        events = self._events.get(user, ())
+        events, version = self._users.get(user) or ((), 0)
+        if version:
+            self._users.move_to_end(user)
         items = np.fromiter((e[0] for e in events), dtype=np.int64, count=len(events))
         behaviors = np.fromiter((e[1] for e in events), dtype=np.int64, count=len(events))
-        return History(items, behaviors, self._versions.get(user, 0))
+        return History(items, behaviors, version)
 
 
 # KEYS[1] = the user's event list (newest first), KEYS[2] = its version counter;
@@ -84,7 +105,11 @@ return redis.call('INCR', KEYS[2])
 
 
 class RedisHistory(HistoryStore):
-    """Events in a Redis list per user, trimmed to ``max_events``, behind one Lua script."""
+    """Events in a Redis list per user, trimmed to ``max_events``, behind one Lua script.
+
+    Keys: ``{prefix}e:{USER}`` (the events) and ``{prefix}v:{USER}`` (the version): two key spaces,
+    so no user id can name another user's key whatever it holds, and the ``{USER}`` hash tag puts
+    both keys of a user in one Redis Cluster slot (the script touches both)."""
 
     name = "redis"
 
@@ -99,7 +124,7 @@ class RedisHistory(HistoryStore):
         self._append = self._client.register_script(_APPEND_LUA)
 
     def _keys(self, user: str) -> tuple[str, str]:
-        return f"{self.prefix}{user}", f"{self.prefix}{user}:version"
+        return f"{self.prefix}e:{{{user}}}", f"{self.prefix}v:{{{user}}}"
 
     async def _call(self, awaitable):
         import redis.exceptions
@@ -108,6 +133,8 @@ class RedisHistory(HistoryStore):
             return await awaitable
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, asyncio.TimeoutError) as exc:
             raise StoreUnavailable(f"history store at {self.url} unreachable: {exc}") from exc
+        except redis.exceptions.RedisError as exc:  # OOM, READONLY, WRONGTYPE...: not a history, not a 500
+            raise StoreUnavailable(f"history store at {self.url} answered an error: {exc}") from exc
 
     async def ping(self) -> bool:
         await self._call(self._client.ping())
@@ -135,6 +162,6 @@ class RedisHistory(HistoryStore):
         await self._client.aclose()
 
 
-def open_store(redis_url: str | None, max_events: int = MAX_EVENTS) -> HistoryStore:
-    """In process without a URL, Redis with one."""
-    return RedisHistory(redis_url, max_events) if redis_url else InProcessHistory(max_events)
+def open_store(redis_url: str | None, max_events: int = MAX_EVENTS, max_users: int = MAX_USERS) -> HistoryStore:
+    """In process (at most ``max_users`` users) without a URL, Redis with one."""
+    return RedisHistory(redis_url, max_events) if redis_url else InProcessHistory(max_events, max_users)

@@ -23,7 +23,7 @@ from http import HTTPStatus
 
 import httptools
 
-from nimbleml.serve.app import Handler, key_from_headers
+from nimbleml.serve.app import Handler
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class HttpConnection(asyncio.Protocol):
                     status, payload, headers = 413, _ERROR_413, []
                 else:
                     status, payload, headers = await self.server.handler.handle(
-                        route, key_from_headers(request.headers), b"".join(request.body))
+                        route, request.headers, b"".join(request.body))
             else:
                 status, payload, headers = await self.server.asgi(request, route, query, self.transport)
         except Exception:  # a bug must not kill the connection silently: answer 500 and log it

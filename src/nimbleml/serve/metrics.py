@@ -48,6 +48,9 @@ class ServerMetrics:
                                    registry=r)
         self.store_errors = Counter("nimbleml_history_store_errors_total", "History store calls that failed",
                                     registry=r)
+        self.history_evictions = Counter("nimbleml_history_evictions_total",
+                                         "Users dropped from the full in-process history store (least recently used)",
+                                         registry=r)
 
     def set_versions(self, stable: str, candidate: str | None) -> None:
         self.model_version.clear()

@@ -285,5 +285,5 @@ class ModelVersions:
         return self.stable
 
     def to_dict(self) -> dict:
-        return {"stable": self.stable, "candidate": self.candidate, "candidate_share": self.share,
-                "folders": dict(self.folders)}
+        """What callers may see: versions and the share (no folders: paths say too much about the host)."""
+        return {"stable": self.stable, "candidate": self.candidate, "candidate_share": self.share}

@@ -12,7 +12,10 @@ from typing import Annotated
 
 import msgspec
 
-UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# letters, digits and ._@+=- : no ':' '{' '}' or spaces, so an id can never reach into another
+# user's Redis keys or break the cluster hash tag around it (see history.RedisHistory)
+USER_ID_PATTERN = r"^[A-Za-z0-9._@+=-]+\Z"  # \Z: "$" would let a trailing newline through
+UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=USER_ID_PATTERN)]
 ItemId = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
 

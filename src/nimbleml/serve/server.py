@@ -59,8 +59,8 @@ async def serve(service: Service, listen: ListenConfig) -> None:
     """Start everything, serve until SIGINT/SIGTERM, then stop everything."""
     check_bind(listen.host, service.keys.open)
     if service.keys.open:
-        log.warning("no API keys configured: every caller is anonymous 'standard' with admin rights; "
-                    "listening on loopback (%s) only", listen.host)
+        log.warning("no API keys configured: every caller is anonymous 'standard', admin operations are off, "
+                    "and only loopback (%s) requests addressed to 127.0.0.1/localhost are answered", listen.host)
     await service.start()
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

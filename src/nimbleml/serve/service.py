@@ -165,6 +165,8 @@ class Service:
         self.store = store or InProcessHistory()
         self.admission = admission or AdmissionController()
         self.metrics = ServerMetrics()
+        if isinstance(self.store, InProcessHistory):
+            self.store.on_evict = self.metrics.history_evictions.inc
         self.prepare = prepare  # model folder -> bundle folder, from the workload adapter (admin load)
         self.pool = WorkerPool(self.config.pool, on_restart=self.metrics.worker_restarts.inc)
         self.bundles: dict[str, Bundle] = {bundle.version: bundle}
@@ -213,9 +215,10 @@ class Service:
         self.started = False
 
     # ------------------------------------------------------------------ auth and limits
-    def caller(self, key: str | None, admin: bool = False) -> Caller:
+    def caller(self, key: str | None, admin: bool = False, host: bytes | None = None) -> Caller:
+        """Who calls (AuthError as Rejected 401/403). host: the HTTP Host header (None on gRPC)."""
         try:
-            caller = self.keys.caller(key, admin=admin)
+            caller = self.keys.caller(key, admin=admin, host=host)
         except AuthError as err:
             raise Rejected(err.status, str(err)) from err
         if self.config.lane == "premium" and not admin and self.admission.tiers[caller.tier].priority != 0:
@@ -478,7 +481,7 @@ class Service:
         inputs = {name: [dataclasses.asdict(i) for i in g.inputs] for name, g in stable.graphs.items()}
         return {**self.versions.to_dict(), "operation": self.operation, "backend": self.config.pool.backend,
                 "inputs": inputs,
-                "workers": [{"index": w.index, "pid": w.pid, "ready": w in self.pool.ready_workers(),
+                "workers": [{"index": w.index, "ready": w in self.pool.ready_workers(),
                              "inflight_batches": len(w.inflight)} for w in self.pool.workers],
                 "worker_restarts": self.pool.restarts}
 
