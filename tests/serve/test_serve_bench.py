@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from nimbleml.commands.serve_bench import (NAIVE_ENV, NAIVE_VARIANTS, best_variant, capacity_ratio, check_ranking,
-                                           naive_app, naive_factory, wrk_agreement)
+                                           naive_app, naive_factory, wrk_agreement, wrk_skip_reason)
 
 BODY = {"history": [3, 1, 4, 1, 5], "candidates": list(range(1, 51))}
 
@@ -75,3 +75,13 @@ def test_wrk_agreement_takes_the_best_run_within_the_objective() -> None:
     agree = wrk_agreement(rows, 1200.0, 50.0)
     assert (agree["wrk_rps"], agree["connections"], agree["ratio"]) == (1150.0, 8, 0.958)
     assert wrk_agreement({"4": run(10.0, 80.0)}, 1200.0, 50.0)["ratio"] is None
+
+
+def test_wrk_left_out_with_a_reason(monkeypatch) -> None:
+    import nimbleml.commands.serve_bench as serve_bench
+
+    assert "--skip-wrk" in wrk_skip_reason(True)
+    monkeypatch.setattr(serve_bench, "wrk_available", lambda: None)
+    assert "not installed" in wrk_skip_reason(False)
+    monkeypatch.setattr(serve_bench, "wrk_available", lambda: "/usr/bin/wrk")
+    assert wrk_skip_reason(False) is None

@@ -313,6 +313,13 @@ def capacity_ratio(ours: dict, naive: dict) -> float:
     return round(ours["max_rps"] / naive["max_rps"], 2) if naive["max_rps"] > 0 else 0.0
 
 
+def wrk_skip_reason(skip: bool) -> str | None:
+    """Why the wrk cross-check is left out (recorded as ``wrk.<server>.skipped``), None when it runs."""
+    if skip:
+        return "left out with --skip-wrk"
+    return None if wrk_available() else "wrk is not installed (Debian: apt-get install wrk)"
+
+
 def wrk_agreement(wrk_rows: dict[str, dict], max_rps: float, slo_ms: float) -> dict:
     """wrk's best 2xx req/s among the connection counts whose p99 is within the objective, against
     our open-loop capacity: ``ratio`` near 1 means the two tools agree."""
@@ -480,15 +487,15 @@ def run(args: argparse.Namespace) -> int:
     from nimbleml.runtime.backends import best_backend
     from nimbleml.serve.bundle import Bundle
 
+    unknown = set(args.naive_variants) - set(NAIVE_VARIANTS)
+    if unknown or not args.naive_variants:
+        raise NimbleError(f"unknown naive variants {sorted(unknown)}", fix=f"choose from {', '.join(NAIVE_VARIANTS)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: no orphaned servers
     args.out.mkdir(parents=True, exist_ok=True)
     bundle_dir = prepare_model(args.model, args.out / "bundle")
     bundle = Bundle.load(bundle_dir)
     if bundle.operation != "recommend":
         raise NimbleError("bench serve measures a recommender", path=args.model, fix="pass a `nimbleml rec train` folder")
-    unknown = set(args.naive_variants) - set(NAIVE_VARIANTS)
-    if unknown or not args.naive_variants:
-        raise NimbleError(f"unknown naive variants {sorted(unknown)}", fix=f"choose from {', '.join(NAIVE_VARIANTS)}")
     backend = args.backend or best_backend()
     bodies = request_bodies({n: [vars(i) for i in g.inputs] for n, g in bundle.graphs.items()}, "recommend", 256)
     keys = {tier: f"bench-{tier}" for tier in TIERS}
@@ -500,7 +507,7 @@ def run(args: argparse.Namespace) -> int:
                     "load_average_at_start": list(os.getloadavg()), "environment": environment(),
                     "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
                     "search": vars(search), "wrk": {}, "wrk_agreement": {}}
-    wrk_skip = ("--skip-wrk" if args.skip_wrk else None) or (None if wrk_available() else "wrk is not installed")
+    wrk_skip = wrk_skip_reason(args.skip_wrk)
     if wrk_skip:
         log.warning("the wrk cross-check is left out: %s", wrk_skip)
 
