@@ -91,7 +91,7 @@ def test_sampled_answers_name_their_requests():
     try:
         target = loopback_target(f"http://127.0.0.1:{port}/echo")
         bodies = {"a": [b"a%d" % i for i in range(7)], "b": [b"b%d" % i for i in range(5)]}
-        requests = {tier: [http_request(target, body, None) for body in tier_bodies] for tier, tier_bodies in bodies.items()}
+        requests = {tier: [http_request(target, body, None) for body in options] for tier, options in bodies.items()}
         plan = LoadPlan(target, 200.0, 0.5, requests, {"a": 0.5, "b": 0.5}, processes=1, timeout_s=2.0, sample_every=3)
         result = run_load(plan)
     finally:

@@ -48,6 +48,7 @@ def test_check_ranking_finds_wrong_answers() -> None:
     assert "not a ranking" in check_ranking(request, b'{"error": "busy"}')
     assert "finite" in check_ranking(request, _answer([(6, "NaN"), (5, 1.5), (7, None)]))
     assert "not a ranking" in check_ranking(request, b'{"items": [{"item": 6, "score": 1e999}]}')
+    assert "not a ranking" in check_ranking(request, _answer([(6, 2.0), ("5", 1.5), (7, None)]))
     duplicate = json.dumps({"candidates": [5, 5, 6]}).encode()
     assert check_ranking(duplicate, _answer([(5, 3.0), (5, 3.0), (6, 1.0)])) is None
     assert check_ranking(duplicate, _answer([(5, 3.0), (6, 2.0), (6, 1.0)])) is not None

@@ -85,7 +85,8 @@ class Capacity:
 
     def to_dict(self) -> dict:
         return {"max_rps": self.max_rps, "offered_rps": self.offered_rps, "max_rps_runs": self.max_rps_runs,
-                "spread": self.spread, "repeats_passed": self.repeats_passed, "p99_ms": self.p99_ms, "bracket": list(self.bracket),
+                "spread": self.spread, "repeats_passed": self.repeats_passed, "p99_ms": self.p99_ms,
+                "bracket": list(self.bracket),
                 "steps": [s.to_dict() for s in self.steps]}
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -225,9 +227,10 @@ def check_ranking(request_body: bytes, answer: bytes) -> str | None:
         items = msgspec.json.decode(answer)["items"]
         ranked = [item["item"] for item in items]
         scores = [item["score"] for item in items]
+        same_items = sorted(ranked) == sorted(request["candidates"])
     except (msgspec.DecodeError, KeyError, TypeError) as exc:
         return f"not a ranking: {type(exc).__name__}: {answer[:200]!r}"
-    if sorted(ranked) != sorted(request["candidates"]):
+    if not same_items:
         return f"ranked items are not the candidates: {ranked[:5]}... for {request['candidates'][:5]}..."
     numeric = [s for s in scores if s is not None]
     if any(not isinstance(s, (int, float)) or not math.isfinite(s) for s in numeric):
@@ -418,8 +421,10 @@ def state_paths(url: str, pid: int, bodies: list[bytes], key: str, ingest_key: s
     return out
 
 
-def _ray_capacity(bundle: Path, backend: str, search: SearchConfig, bodies: list[bytes], processes: int) -> dict:
-    """Start a local Ray Serve with the same bundle; measure it with the same generator and search."""
+@contextlib.contextmanager
+def _ray_serve(bundle: Path, backend: str, bodies: list[bytes]) -> Iterator[str]:
+    """A local Ray Serve with the same bundle on a loopback port (no keys: loopback callers only);
+    yields its base URL and shuts Ray down after."""
     import ray
     from ray import serve
 
@@ -432,11 +437,8 @@ def _ray_capacity(bundle: Path, backend: str, search: SearchConfig, bodies: list
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"bundle": str(bundle), "backend": backend}), name="nimbleml", route_prefix="/v1/recommend")
         url = f"http://127.0.0.1:{port}"
-        httpx.post(f"{url}/v1/recommend", content=bodies[0], timeout=30)
-        checks = Checks(bodies)
-        found = find_capacity(load_measure(url, "/v1/recommend", bodies, None, [], processes, checks), search,
-                              "ray_serve")
-        return capacity_row(found, checks)
+        httpx.post(f"{url}/v1/recommend", content=bodies[0], headers={"content-type": "application/json"}, timeout=30)
+        yield url
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -610,10 +612,17 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.skip_ray:
         try:
-            result["ray_serve"] = _ray_capacity(bundle_dir, backend, search, bodies, args.processes)
+            with _ray_serve(bundle_dir, backend, bodies) as url:
+                checks = Checks(bodies)
+                found = find_capacity(load_measure(url, "/v1/recommend", bodies, None, [], args.processes, checks,
+                                                   args.sample_every), search, "ray_serve")
+                result["ray_serve"] = capacity_row(found, checks)
+                _save(result, args.out)
+                cross_check("ray_serve", url, "/v1/recommend", None)
         except Exception as exc:  # Ray is optional here: record why it is missing rather than lose the run
             log.error("Ray Serve measurement failed: %s", exc)
-            result["ray_serve"] = {"max_rps": None, "error": f"{type(exc).__name__}: {exc}"}
+            measured = result.get("ray_serve", {"max_rps": None})
+            result["ray_serve"] = {**measured, "error": f"{type(exc).__name__}: {exc}"}
     result["load_average_at_end"] = list(os.getloadavg())
     _save(result, args.out)
     console = Console(width=None if sys.stdout.isatty() else 160)
