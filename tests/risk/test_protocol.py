@@ -90,3 +90,31 @@ def test_bad_test_dates_are_one_clear_error(bad):
     dates, ends = _long_dates()
     with pytest.raises(NimbleError, match="test|date"):
         make_splits("walk-forward", dates, ends, **bad)
+
+
+def test_design_split_ends_before_the_walk_forwards_first_test_date():
+    """Issue 25.3: tune/ablate used to split at 85% while the walk-forward tests from 70%."""
+    from nimbleml.risk.protocol import design_split
+
+    dates, ends = _dates()
+    first = walk_forward_splits(dates, ends)[0]
+    first_test = dates[first.test].min()
+    d = design_split(dates, ends, "walk-forward")
+    assert d.first_test == first_test
+    rows = np.concatenate([d.train, d.val, d.score])
+    assert ends[rows].max() < first_test  # no row and no target reaches a test date
+    assert ends[d.train].max() < dates[d.val].min() and ends[d.val].max() < dates[d.score].min()
+    assert d.windows["first_test_date"] == str(pd.Timestamp(first_test).date())
+    assert d.windows["last_target_end"] < d.windows["first_test_date"]
+    given = design_split(dates, ends, "walk-forward", test_start="2009-01-01", val_start="2007-01-01")
+    assert given.windows["validation"][0] == "2007-01-01" and given.windows["scoring"][1] < "2009-01-01"
+
+
+def test_design_split_refuses_a_validation_window_over_a_test_date():
+    from nimbleml.risk.protocol import design_split
+
+    dates, ends = _dates()
+    with pytest.raises(NimbleError, match="after the run's first test date"):
+        design_split(dates, ends, "walk-forward", test_start="2009-01-01", val_start="2008-01-01", val_end="2009-06-01")
+    with pytest.raises(NimbleError, match="paper-random"):
+        design_split(dates, ends, "paper-random")

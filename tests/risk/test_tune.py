@@ -38,3 +38,6 @@ def test_tune_searches_on_validation_and_scores_the_test_once(tuned):
     assert final.config.cnn_overrides["filters"] == 8
     assert set(final.config.models) == set(base.models)
     assert max(t["val_dates"][1] for t in summary["trials"] if t["val_dates"]) < str(test_start.date())
+    for t in summary["trials"]:  # issue 25.3: every trial's windows, targets included, end before the first test date
+        assert t["windows"]["first_test_date"] == str(test_start.date())
+        assert t["windows"]["last_target_end"] < str(test_start.date())

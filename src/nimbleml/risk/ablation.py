@@ -1,12 +1,15 @@
-"""`nimbleml risk ablate`: one change at a time against the base run, judged on validation data only.
+"""`nimbleml risk ablate`: one change at a time against the base run, judged before the first test date.
 
 How a validator decides whether an input or a transform helps without touching the test period:
-every variant rebuilds the chronological split before the base run's test start (the training
-part fits the scaler and the CNN; the validation part early-stops the CNN and scores it) and
-reports validation QLIKE pooled and per asset class, beside HAR's on the same rows. "Does it
-help bonds?" is then read in the class where the CNN loses to HAR. The test period is never
-built. With several seeds each variant is trained once per seed and the mean is reported, as
-one CNN fit's seed noise can be as large as the effect of an input.
+every variant rebuilds ``protocol.design_split`` before the base run's first test date (its
+``--test-start``, else the protocol's default; a validation window reaching past it is refused).
+The training part fits the scaler and the CNN; the first part of the validation window
+early-stops and calibrates the CNN and picks HAR's form (HAR is then refitted on train + that
+part, the data the CNN's fit saw); the last part, which neither model has seen, scores both:
+QLIKE pooled and per asset class. "Does it help bonds?" is then read in the class where the CNN
+loses to HAR. The windows are written to ablation.json. With several seeds each variant is
+trained once per seed and the mean is reported, as one CNN fit's seed noise can be as large as
+the effect of an input.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ import numpy as np  # noqa: E402
 from nimbleml.errors import NimbleError  # noqa: E402
 from nimbleml.progress import track  # noqa: E402
 from nimbleml.risk.data import MarketPanel, load_panel  # noqa: E402
-from nimbleml.risk.evaluate import qlike_loss  # noqa: E402
+from nimbleml.risk.evaluate import VarianceFloor, qlike_loss  # noqa: E402
 from nimbleml.risk.experiment import RiskRunConfig, make_model  # noqa: E402
 from nimbleml.risk.features import build_samples, compute_features, fit_scaler  # noqa: E402
-from nimbleml.risk.protocol import chronological_split  # noqa: E402
+from nimbleml.risk.protocol import design_split, pinned_test_start  # noqa: E402
 from nimbleml.risk.samples import ASSET_CLASSES  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,7 @@ VARIANTS: dict[str, dict] = {
     "class_scale": {"scale_scope": "class"},  # one scaler per asset class instead of one pooled
     "robust_scale": {"scaler": "robust"},  # median / IQR instead of min-max
     "winsorize": {"outliers": "winsorize"},  # clip inputs at the training 0.5% / 99.5% quantiles
-    # one variance factor per asset class; like the pooled one it is fitted on the validation rows
-    # it is scored on, so it has 3 more in-sample parameters: read small gains with care
+    # one variance factor per asset class, fitted (like the pooled one) on the early-stopping slice
     "class_calibration": {"cnn_calibration": "class"},
 }
 DEFAULT_VARIANTS: tuple[str, ...] = ("base", "rates", "pca", "class_scale")
@@ -62,56 +64,69 @@ def _by_class(loss: np.ndarray, asset_class: np.ndarray) -> dict[str, float]:
     return {ASSET_CLASSES[c]: float(loss[asset_class == c].mean()) for c in np.unique(asset_class)}
 
 
-def _run_variant(name: str, base: RiskRunConfig, panel: MarketPanel, seeds: tuple[int, ...]) -> dict:
+def _run_variant(name: str, base: RiskRunConfig, panel: MarketPanel, seeds: tuple[int, ...],
+                 val_start: str | None, val_end: str | None) -> dict:
     run_fields = {f.name for f in dataclasses.fields(RiskRunConfig)}
     changes = VARIANTS[name]
     features = dataclasses.replace(base.features, **{k: v for k, v in changes.items() if k not in run_fields})
     cfg = dataclasses.replace(base, features=features, **{k: v for k, v in changes.items() if k in run_fields})
     fp = compute_features(panel, features)
-    split = chronological_split(fp.sample_date, fp.sample_target_end, test_start=base.test_start)
+    split = design_split(fp.sample_date, fp.sample_target_end, base.protocol, base.test_start, val_start, val_end)
     scaler = fit_scaler(fp, split.train)
-    train, val = build_samples(fp, scaler, split.train), build_samples(fp, scaler, split.val)
-    if len(val) == 0:
-        raise NimbleError(f"variant {name}: no validation rows before {base.test_start}", fix="choose a later --test-start")
-    target_var = val.target**2
-    har = make_model("har", cfg, len(train.feature_names)).fit(train)  # train only: the same rows the CNN learns from
-    har_loss = qlike_loss(target_var, har.predict(val) ** 2)
+    train, val, score = (build_samples(fp, scaler, rows) for rows in (split.train, split.val, split.score))
+    floor = VarianceFloor.of_samples(train)  # the walk-forward's rule: one floor for both models and the score
+    for samples in (train, val, score):
+        samples.var_floor = floor.by_asset
+    score_floor = floor.rows(score.asset)
+    target_var = score.target**2
+    har = make_model("har", cfg, len(train.feature_names)).fit(train, val)  # form chosen on val, refitted on train + val
+    har_loss = qlike_loss(target_var, har.predict(score) ** 2, score_floor)
     cnn_losses, epochs, started = [], [], time.perf_counter()
     for seed in seeds:
         model = make_model("cnn", dataclasses.replace(cfg, seed=seed), len(train.feature_names)).fit(train, val)
-        cnn_losses.append(qlike_loss(target_var, model.predict(val) ** 2))
+        cnn_losses.append(qlike_loss(target_var, model.predict(score) ** 2, score_floor))
         epochs.append(int(model.best_epoch_))
     cnn_loss = np.mean(cnn_losses, axis=0)
     per_seed = [float(loss.mean()) for loss in cnn_losses]
     return {
         "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in VARIANTS[name].items()},
-        "val_dates": [str(val.dates.min())[:10], str(val.dates.max())[:10]],
+        "windows": split.to_dict(),
+        "val_dates": split.windows["scoring"],
         "n_train": len(train),
         "n_val": len(val),
+        "n_scored": len(score),
         "val_qlike": float(cnn_loss.mean()),
         "val_qlike_per_seed": per_seed,
-        "val_qlike_by_class": _by_class(cnn_loss, val.asset_class),
+        "val_qlike_by_class": _by_class(cnn_loss, score.asset_class),
         "har_val_qlike": float(har_loss.mean()),
-        "har_val_qlike_by_class": _by_class(har_loss, val.asset_class),
+        "har_val_qlike_by_class": _by_class(har_loss, score.asset_class),
         "best_epochs": epochs,
         "fit_seconds": time.perf_counter() - started,
     }
 
 
 def run_ablation(base: RiskRunConfig, variants: tuple[str, ...], seeds: tuple[int, ...], out: Path,
-                 panel: MarketPanel | None = None) -> dict:
-    """Fit every variant on the base run's pre-test data; writes ``ablation.json`` and ``ablation.png``."""
+                 panel: MarketPanel | None = None, val_start: str | None = None, val_end: str | None = None) -> dict:
+    """Fit every variant on the data before the base run's first test date; writes ``ablation.json`` and ``ablation.png``.
+
+    ``val_start`` / ``val_end`` (ISO dates): the validation window (default: the last 15/85 of the
+    days before the first test date); one ending after the first test date is refused.
+    """
     if "base" not in variants:
         variants = ("base", *variants)
     panel = panel if panel is not None else load_panel(base.data, base.assets)
-    results = {name: _run_variant(name, base, panel, seeds) for name in track(variants, "ablation variants")}
+    fp = compute_features(panel, base.features)
+    base = dataclasses.replace(base, test_start=pinned_test_start(fp.sample_date, base.protocol, base.test_start))
+    results = {name: _run_variant(name, base, panel, seeds, val_start, val_end) for name in track(variants, "ablation variants")}
     ref = results["base"]
     for r in results.values():
         r["val_qlike_change_vs_base"] = r["val_qlike"] - ref["val_qlike"]
         r["by_class_change_vs_base"] = {c: q - ref["val_qlike_by_class"][c]
                                         for c, q in r["val_qlike_by_class"].items() if c in ref["val_qlike_by_class"]}
-    summary = {"base_config": base.to_dict(), "seeds": list(seeds), "scored_on": "validation (the test period is never built)",
-               "variants": results}
+    summary = {"base_config": base.to_dict(), "seeds": list(seeds),
+               "scored_on": "the scoring slice of the validation window: after the early-stopping / calibration slice, "
+                            "before the run's first test date (the test period is never built)",
+               "windows": ref["windows"], "variants": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(summary, indent=2, default=str))
     _figure(results, out / "ablation.png")

@@ -74,6 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _run_options(tune, d)  # the same options as evaluate: the base configuration to tune from
     tune.add_argument("--trials", type=int, help="Optuna trials (default 20)")
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    _design_window_options(tune)
     tune.set_defaults(func=run_tune)
     abl = sub.add_parser("ablate", help="one change at a time (exogenous inputs, PCA, scaling) scored on validation only",
                          argument_default=argparse.SUPPRESS)
@@ -81,10 +82,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     abl.add_argument("--variants", help="comma list of base,rates,vix,pca,class_scale,robust_scale,winsorize,class_calibration "
                                         "(default base,rates,pca,class_scale)")
     abl.add_argument("--seeds", type=int, help="CNN fits per variant, averaged (default 1)")
+    _design_window_options(abl)
     abl.set_defaults(func=run_ablate)
     rep = sub.add_parser("report", help="recompute metrics.json and write report.html from a run folder (no refitting)")
     rep.add_argument("--from", dest="run_dir", required=True, type=Path, help="a folder written by `risk evaluate --out`")
     rep.set_defaults(func=run_report)
+
+
+def _design_window_options(p: argparse.ArgumentParser) -> None:
+    """--val-start / --val-end of tune and ablate: the window design choices are judged on."""
+    p.add_argument("--val-start", help="validation window start YYYY-MM-DD (default: the last 15/85 of the days "
+                                       "before the run's first test date, --test-start or the protocol's default)")
+    p.add_argument("--val-end", help="validation window end YYYY-MM-DD, exclusive (default and latest allowed: "
+                                     "the first test date, e.g. 2007-01-01 for a walk-forward from 2007)")
 
 
 def _run_options(p: argparse.ArgumentParser, d: RiskRunConfig) -> None:
@@ -187,7 +197,8 @@ def run_tune(args: argparse.Namespace) -> int:
     from nimbleml.risk.tune import TuneConfig, run_tuning
 
     base = config_from_args(args)
-    tune = TuneConfig(trials=getattr(args, "trials", TuneConfig.trials), timeout_s=getattr(args, "timeout", None))
+    tune = TuneConfig(trials=getattr(args, "trials", TuneConfig.trials), timeout_s=getattr(args, "timeout", None),
+                      val_start=getattr(args, "val_start", None), val_end=getattr(args, "val_end", None))
     out = run_tuning(base, tune, args.out)
     result = out["result"]
     result.extras["tuning"] = {k: v for k, v in out["summary"].items() if k != "trials"}
@@ -210,10 +221,14 @@ def run_ablate(args: argparse.Namespace) -> int:
     seeds = getattr(args, "seeds", 1)
     if seeds < 1:
         raise NimbleError(f"--seeds must be >= 1, got {seeds}", fix="e.g. --seeds 3")
-    summary = run_ablation(base, variants, tuple(range(base.seed, base.seed + seeds)), args.out)
+    summary = run_ablation(base, variants, tuple(range(base.seed, base.seed + seeds)), args.out,
+                           val_start=getattr(args, "val_start", None), val_end=getattr(args, "val_end", None))
     results = summary["variants"]
     classes = list(results["base"]["val_qlike_by_class"])
-    table = Table(title=f"validation QLIKE (CNN, mean of {seeds} seed(s)); HAR on the same rows in brackets")
+    w = summary["windows"]
+    table = Table(title=f"QLIKE on the scoring slice {w['scoring'][0]}..{w['scoring'][1]} (CNN, mean of {seeds} seed(s); "
+                        f"early stopping on {w['validation'][0]}..{w['validation'][1]}; first test date {w['first_test_date']}); "
+                        "HAR on the same rows in brackets")
     for col in ("variant", "all", *classes):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for name, r in results.items():

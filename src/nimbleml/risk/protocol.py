@@ -163,3 +163,88 @@ def make_splits(
     if protocol == "paper-random":
         return [paper_random_split(len(dates), seed)]
     raise NimbleError(f"unknown protocol {protocol!r}", fix=f"use one of {', '.join(PROTOCOLS)}")
+
+
+@dataclass
+class DesignSplit:
+    """Rows a design choice (``risk tune``, ``risk ablate``) may look at: all dated before the run's first test date.
+
+    train fits the scaler and the models; ``val`` early-stops and calibrates the CNN and picks
+    HAR's form (both models then fit on train + val's information); ``score`` is a later slice
+    neither has seen, where the choice is judged. No target of any row reaches ``first_test``.
+    """
+
+    train: np.ndarray  # (n,) int64 sample indices
+    val: np.ndarray
+    score: np.ndarray
+    first_test: np.datetime64  # the run's first test date: the end of everything here
+    windows: dict  # ISO [first, last] origin date of each part, the first test date and the rule
+
+    def to_dict(self) -> dict:
+        return dict(self.windows)
+
+
+def first_test_date(dates: np.ndarray, protocol: str, test_start: str | None) -> np.datetime64:
+    """The first test date of a run: ``test_start``, else the protocol's default share of the calendar."""
+    if protocol == "paper-random":
+        raise NimbleError("the paper-random protocol tests on dates spread over the whole history: "
+                          "no validation window can avoid them", fix="tune or ablate with --protocol walk-forward or chronological")
+    fraction = 0.70 if protocol == "walk-forward" else 0.85
+    return _test_bounds(np.unique(dates), test_start, None, fraction)[0]
+
+
+def pinned_test_start(dates: np.ndarray, protocol: str, test_start: str | None) -> str:
+    """The run's first test date as an ISO string, to pin on every config a design search derives
+    (a trial's window length shifts the calendar, and with it a default share of it, by days)."""
+    return str(pd.Timestamp(first_test_date(dates, protocol, test_start)).date())
+
+
+def design_split(
+    dates: np.ndarray,
+    target_end: np.ndarray,
+    protocol: str,
+    test_start: str | None = None,
+    val_start: str | None = None,
+    val_end: str | None = None,
+    score_fraction: float = 0.5,
+) -> DesignSplit:
+    """Train / validation / scoring rows for a design choice, all before the run's first test date.
+
+    The validation window is [val_start, val_end) (default: the last 15/85 of the days before the
+    first test date, ending at it). A window that reaches past the first test date is refused. Its
+    last ``score_fraction`` of days (after an h-day gap, as targets span h days) is the scoring
+    slice; the rest early-stops and calibrates. ``score_fraction=0``: no scoring slice.
+    """
+    first_test = first_test_date(dates, protocol, test_start)
+    calendar = np.unique(dates)
+    past = calendar[calendar < first_test]
+    end = _day(val_end) if val_end is not None else first_test
+    if end > first_test:
+        raise NimbleError(f"the validation window ends {pd.Timestamp(end).date()}, after the run's first test date "
+                          f"{pd.Timestamp(first_test).date()}: a design choice would see test data",
+                          fix=f"pass --val-end {pd.Timestamp(first_test).date()} or earlier (or move --test-start)")
+    start = _day(val_start) if val_start is not None else past[min(int(round(0.70 / 0.85 * len(past))), len(past) - 1)]
+    if not start < end:
+        raise NimbleError(f"validation window [{pd.Timestamp(start).date()}, {pd.Timestamp(end).date()}) is empty",
+                          fix="pass --val-start before --val-end and the first test date")
+    train = np.flatnonzero((dates < start) & (target_end < start))
+    window = np.flatnonzero((dates >= start) & (dates < end) & (target_end < end))
+    val, score = window, np.empty(0, np.int64)
+    if score_fraction > 0 and len(window):
+        days = np.unique(dates[window])
+        cut = days[min(int(round((1.0 - score_fraction) * len(days))), len(days) - 1)]
+        val = window[target_end[window] < cut]  # early-stopping rows' targets end before scoring starts
+        score = window[dates[window] >= cut]
+    for part, rows in (("train", train), ("validation", val), ("scoring", score)):
+        if len(rows) == 0 and (part != "scoring" or score_fraction > 0):
+            raise NimbleError(f"no {part} samples before the first test date {pd.Timestamp(first_test).date()}",
+                              fix="load more history, move --val-start, or use a shorter --horizon")
+
+    def span(rows: np.ndarray) -> list[str] | None:
+        return [str(pd.Timestamp(dates[rows].min()).date()), str(pd.Timestamp(dates[rows].max()).date())] if len(rows) else None
+
+    windows = {"protocol": protocol, "first_test_date": str(pd.Timestamp(first_test).date()), "train": span(train),
+               "validation": span(val), "scoring": span(score),
+               "last_target_end": str(pd.Timestamp(target_end[np.concatenate([train, val, score])].max()).date()),
+               "rule": "every row and every target ends before the run's first test date"}
+    return DesignSplit(train, val, score, first_test, windows)

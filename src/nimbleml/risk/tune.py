@@ -2,11 +2,14 @@
 
 Search space: kernel (3, 5), pooling (2, 3), learning rate (1e-4 .. 3e-3, log), dropout
 (0 .. 0.6), encoder (heatmap, gaf, mtf, recurrence), window length (10, 20 days) and the
-exogenous set (none, rates, pca). Each trial fits the CNN on the training part of the period
-before the run's test start and scores validation QLIKE after every epoch; Optuna's median
-pruner stops trials that trail the median of earlier ones. Validation QLIKE per asset class is
-kept for every trial, which is how each exogenous set is judged (validation only). The test
-period is touched once: the chosen configuration then runs the full evaluation protocol.
+exogenous set (none, rates, pca). Every trial sees only rows before the run's first test date
+(``protocol.design_split``: its ``--test-start``, else the protocol's default; a validation
+window reaching past it is refused). Each trial fits the CNN on the training part, early-stops
+on the first part of the validation window (validation QLIKE after every epoch; Optuna's median
+pruner stops trials that trail the median of earlier ones) and is judged on the last part, which
+the fit never saw. QLIKE per asset class is kept for every trial, which is how each exogenous
+set is judged. The test period is touched once: the chosen configuration then runs the full
+evaluation protocol.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import numpy as np
 import optuna
 
 from nimbleml.risk.data import MarketPanel, load_panel
-from nimbleml.risk.evaluate import qlike_loss
+from nimbleml.risk.evaluate import VarianceFloor, qlike_loss
 from nimbleml.risk.experiment import RiskRunConfig, make_model, run_risk_evaluation
 from nimbleml.risk.features import build_samples, compute_features, fit_scaler
 from nimbleml.risk.imaging import ENCODERS
-from nimbleml.risk.protocol import chronological_split
+from nimbleml.risk.protocol import design_split, pinned_test_start
 from nimbleml.risk.samples import ASSET_CLASSES
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ class TuneConfig:
     timeout_s: float | None = None  # stop starting trials after this many seconds
     exogenous: tuple[str, ...] = tuple(EXOGENOUS_CHOICES)  # exogenous sets to choose from
     startup_trials: int = 3  # trials before the median pruner may prune
+    val_start: str | None = None  # ISO start of the validation window; None: the last 15/85 before the first test date
+    val_end: str | None = None  # ISO end (exclusive); None: the first test date; later is refused
 
 
 def _trial_config(trial: optuna.Trial, base: RiskRunConfig, tune: TuneConfig) -> RiskRunConfig:
@@ -63,10 +68,14 @@ def _trial_config(trial: optuna.Trial, base: RiskRunConfig, tune: TuneConfig) ->
 def _objective(trial: optuna.Trial, base: RiskRunConfig, tune: TuneConfig, panel: MarketPanel) -> float:
     cfg = _trial_config(trial, base, tune)
     fp = compute_features(panel, cfg.features)
-    split = chronological_split(fp.sample_date, fp.sample_target_end, test_start=base.test_start)
+    split = design_split(fp.sample_date, fp.sample_target_end, base.protocol, base.test_start, tune.val_start, tune.val_end)
     scaler = fit_scaler(fp, split.train)
-    train, val = build_samples(fp, scaler, split.train), build_samples(fp, scaler, split.val)
-    trial.set_user_attr("val_dates", [str(val.dates.min())[:10], str(val.dates.max())[:10]])
+    train, val, score = (build_samples(fp, scaler, rows) for rows in (split.train, split.val, split.score))
+    floor = VarianceFloor.of_samples(train)
+    for samples in (train, val, score):
+        samples.var_floor = floor.by_asset
+    trial.set_user_attr("val_dates", split.windows["scoring"])
+    trial.set_user_attr("windows", split.to_dict())
 
     def report(epoch: int, val_qlike: float) -> None:
         trial.report(val_qlike, epoch)
@@ -74,8 +83,8 @@ def _objective(trial: optuna.Trial, base: RiskRunConfig, tune: TuneConfig, panel
             raise optuna.TrialPruned(f"epoch {epoch}: validation QLIKE {val_qlike:.4f}")
 
     model = make_model("cnn", cfg, len(train.feature_names)).fit(train, val, on_epoch=report)
-    loss = qlike_loss(val.target**2, model.predict(val) ** 2)
-    by_class = {ASSET_CLASSES[c]: float(loss[val.asset_class == c].mean()) for c in np.unique(val.asset_class)}
+    loss = qlike_loss(score.target**2, model.predict(score) ** 2, floor.rows(score.asset))
+    by_class = {ASSET_CLASSES[c]: float(loss[score.asset_class == c].mean()) for c in np.unique(score.asset_class)}
     trial.set_user_attr("val_qlike_by_class", by_class)
     return float(loss.mean())
 
@@ -83,6 +92,8 @@ def _objective(trial: optuna.Trial, base: RiskRunConfig, tune: TuneConfig, panel
 def run_tuning(base: RiskRunConfig, tune: TuneConfig, out: Path, panel: MarketPanel | None = None) -> dict:
     """Search on validation data, then run the chosen configuration once; returns the tune summary."""
     panel = panel if panel is not None else load_panel(base.data, base.assets)
+    fp = compute_features(panel, base.features)
+    base = dataclasses.replace(base, test_start=pinned_test_start(fp.sample_date, base.protocol, base.test_start))
     sampler = optuna.samplers.TPESampler(seed=base.seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=1)
     study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner)
@@ -90,7 +101,7 @@ def run_tuning(base: RiskRunConfig, tune: TuneConfig, out: Path, panel: MarketPa
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     trials = [{"number": t.number, "state": t.state.name, "params": t.params, "val_qlike": t.value,
                "val_qlike_by_class": t.user_attrs.get("val_qlike_by_class"), "val_dates": t.user_attrs.get("val_dates"),
-               "epochs_run": len(t.intermediate_values)}
+               "windows": t.user_attrs.get("windows"), "epochs_run": len(t.intermediate_values)}
               for t in study.trials]
     by_exog: dict[str, dict[str, float]] = {}
     for name in tune.exogenous:
