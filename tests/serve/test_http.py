@@ -150,3 +150,34 @@ def test_uvicorn_modes_answer_the_same(rec_bundle, server, tmp_path, mode):
         assert post(other, "/v1/recommend", b"x" * 70_000).status_code == 413
     finally:
         assert other.stop() == 0
+
+
+def test_grpc_validates_like_http(server):
+    """The same msgspec limits on gRPC: a 100k-character user id and an out-of-range behaviour are refused."""
+    import grpc
+
+    from nimbleml.serve.proto import serving_pb2, serving_pb2_grpc
+
+    huge = "u" * 100_000
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc}", options=[("grpc.max_send_message_length", 1 << 22)]) as channel:
+        stub = serving_pb2_grpc.ServingStub(channel)
+        meta = (("x-api-key", KEYS["standard"]),)
+        bad = [
+            ("Ingest", serving_pb2.IngestRequest(user_id=huge, item_id=4, ts=1), "user_id"),
+            ("Ingest", serving_pb2.IngestRequest(user_id="g2", item_id=4, ts=1, behavior=300), "behavior"),
+            ("Ingest", serving_pb2.IngestRequest(user_id="a:version", item_id=4, ts=1), "user_id"),
+            ("Ingest", serving_pb2.IngestRequest(user_id="g2", item_id=4, ts=-1), "ts"),
+            ("Recommend", serving_pb2.RecommendRequest(user_id=huge, candidates=CANDIDATES), "user_id"),
+            ("Recommend", serving_pb2.RecommendRequest(history=[1, 2], behaviors=[1, 256], candidates=CANDIDATES),
+             "behaviors"),
+        ]
+        for method, request, field in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                getattr(stub, method)(request, metadata=meta, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, field, err.value.details()[:200])
+            assert field in err.value.details(), err.value.details()[:200]
+        # and HTTP says the same about the same ingest
+        answer = post(server, "/v1/ingest", {"user_id": "g2", "item_id": 4, "ts": 1, "behavior": 300})
+        assert answer.status_code == 422 and "behavior" in answer.json()["error"]
+        assert stub.Ingest(serving_pb2.IngestRequest(user_id="g2", item_id=4, ts=1), metadata=meta,
+                           timeout=10).history_length == 1

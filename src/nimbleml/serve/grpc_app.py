@@ -6,6 +6,10 @@ It runs on the server's asyncio loop (``grpc.aio``) and calls the same ``Service
 metadata entry. A Recommend with no candidates (proto3 cannot tell an empty list from none)
 retrieves them, as an HTTP request without the field does.
 
+Every request is validated as HTTP validates it: the protobuf fields go through
+``msgspec.convert`` into the same msgspec Structs, with the same limits (id lengths and
+characters, value ranges, list lengths), so a 100k-character user id is refused here too.
+
 The health status follows the service's readiness (``ReadinessHealth``): NOT_SERVING while no
 worker is ready (starting, all draining or restarting) and for good once shutdown begins.
 """
@@ -20,6 +24,7 @@ import math
 import time
 
 import grpc
+import msgspec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nimbleml.serve.proto import serving_pb2, serving_pb2_grpc
@@ -36,6 +41,14 @@ GRPC_CODES = {
     422: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+def _convert(request_type: type, fields: dict) -> object:
+    """Protobuf fields -> the HTTP route's msgspec Struct, checked against the same limits (422 otherwise)."""
+    try:
+        return msgspec.convert(fields, request_type)
+    except msgspec.ValidationError as exc:
+        raise Rejected(422, f"invalid request: {exc}") from exc
 
 
 def _key(context: grpc.aio.ServicerContext) -> str | None:
@@ -69,10 +82,10 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     async def Recommend(self, request, context):
         async def run(caller):
-            answer = await self.service.recommend(caller, RecommendRequest(
-                candidates=list(request.candidates) or None, user_id=request.user_id or None,
-                history=list(request.history) if request.has_history or request.history else None,
-                behaviors=list(request.behaviors) or None))
+            answer = await self.service.recommend(caller, _convert(RecommendRequest, {
+                "candidates": list(request.candidates) or None, "user_id": request.user_id or None,
+                "history": list(request.history) if request.has_history or request.history else None,
+                "behaviors": list(request.behaviors) or None}))
             return serving_pb2.RecommendResponse(
                 items=[serving_pb2.RankedItem(item=i.item, score=i.score if math.isfinite(i.score) else 0.0,
                                               excluded=not math.isfinite(i.score)) for i in answer.items],
@@ -82,12 +95,9 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     async def Ingest(self, request, context):
         async def run(caller):
-            if request.ts < 0:
-                raise Rejected(422, "ts: must be >= 0 (Unix seconds)")
-            if not request.user_id:
-                raise Rejected(422, "user_id: must not be empty")
-            answer = await self.service.ingest(caller, IngestRequest(
-                user_id=request.user_id, item_id=request.item_id, ts=request.ts, behavior=request.behavior or 1))
+            answer = await self.service.ingest(caller, _convert(IngestRequest, {
+                "user_id": request.user_id, "item_id": request.item_id, "ts": request.ts,
+                "behavior": request.behavior or 1}))
             return serving_pb2.IngestResponse(user_id=answer.user_id, history_length=answer.history_length,
                                               version=answer.version)
 
@@ -95,8 +105,9 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     async def Risk(self, request, context):
         async def run(caller):
-            answer = await self.service.risk(caller, RiskRequest(
-                asset=request.asset, window=[list(r.values) for r in request.window], asset_class=request.asset_class))
+            answer = await self.service.risk(caller, _convert(RiskRequest, {
+                "asset": request.asset, "window": [list(r.values) for r in request.window],
+                "asset_class": request.asset_class}))
             return serving_pb2.RiskResponse(asset=answer.asset, volatility=answer.volatility, breach=answer.breach,
                                             limit=answer.limit or 0.0, has_limit=answer.limit is not None,
                                             model_version=answer.model_version)
