@@ -10,10 +10,18 @@ import pytest
 import torch
 
 from nimbleml.errors import NimbleError
-from nimbleml.rec import commands
+from nimbleml.rec import commands, retrieve
 from nimbleml.rec.evaluate import SeqRecScorer
 from nimbleml.rec.model import SeqRec, SeqRecConfig
-from nimbleml.rec.retrieve import ExactIndex, IndexSpec, ItemIndex, item_table, recommend, user_states
+from nimbleml.rec.retrieve import (
+    BuildOverBudget,
+    ExactIndex,
+    IndexSpec,
+    ItemIndex,
+    item_table,
+    recommend,
+    user_states,
+)
 from nimbleml.rec.train import save_checkpoint
 
 
@@ -46,6 +54,32 @@ def test_ann_recall_against_exact(factory: str, search: dict) -> None:
     exact, _ = ExactIndex(table).search(states, 50)
     approx, _ = ItemIndex.build(table, IndexSpec(factory, search)).search(states, 50)
     assert recall(approx, exact) >= 0.9
+
+
+def test_exact_search_in_blocks_of_users_gives_the_same_answer(monkeypatch) -> None:
+    table = random_table(1000, 8)
+    states = np.random.default_rng(6).normal(size=(10, 8)).astype(np.float32)
+    exclude = [np.array([1, 2, 3])] * 10
+    whole = ExactIndex(table).search(states, 20, exclude)
+    monkeypatch.setattr(retrieve, "SCORE_BLOCK_BYTES", 3 * 4 * 1001)  # three users at a time
+    blocks = ExactIndex(table).search(states, 20, exclude)
+    np.testing.assert_array_equal(whole[0], blocks[0])
+    np.testing.assert_allclose(whole[1], blocks[1], rtol=1e-5)  # BLAS may sum in another order
+
+
+def test_items_added_to_a_built_index_are_found() -> None:
+    table = random_table(2000, 16)
+    states = np.random.default_rng(7).normal(size=(8, 16)).astype(np.float32)
+    index = ItemIndex.build(table[:-200], IndexSpec("Flat", {}))
+    assert index.n_items == 1800
+    assert index.add(table[-200:]) >= 0.0 and index.n_items == 2000
+    np.testing.assert_array_equal(index.search(states, 50)[0], ExactIndex(table).search(states, 50)[0])
+
+
+def test_a_build_over_its_time_limit_says_how_far_it_got() -> None:
+    with pytest.raises(BuildOverBudget, match="added 100 of 2,000 items") as caught:
+        ItemIndex.build(random_table(2000, 16), IndexSpec("HNSW32,Flat"), time_limit_s=0.0, block=100)
+    assert caught.value.projected_s >= caught.value.elapsed_s
 
 
 def test_excluded_items_are_never_returned() -> None:
@@ -102,7 +136,8 @@ def test_index_and_recommend_commands_and_a_stale_index(tmp_path, capsys) -> Non
     index_args = parse(["rec", "index", "--model", str(tmp_path), "--search", "efSearch=64"])
     assert index_args.func(index_args) == 0
     meta = json.loads((tmp_path / "item_index.json").read_text())
-    assert meta["spec"] == {"factory": "HNSW32,Flat", "search": {"efSearch": 64.0}, "threads": 1}
+    assert meta["spec"] == {"factory": "HNSW32,Flat", "search": {"efSearch": 64.0}, "threads": 1,
+                            "train_points": 100_000, "kmeans_iters": 10}
     capsys.readouterr()
     assert args.func(args) == 0
     printed = capsys.readouterr().out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "item_index.faiss"
 INDEX_META_FILE = "item_index.json"
+SCORE_BLOCK_BYTES = 1 << 28  # exact search scores at most this much of the (users, items) matrix at once
 
 
 @dataclass
@@ -51,6 +53,10 @@ class IndexSpec:
     factory: str = "HNSW32,Flat"  # faiss index_factory string: "HNSW32,Flat", "IVF1024,Flat", "IVF4096,PQ32,RFlat", ...
     search: dict[str, float] = field(default_factory=lambda: {"efSearch": 128})  # faiss ParameterSpace values at query time
     threads: int = 1  # faiss OpenMP threads for build and search (1: batch-1 serving latency)
+    # vectors k-means sees when training IVF lists (a random sample above this many): faiss asks
+    # for 39-256 per list; more gives better lists and a longer build
+    train_points: int = 100_000
+    kmeans_iters: int = 10  # k-means iterations for IVF lists (faiss's default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +100,17 @@ def _check_states(states: np.ndarray, dim: int) -> np.ndarray:
     return states
 
 
+class BuildOverBudget(NimbleError):
+    """An index build ran out of its time limit: how many items it had added, and when."""
+
+    def __init__(self, factory: str, added: int, total: int, elapsed_s: float):
+        self.added, self.total, self.elapsed_s = added, total, elapsed_s
+        self.projected_s = elapsed_s * total / added  # at the rate so far (HNSW insertion slows as the graph grows)
+        super().__init__(f"building {factory} added {added:,} of {total:,} items in {elapsed_s:.0f} s "
+                         f"(about {self.projected_s:.0f} s for all at that rate)",
+                         fix="raise the time limit, or use an IVF index at this size")
+
+
 class ExactIndex:
     """Exact maximum-inner-product search: one (B, D) x (D, n_items) torch matmul and a top-k.
     The reference that approximate indexes are measured against."""
@@ -106,13 +123,19 @@ class ExactIndex:
         self, states: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         states = torch.as_tensor(_check_states(states, self.dim))
-        scores = states @ self.table.T
-        scores[:, 0] = float("-inf")
-        if exclude is not None:
-            for row, items in enumerate(exclude):
-                scores[row, torch.as_tensor(np.asarray(items, dtype=np.int64))] = float("-inf")
-        top = torch.topk(scores, min(k, self.n_items), dim=1)
-        ids, values = top.indices.numpy(), top.values.numpy()
+        rows = max(1, SCORE_BLOCK_BYTES // (4 * len(self.table)))  # users scored at once
+        ids, values = [], []
+        for first in range(0, len(states), rows):
+            scores = states[first : first + rows] @ self.table.T
+            scores[:, 0] = float("-inf")
+            if exclude is not None:
+                for row, items in enumerate(exclude[first : first + rows]):
+                    scores[row, torch.as_tensor(np.asarray(items, dtype=np.int64))] = float("-inf")
+            top = torch.topk(scores, min(k, self.n_items), dim=1)
+            ids.append(top.indices.numpy())
+            values.append(top.values.numpy())
+        ids = np.concatenate(ids) if ids else np.zeros((0, min(k, self.n_items)), dtype=np.int64)
+        values = np.concatenate(values) if values else np.zeros(ids.shape, dtype=np.float32)
         ids = np.where(np.isneginf(values), 0, ids)
         if k > self.n_items:
             ids = np.pad(ids, ((0, 0), (0, k - self.n_items)))
@@ -144,8 +167,11 @@ class ItemIndex:
                                   fix="use efSearch for HNSW indexes, nprobe for IVF ones") from exc
 
     @classmethod
-    def build(cls, table: np.ndarray, spec: IndexSpec | None = None) -> ItemIndex:
-        """Index rows 1..n_items of a (n_items + 1, D) table (row 0 is padding, left out)."""
+    def build(cls, table: np.ndarray, spec: IndexSpec | None = None, time_limit_s: float | None = None,
+              block: int = 200_000) -> ItemIndex:
+        """Index rows 1..n_items of a (n_items + 1, D) table (row 0 is padding, left out), adding
+        ``block`` rows at a time; :class:`BuildOverBudget` when ``time_limit_s`` runs out first
+        (an HNSW graph over millions of items on 2 cores: the error says how far it got)."""
         spec = spec or IndexSpec()
         faiss.omp_set_num_threads(spec.threads)
         vectors = np.ascontiguousarray(table[1:], dtype=np.float32)
@@ -156,14 +182,33 @@ class ItemIndex:
             raise NimbleError(f"faiss cannot build {spec.factory!r} ({exc})",
                               fix="use a faiss index_factory string such as HNSW32,Flat or IVF1024,Flat") from exc
         if not index.is_trained:
+            if (ivf := faiss.try_extract_index_ivf(index)) is not None:
+                ivf.cp.niter = spec.kmeans_iters
             sample = vectors
-            if len(vectors) > 100_000:  # k-means on a sample: ~25-100 points per list is what faiss asks for
-                sample = vectors[np.random.default_rng(0).choice(len(vectors), 100_000, replace=False)]
+            if len(vectors) > spec.train_points:
+                chosen = np.random.default_rng(0).choice(len(vectors), spec.train_points, replace=False)
+                sample = vectors[np.sort(chosen)]
             index.train(sample)
-        index.add(vectors)
+        for first in range(0, len(vectors), block):
+            index.add(vectors[first : first + block])
+            elapsed = time.perf_counter() - start
+            added = min(first + block, len(vectors))
+            if time_limit_s is not None and elapsed > time_limit_s and added < len(vectors):
+                raise BuildOverBudget(spec.factory, added, len(vectors), elapsed)
         build_s = time.perf_counter() - start
         log.info("built %s over %d items x %d dims in %.1f s", spec.factory, len(vectors), vectors.shape[1], build_s)
         return cls(index, spec, fingerprint(table), build_s)
+
+    def add(self, vectors: np.ndarray) -> float:
+        """Append (n, D) new items (ids n_items + 1 ..) as a growing catalogue would; returns the
+        seconds it took. The index no longer matches a saved table's fingerprint: save the grown
+        table's index by building it again."""
+        faiss.omp_set_num_threads(self.spec.threads)
+        start = time.perf_counter()
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.n_items = self.index.ntotal
+        self.fingerprint = ""
+        return time.perf_counter() - start
 
     def search(
         self, states: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
@@ -178,8 +223,12 @@ class ItemIndex:
         return _drop_excluded(ids, scores, k, exclude)
 
     def memory_mb(self) -> float:
-        """Size of the serialised index in MiB (vectors, codes and graph)."""
-        return faiss.serialize_index(self.index).nbytes / 2**20
+        """Size of the serialised index in MiB (vectors, codes and graph), written to a
+        temporary file rather than copied in memory (a flat index at 4.2M items is 2 GiB)."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / INDEX_FILE
+            faiss.write_index(self.index, str(path))
+            return path.stat().st_size / 2**20
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

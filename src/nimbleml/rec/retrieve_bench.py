@@ -1,30 +1,44 @@
-"""`nimbleml bench retrieve`: approximate item retrieval against exact search, side by side.
+"""`nimbleml bench retrieve`: approximate item retrieval against exact search, tuned on validation
+queries and reported on disjoint test queries (the habit of ann-benchmarks), then end to end.
 
-For each catalogue, every method answers the same queries one at a time (batch 1) and is
-compared with the exact top-50 of a torch matmul over the same item table:
+Queries are user states of a trained model (``--dataset NAME:MODEL:DATA[:RANKER]``, the first
+one's model also seeds the synthetic catalogue). Users are split once, at random: validation
+queries are the states of ``--valid-queries`` users at their validation step, test queries the
+states of ``--test-queries`` other users at their test step. Every search parameter
+(nlist and the quantiser through the method list, nprobe / efSearch through each method's sweep)
+is chosen on validation recall alone; test rows report recall@50 with a 95% interval and batch-1
+latency. Catalogues:
 
-- ``video``: the trained model's item embeddings (``--model``), queried with the
-  last-position states of test users from ``--data`` (their real queries);
-- ``synthetic``: ``--synthetic-items`` vectors (4.2M, the size of Taobao's catalogue) with
-  the model's dimension, each a random item embedding of the model plus Gaussian noise
-  (0.5 x the table's per-dimension std), so the geometry is the learnt one's, and the same
-  user states as queries. A synthetic table says how the index scales, not how well a model
-  trained on 4.2M items would retrieve.
+- each dataset's real item table (``video`` 24k, ``taobao`` 55k);
+- ``synthetic-24k`` and ``synthetic-4.2M``: SYNTHETIC tables drawn from a Gaussian mixture fitted
+  to the first dataset's item table (``rec.catalogue``); the 24k draw is the realism check (the
+  same methods at the real table's size should find it about as hard), the 4.2M one is Taobao's
+  catalogue size. ``catalogue_realism`` in the JSON compares spectrum, norms and
+  nearest-neighbour distances with the real table.
 
-Rows of ``retrieve_bench.json``: ``{catalogue, method, params, recall@50, p50_ms, p99_ms,
-build_s, memory_mb, speedup_p50}`` (speedup against exact search on the same catalogue).
-With ``--data`` it also writes ``two_stage``: NDCG@10, HR@10 and MRR on the test users of
-full-catalogue ranking, exact top-50 -> rank, and ANN top-50 -> rank by the same model, so
-the loss from the 50-cut and from the ANN can be read apart.
+Per method: ``build_s`` (train + add every item), ``add_10k_s`` (the last 10k items added to
+the built index, as a growing catalogue would), ``memory_mb`` (serialised index). Recall is
+against exact search (a torch matmul) over the same table for the same query vectors; exact
+search and faiss get the same ``--threads``.
+
+``two_stage.<dataset>.<pipeline>.{ndcg@10, hr@10, mrr, hr@50, n_users}`` on the test users:
+``full_ranking`` (the uncompressed model over the whole catalogue), ``exact_top50_model`` and
+``ann_top50_model`` (retrieve 50, the uncompressed model ranks them: what the 50-cut and the ANN
+cost), and with a RANKER folder (what ``nimbleml serve`` would load: a ``compress`` output, its
+int8 ONNX graph where it has one) ``exact_top50_served`` and ``ann_top50_served``. For the
+retrieval pipelines hr@50 is the retrieval stage's alone (the target among the 50). The ANN is
+the method and setting chosen on that dataset's validation queries.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,50 +47,140 @@ from rich.console import Console
 from rich.table import Table
 
 from nimbleml.environment import environment
+from nimbleml.errors import NimbleError
 from nimbleml.progress import track
+from nimbleml.rec.catalogue import CatalogueConfig, CatalogueModel, compare_catalogues
+from nimbleml.rec.compression import OnnxScorer, load_variant
 from nimbleml.rec.data import SequenceData, leave_last_out
 from nimbleml.rec.evaluate import RankingResult, SeqRecScorer, evaluate_full
-from nimbleml.rec.retrieve import ExactIndex, IndexSpec, ItemIndex, item_table, rank_candidates, user_states
+from nimbleml.rec.model import SeqRec
+from nimbleml.rec.retrieve import (
+    BuildOverBudget,
+    ExactIndex,
+    IndexSpec,
+    ItemIndex,
+    item_table,
+    rank_candidates,
+    user_states,
+)
 from nimbleml.rec.train import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-HELP = "ANN item retrieval (faiss HNSW / IVF / IVF-PQ) vs exact search: recall@50, batch-1 latency, build, memory"
+HELP = "ANN item retrieval (faiss IVF / IVF-SQ8 / IVF-PQ+refine / HNSW) vs exact search, tuned on validation queries"
 RESULT_FILE = "retrieve_bench.json"
+CURVE_FILE = "retrieve_curves.png"
 K = 50
+ADDED_ITEMS = 10_000  # items added to a built index (the add_10k_s column)
 
-# (factory, search-parameter sweep) per catalogue size; the sweep reuses one built index.
-# 8-bit PQ ("PQ16") is left out: its training ran for minutes on 20k vectors here, where the
-# 4-bit fast-scan PQ ("PQ32x4fs") and the 8-bit scalar quantiser ("SQ8") train in seconds.
-SMALL_METHODS: list[tuple[str, list[dict]]] = [
-    ("HNSW32,Flat", [{"efSearch": 64}, {"efSearch": 128}, {"efSearch": 256}]),
-    ("IVF256,Flat", [{"nprobe": 8}, {"nprobe": 16}, {"nprobe": 32}]),
-    ("IVF256,SQ8", [{"nprobe": 16}, {"nprobe": 32}]),
-    ("IVF256,PQ32x4fs", [{"nprobe": 32}]),
-    ("IVF256,PQ32x4fs,RFlat", [{"nprobe": 32, "k_factor_rf": 4}]),
+
+@dataclass
+class Method:
+    """One index (a faiss factory string and its build settings) and the search settings tried
+    on it, cheapest first."""
+
+    factory: str
+    sweep: list[dict[str, float]]
+    train_points: int = 100_000  # k-means sample for IVF lists (IndexSpec.train_points)
+    kmeans_iters: int = 10  # k-means iterations (IndexSpec.kmeans_iters)
+
+    def spec(self, search: dict[str, float], threads: int) -> IndexSpec:
+        return IndexSpec(factory=self.factory, search=dict(search), threads=threads, train_points=self.train_points,
+                         kmeans_iters=self.kmeans_iters)
+
+
+def _nprobe(values: list[int], **extra: float) -> list[dict[str, float]]:
+    return [{"nprobe": v, **extra} for v in values]
+
+
+def _ivf_hnsw(values: list[int]) -> list[dict[str, float]]:
+    """nprobe sweep for an HNSW coarse quantiser, whose own efSearch must reach nprobe."""
+    return [{"nprobe": v, "quantizer_efSearch": max(2 * v, 64)} for v in values]
+
+
+# real tables (24k-55k items) and the same-size synthetic draw
+SMALL_METHODS: list[Method] = [
+    Method("IVF256,Flat", _nprobe([4, 8, 16, 32, 64])),
+    Method("IVF256,SQ8", _nprobe([4, 8, 16, 32, 64])),
+    Method("IVF256,PQ32x4fs,RFlat", _nprobe([8, 16, 32, 64], k_factor_rf=4)),
+    Method("HNSW32,Flat", [{"efSearch": v} for v in (16, 32, 64, 128, 256)]),
 ]
-# HNSW is left out at millions of items on 2 CPU cores: HNSW32 inserted 100k vectors in 72 s
-# under the shared load, i.e. about an hour for 4.2M; IVF builds in minutes.
-LARGE_METHODS: list[tuple[str, list[dict]]] = [
-    ("IVF2048,Flat", [{"nprobe": 8}, {"nprobe": 16}, {"nprobe": 32}, {"nprobe": 64}]),
-    ("IVF2048,SQ8", [{"nprobe": 16}, {"nprobe": 32}]),
+# millions of items on 2 cores. k-means on 32 vectors per list keeps the IVF builds within a few
+# minutes; HNSW gets --hnsw-budget-s and is reported as a projection when it does not finish.
+LARGE_METHODS: list[Method] = [
+    Method("IVF4096,Flat", _nprobe([16, 32, 64, 128, 256]), train_points=131_072),
+    Method("IVF4096,SQ8", _nprobe([16, 32, 64, 128, 256]), train_points=131_072),
+    Method("IVF4096,PQ32x4fs,RFlat", _nprobe([32, 64, 128, 256], k_factor_rf=4), train_points=131_072),
+    Method("IVF16384_HNSW32,Flat", _ivf_hnsw([32, 64, 128, 256, 512]), train_points=262_144),
+    Method("IVF16384_HNSW32,SQ8", _ivf_hnsw([32, 64, 128, 256, 512]), train_points=262_144),
+    Method("HNSW32,Flat", [{"efSearch": v} for v in (32, 64, 128, 256)]),
 ]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="folder written by `rec train` (its item embeddings)")
-    parser.add_argument("--data", required=True, help="prepared data of that model (query states from test users)")
-    parser.add_argument("--synthetic-items", type=int, default=4_200_000, help="synthetic catalogue size (0 = skip)")
-    parser.add_argument("--queries", type=int, default=300, help="batch-1 queries timed per method")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of exact search (faiss: see --faiss-threads)")
-    parser.add_argument("--faiss-threads", type=int, default=1,
-                        help="faiss OpenMP threads for build and search (1: a batch-1 query runs on one thread anyway, "
-                             "and OpenMP spin-waits on a loaded machine)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output folder for retrieve_bench.json")
+@dataclass
+class Dataset:
+    """One trained model and its data: query states for the catalogue rows, users for the two-stage table."""
+
+    name: str
+    model_dir: Path
+    data_dir: Path
+    ranker_dir: Path | None = None  # what the server would load (a `compress` folder); None: no served rows
+
+    @classmethod
+    def parse(cls, text: str) -> Dataset:
+        parts = text.split(":")
+        if len(parts) not in (3, 4) or not all(parts):
+            raise NimbleError(f"--dataset {text!r} is not NAME:MODEL:DATA[:RANKER]",
+                              fix="e.g. --dataset video:runs/video/model:runs/video/data:runs/video/quantize-static")
+        return cls(parts[0], Path(parts[1]), Path(parts[2]), Path(parts[3]) if len(parts) == 4 else None)
 
 
-def _timed_search(index: ItemIndex | ExactIndex, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class QuerySplit:
+    """Disjoint validation and test users, and their query states (Q, D) float32."""
+
+    valid_users: np.ndarray
+    test_users: np.ndarray
+    valid: np.ndarray  # states at each validation user's validation step
+    test: np.ndarray  # states at each test user's test step
+
+
+def split_users(n_users: int, n_valid: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(validation users, test users): disjoint, sorted. The test side gets what is left when
+    there are fewer than n_valid + n_test users."""
+    if n_users < 2:
+        raise NimbleError(f"{n_users} users cannot give disjoint validation and test queries",
+                          fix="use data with at least 2 users")
+    order = np.random.default_rng(seed).permutation(n_users)
+    n_valid = min(n_valid, n_users // 3)
+    n_test = min(n_test, n_users - n_valid)
+    return np.sort(order[:n_valid]), np.sort(order[n_valid : n_valid + n_test])
+
+
+def query_split(model: SeqRec, data: SequenceData, n_valid: int, n_test: int, seed: int) -> QuerySplit:
+    split = leave_last_out(data, max_len=model.config.max_len)
+    valid_users, test_users = split_users(data.n_users, n_valid, n_test, seed)
+    behaviors = model.config.use_behavior
+    return QuerySplit(
+        valid_users, test_users,
+        user_states(model, split.valid_input[valid_users], split.valid_behaviors[valid_users] if behaviors else None),
+        user_states(model, split.test_input[test_users], split.test_behaviors[test_users] if behaviors else None),
+    )  # fmt: skip
+
+
+def recall_per_query(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """(Q,) share of each exact top-k row found in the approximate row (same queries, same table)."""
+    return np.array([len(np.intersect1d(a[a > 0], e)) / len(e) for a, e in zip(approx, exact)])
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, list[float]]:
+    """Mean and its normal-approximation 95% interval, clipped to [0, 1]."""
+    mean = float(np.mean(values))
+    half = 1.96 * float(np.std(values, ddof=1)) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, [max(0.0, mean - half), min(1.0, mean + half)]
+
+
+def timed_search(index: ItemIndex | ExactIndex, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Batch-1 search of every state: (ids (Q, K), per-query milliseconds (Q,))."""
     index.search(states[:1], K)  # warm-up: first-touch page faults, lazy allocations
     ids = np.zeros((len(states), K), dtype=np.int64)
@@ -88,49 +192,127 @@ def _timed_search(index: ItemIndex | ExactIndex, states: np.ndarray) -> tuple[np
     return ids, times
 
 
-def _recall(approx: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(np.intersect1d(a, e)) / len(e) for a, e in zip(approx, exact)]))
+@dataclass
+class BenchRow:
+    """One (catalogue, method, search setting, query split) measurement."""
+
+    catalogue: str
+    method: str
+    params: dict
+    recall: float  # recall@50 against exact search, mean over the split's queries
+    recall_ci95: list[float]
+    p50_ms: float  # batch-1 latency
+    p99_ms: float
+    build_s: float  # train + add every item
+    add_10k_s: float | None  # the last 10k items added to the built index (None: not measured)
+    memory_mb: float  # serialised index (exact: the float32 table)
+    split: str  # "valid" or "test"
+    n_queries: int
+    speedup_p50: float = 1.0  # exact search's p50 on the same catalogue and split over this p50
+    chosen: bool = False  # the method's setting chosen on validation recall
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["recall@50"] = out.pop("recall")
+        out["recall@50_ci95"] = out.pop("recall_ci95")
+        return out
 
 
-def bench_catalogue(name: str, table: np.ndarray, states: np.ndarray, methods: list[tuple[str, list[dict]]],
-                    threads: int, faiss_threads: int = 1) -> list[dict]:
-    """Exact search plus every (factory, search) method on one table -> result rows."""
+@dataclass
+class CatalogueResult:
+    name: str
+    rows: list[BenchRow] = field(default_factory=list)
+    selected: dict | None = None  # the fastest chosen setting meeting the target on validation, its test row
+    not_built: list[dict] = field(default_factory=list)  # methods whose build ran out of its time limit
+
+
+def choose(valid_rows: list[BenchRow], target: float) -> BenchRow:
+    """The first (cheapest) setting whose validation recall reaches ``target``; else the best one."""
+    reaching = [r for r in valid_rows if r.recall >= target]
+    return reaching[0] if reaching else max(valid_rows, key=lambda r: r.recall)
+
+
+def pareto_front(rows: list[BenchRow]) -> list[BenchRow]:
+    """Rows no other row beats on both recall (higher) and p50 (lower), fastest first."""
+    front, best = [], -1.0
+    for row in sorted(rows, key=lambda r: (r.p50_ms, -r.recall)):
+        if row.recall > best:
+            front.append(row)
+            best = row.recall
+    return front
+
+
+def bench_catalogue(
+    name: str, table: np.ndarray, queries: QuerySplit, methods: list[Method], threads: int, target: float,
+    exact_timed: int, hnsw_budget_s: float,
+) -> CatalogueResult:
+    """Exact search plus every method on one (n_items + 1, D) table: a validation sweep per
+    method, then every swept setting on the test queries; the chosen settings marked."""
     torch.set_num_threads(threads)
-    start = time.perf_counter()
+    result = CatalogueResult(name)
     exact = ExactIndex(table)
-    exact_build = time.perf_counter() - start
-    truth, exact_ms = _timed_search(exact, states)
-    exact_p50 = float(np.percentile(exact_ms, 50))
-    rows = [dict(catalogue=name, method="exact", params={"torch_threads": threads}, **{"recall@50": 1.0},
-                 p50_ms=exact_p50, p99_ms=float(np.percentile(exact_ms, 99)), build_s=exact_build,
-                 memory_mb=table.nbytes / 2**20, speedup_p50=1.0)]
-    log.info("%s: exact p50 %.2f ms over %d items", name, exact_p50, len(table) - 1)
-    for factory, sweep in methods:
-        index = ItemIndex.build(table, IndexSpec(factory=factory, search=sweep[0], threads=faiss_threads))
-        memory = index.memory_mb()
-        for search in sweep:
+    splits = {"valid": queries.valid, "test": queries.test}
+    truth = {split: exact.search(states, K)[0] for split, states in splits.items()}
+    exact_p50 = {}
+    for split, states in splits.items():
+        _, ms = timed_search(exact, states[:exact_timed])
+        exact_p50[split] = float(np.percentile(ms, 50))
+        result.rows.append(BenchRow(name, "exact", {"torch_threads": threads}, 1.0, [1.0, 1.0], exact_p50[split],
+                                    float(np.percentile(ms, 99)), 0.0, 0.0, table.nbytes / 2**20, split,
+                                    len(ms), note="torch matmul + top-k"))  # fmt: skip
+    log.info("%s: exact p50 %.2f ms over %d items", name, exact_p50["test"], len(table) - 1)
+    del exact
+    n_added = min(ADDED_ITEMS, (len(table) - 1) // 10)
+    for method in methods:
+        spec = method.spec(method.sweep[0], threads)
+        budget = hnsw_budget_s if method.factory.startswith("HNSW") else None
+        try:
+            index = ItemIndex.build(table[: len(table) - n_added], spec, time_limit_s=budget)
+        except BuildOverBudget as over:
+            log.warning("%s: %s", name, over)
+            result.not_built.append({"method": method.factory, "added": over.added, "total": over.total,
+                                     "elapsed_s": over.elapsed_s, "projected_s": over.projected_s})
+            continue
+        add_s = index.add(table[len(table) - n_added :])
+        build_s, memory = index.build_s + add_s, index.memory_mb()
+        method_rows: dict[str, list[BenchRow]] = {"valid": [], "test": []}
+        for search in method.sweep:
             index.set_search(search)
-            ids, ms = _timed_search(index, states)
-            p50 = float(np.percentile(ms, 50))
-            rows.append(dict(catalogue=name, method=factory, params=search, **{"recall@50": _recall(ids, truth)},
-                             p50_ms=p50, p99_ms=float(np.percentile(ms, 99)), build_s=index.build_s,
-                             memory_mb=memory, speedup_p50=exact_p50 / p50))
-            log.info("%s %s %s: recall@50 %.3f, p50 %.3f ms", name, factory, search, rows[-1]["recall@50"], p50)
+            for split, states in splits.items():
+                ids, ms = timed_search(index, states)
+                recall, ci = mean_ci95(recall_per_query(ids, truth[split]))
+                p50 = float(np.percentile(ms, 50))
+                method_rows[split].append(BenchRow(
+                    name, method.factory, dict(search), recall, ci, p50, float(np.percentile(ms, 99)), build_s,
+                    add_s * ADDED_ITEMS / n_added, memory, split, len(states), exact_p50[split] / p50,
+                ))  # fmt: skip
+            log.info("%s %s %s: valid recall@50 %.4f, test %.4f, test p50 %.3f ms", name, method.factory, search,
+                     method_rows["valid"][-1].recall, method_rows["test"][-1].recall, method_rows["test"][-1].p50_ms)
+            if method_rows["valid"][-1].recall >= max(target, 0.995):
+                break  # further settings only cost more
+        chosen = method_rows["valid"].index(choose(method_rows["valid"], target))
+        for split in splits:
+            method_rows[split][chosen].chosen = True
+            result.rows += method_rows[split]
         del index
-    return rows
+        gc.collect()
+    result.selected = select(result.rows, target)
+    return result
 
 
-def synthetic_table(table: np.ndarray, n_items: int, seed: int) -> np.ndarray:
-    """(n_items + 1, D) float32: random rows of ``table`` plus N(0, (0.5 std)²) noise per dimension."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((n_items + 1, table.shape[1]), dtype=np.float32)
-    noise = 0.5 * table[1:].std(axis=0).astype(np.float32)
-    for start in range(1, n_items + 1, 1 << 20):
-        stop = min(start + (1 << 20), n_items + 1)
-        out[start:stop] = table[rng.integers(1, len(table), stop - start)]
-        out[start:stop] += rng.standard_normal((stop - start, table.shape[1]), dtype=np.float32) * noise
-    out[0] = 0.0
-    return out
+def select(rows: list[BenchRow], target: float) -> dict | None:
+    """Among the chosen settings that reach ``target`` on validation, the fastest on validation,
+    with its test row: what a practitioner would deploy."""
+    valid = [r for r in rows if r.chosen and r.split == "valid" and r.recall >= target]
+    if not valid:
+        return None
+    best = min(valid, key=lambda r: r.p50_ms)
+    test = next(r for r in rows if r.split == "test" and r.method == best.method and r.params == best.params)
+    return {"method": best.method, "params": best.params, "valid": best.to_dict(), "test": test.to_dict()}
+
+
+# ---------------------------------------------------------------- two-stage
 
 
 def _ranks_after_retrieval(
@@ -147,84 +329,201 @@ def _ranks_after_retrieval(
     return ranks
 
 
-def two_stage(model_dir: Path, data: SequenceData, index: ItemIndex, max_users: int, seed: int) -> list[dict]:
-    """Test-user quality of full ranking vs exact top-50 -> rank vs ANN top-50 -> rank."""
-    model = load_checkpoint(model_dir)
+def served_ranker(ranker_dir: Path) -> tuple[SeqRec, OnnxScorer | SeqRecScorer, str]:
+    """(float model, scorer, description) of a folder as ``nimbleml serve`` would rank with it:
+    its int8 ONNX graph where a ``compress`` recipe wrote one, else its float weights."""
+    model, variant, onnx_path = load_variant(ranker_dir)
+    recipes = "+".join(variant.get("recipes", [])) or "uncompressed"
+    if onnx_path is not None:
+        return model, OnnxScorer(onnx_path, model.config), f"{recipes} (int8 ONNX, onnxruntime)"
+    return model, SeqRecScorer(model), f"{recipes} (float, torch)"
+
+
+def two_stage(dataset: Dataset, users: np.ndarray, index_spec: IndexSpec, threads: int) -> tuple[dict, dict]:
+    """Test-user quality of full ranking by the uncompressed model against retrieve-50-then-rank
+    pipelines -> ({pipeline: metrics}, notes)."""
+    torch.set_num_threads(threads)
+    model = load_checkpoint(dataset.model_dir)
+    data = SequenceData.load(dataset.data_dir)
     split = leave_last_out(data, max_len=model.config.max_len)
-    users = np.arange(data.n_users)
-    if len(users) > max_users:
-        users = np.sort(np.random.default_rng(seed).choice(len(users), max_users, replace=False))
     history, targets = split.test_input[users], split.test_target[users]
-    behaviors = split.test_behaviors[users] if model.config.use_behavior else None
-    exclude = [row[row > 0] for row in history] if model.config.exclude_history else None
-    full = evaluate_full(SeqRecScorer(model), history, targets, behaviors, model.config.exclude_history, ks=(10, 50))
-    states = user_states(model, history, behaviors)
-    rows = [dict(pipeline="full ranking", **full.to_dict())]
-    for name, retriever in (("exact top-50 -> rank", ExactIndex(item_table(model))), ("ANN top-50 -> rank", index)):
-        candidates, _ = retriever.search(states, K, exclude)
-        scores = rank_candidates(model, history, candidates, behaviors)
-        result = RankingResult.from_ranks("two_stage", _ranks_after_retrieval(candidates, scores, targets, model.config.n_items), (10, 50))
-        rows.append(dict(pipeline=name, **result.to_dict()))
-    return rows
+    behaviors = split.test_behaviors[users]
+    use_behavior = model.config.use_behavior
+    full = evaluate_full(SeqRecScorer(model), history, targets, behaviors if use_behavior else None,
+                         model.config.exclude_history, ks=(10, 50))
+    pipelines = {"full_ranking": full.to_dict()}
+    notes = {"index": index_spec.to_dict(), "users": len(users)}
+    rankers: list[tuple[str, SeqRec, SeqRecScorer | OnnxScorer]] = [("model", model, SeqRecScorer(model))]
+    if dataset.ranker_dir is not None:
+        served_model, scorer, description = served_ranker(dataset.ranker_dir)
+        rankers.append(("served", served_model, scorer))
+        notes["served_ranker"] = f"{dataset.ranker_dir}: {description}"
+    for ranker_name, ranker_model, scorer in rankers:
+        table = item_table(ranker_model)
+        beh = behaviors if ranker_model.config.use_behavior else None
+        states = user_states(ranker_model, history, beh)
+        exclude = [row[row > 0] for row in history] if ranker_model.config.exclude_history else None
+        ann = ItemIndex.build(table, IndexSpec(**{**index_spec.to_dict(), "threads": threads}))
+        for retriever_name, retriever in (("exact", ExactIndex(table)), ("ann", ann)):
+            candidates, _ = retriever.search(states, K, exclude)
+            scores = np.where(candidates > 0, scorer.score(history, np.where(candidates > 0, candidates, 1), beh),
+                              -np.inf)
+            ranks = _ranks_after_retrieval(candidates, scores, targets, model.config.n_items)
+            result = RankingResult.from_ranks("two_stage", ranks, (10, 50))
+            pipelines[f"{retriever_name}_top{K}_{ranker_name}"] = result.to_dict()
+    return pipelines, notes
 
 
-def _table(rows: list[dict]) -> Table:
-    table = Table(title=f"retrieval: recall@{K} vs exact, batch-1 latency")
-    for column in ("catalogue", "method", "params", f"recall@{K}", "p50 ms", "p99 ms", "speedup", "build s", "MiB"):
+# ---------------------------------------------------------------- curves and tables
+
+
+def plot_curves(results: list[CatalogueResult], path: Path) -> Path:
+    """Recall@50 against p50 per method (test queries), the Pareto front dashed, exact search
+    dotted; one panel per catalogue."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        test = [r for r in result.rows if r.split == "test" and r.method != "exact"]
+        for method in dict.fromkeys(r.method for r in test):
+            rows = [r for r in test if r.method == method]
+            ax.plot([r.recall for r in rows], [r.p50_ms for r in rows], marker="o", label=method)
+            ax.plot([r.recall for r in rows if r.chosen], [r.p50_ms for r in rows if r.chosen], "k*", markersize=12)
+        front = pareto_front(test)
+        ax.plot([r.recall for r in front], [r.p50_ms for r in front], "k--", linewidth=1, label="Pareto front")
+        exact = next(r for r in result.rows if r.split == "test" and r.method == "exact")
+        ax.axhline(exact.p50_ms, color="grey", linestyle=":", label="exact search")
+        ax.set(title=result.name, xlabel="recall@50 (test queries)", ylabel="p50 ms, batch 1", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("* = setting chosen on validation queries")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _table(rows: list[BenchRow]) -> Table:
+    table = Table(title=f"retrieval on test queries: recall@{K} vs exact, batch-1 latency (* = chosen on validation)")
+    for column in ("catalogue", "method", "params", f"recall@{K}", "95% CI", "p50 ms", "p99 ms", "speedup",
+                   "build s", "add 10k s", "MiB"):
         table.add_column(column, justify="left" if column in ("catalogue", "method", "params") else "right")
     for r in rows:
-        table.add_row(r["catalogue"], r["method"], json.dumps(r["params"]), f"{r['recall@50']:.3f}",
-                      f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['speedup_p50']:.1f}x",
-                      f"{r['build_s']:.1f}", f"{r['memory_mb']:.0f}")  # fmt: skip
+        if r.split != "test":
+            continue
+        table.add_row(r.catalogue, r.method + (" *" if r.chosen else ""), json.dumps(r.params),
+                      f"{r.recall:.4f}", f"{r.recall_ci95[0]:.4f}-{r.recall_ci95[1]:.4f}", f"{r.p50_ms:.3f}",
+                      f"{r.p99_ms:.3f}", f"{r.speedup_p50:.1f}x", f"{r.build_s:.1f}",
+                      "" if r.add_10k_s is None else f"{r.add_10k_s:.2f}", f"{r.memory_mb:.0f}")  # fmt: skip
     return table
 
 
-def _two_stage_table(rows: list[dict]) -> Table:
-    table = Table(title="two-stage quality on test users (same model ranks)")
-    for column in ("pipeline", "ndcg@10", "hr@10", "hr@50", "mrr", "users"):
-        table.add_column(column, justify="left" if column == "pipeline" else "right")
-    for r in rows:
-        table.add_row(r["pipeline"], f"{r['ndcg@10']:.4f}", f"{r['hr@10']:.4f}", f"{r['hr@50']:.4f}",
-                      f"{r['mrr']:.4f}", f"{r['n_users']:,}")
+def _two_stage_table(stages: dict) -> Table:
+    table = Table(title="two-stage quality on test users (reference: full ranking by the uncompressed model)")
+    for column in ("dataset", "pipeline", "ndcg@10", "hr@10", "mrr", "hr@50", "users"):
+        table.add_column(column, justify="left" if column in ("dataset", "pipeline") else "right")
+    for dataset, pipelines in stages.items():
+        for name, r in pipelines.items():
+            table.add_row(dataset, name, f"{r['ndcg@10']:.4f}", f"{r['hr@10']:.4f}", f"{r['mrr']:.4f}",
+                          f"{r['hr@50']:.4f}", f"{r['n_users']:,}")
     return table
+
+
+# ---------------------------------------------------------------- the command
+
+
+def size_name(n: int) -> str:
+    """4_200_000 -> "4.2M", 23_698 -> "24k", 400 -> "400"."""
+    return f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n / 1e3:.0f}k" if n >= 1000 else str(n)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", action="append", required=True, type=Dataset.parse,
+                        help="NAME:MODEL:DATA[:RANKER] (repeatable; the first seeds the synthetic catalogue). "
+                             "RANKER: the folder the server would load, e.g. a `compress` output")
+    parser.add_argument("--synthetic-items", type=int, default=4_200_000,
+                        help="size of the large SYNTHETIC catalogue (0 = skip)")
+    parser.add_argument("--components", type=int, default=CatalogueConfig.n_components,
+                        help="Gaussian mixture components of the synthetic catalogue")
+    parser.add_argument("--valid-queries", type=int, default=1000, help="validation users (tuning)")
+    parser.add_argument("--test-queries", type=int, default=2000, help="test users (reported), not validation ones")
+    parser.add_argument("--exact-timed", type=int, default=200, help="queries timed for exact search's latency")
+    parser.add_argument("--target-recall", type=float, default=0.98, help="validation recall@50 a setting must reach")
+    parser.add_argument("--threads", type=int, default=2, help="threads of exact search (torch) and of faiss alike")
+    parser.add_argument("--hnsw-budget-s", type=float, default=300.0,
+                        help="seconds an HNSW build at the large size may take before it is reported as a projection")
+    parser.add_argument("--two-stage-users", type=int, default=10_000, help="test users per dataset, two-stage table")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output folder for retrieve_bench.json and the curves")
 
 
 def run(args: argparse.Namespace) -> int:
-    model_dir, out = Path(args.model), Path(args.out)
-    model = load_checkpoint(model_dir)
-    data = SequenceData.load(Path(args.data))
-    split = leave_last_out(data, max_len=model.config.max_len)
-    rng = np.random.default_rng(args.seed)
-    users = rng.choice(data.n_users, size=min(args.queries, data.n_users), replace=False)
-    behaviors = split.test_behaviors[users] if model.config.use_behavior else None
-    states = user_states(model, split.test_input[users], behaviors)
-    table = item_table(model)
-    catalogues = [("video", table, SMALL_METHODS)]
-    if args.synthetic_items:
-        catalogues.append((f"synthetic-{args.synthetic_items / 1e6:g}M", None, LARGE_METHODS))
-    rows: list[dict] = []
-    loadavg = [os.getloadavg()]
-    for name, items, methods in track(catalogues, description="catalogues"):
-        items = synthetic_table(table, args.synthetic_items, args.seed) if items is None else items
-        rows += bench_catalogue(name, items, states, methods, args.threads, args.faiss_threads)
-        loadavg.append(os.getloadavg())
-        del items
-    chosen = ItemIndex.build(table, IndexSpec(threads=args.faiss_threads))
-    stages = two_stage(model_dir, data, chosen, max_users=10_000, seed=args.seed)
-    payload = {
-        "rows": rows,
-        "two_stage": stages,
-        "two_stage_index": chosen.spec.to_dict(),
-        "queries": len(users),
-        "threads": {"torch": args.threads, "faiss": args.faiss_threads},
-        "loadavg_1_5_15": loadavg,
-        "synthetic": "each vector = a random item embedding of the model + N(0, (0.5 std)^2) noise per dimension",
-        "environment": environment(),
-    }
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results: list[CatalogueResult] = []
+    splits: dict[str, QuerySplit] = {}
+    loadavg = [os.getloadavg()]
+    source_table, source_queries = None, None
+    for dataset in args.dataset:
+        model = load_checkpoint(dataset.model_dir)
+        data = SequenceData.load(dataset.data_dir)
+        splits[dataset.name] = query_split(model, data, args.valid_queries, args.test_queries, args.seed)
+        table = item_table(model)
+        if source_table is None:
+            source_table, source_queries = table, splits[dataset.name]
+        results.append(bench_catalogue(dataset.name, table, splits[dataset.name], SMALL_METHODS, args.threads,
+                                       args.target_recall, args.exact_timed, args.hnsw_budget_s))
+        loadavg.append(os.getloadavg())
+    generator = CatalogueModel(CatalogueConfig(n_components=args.components, seed=args.seed)).fit(source_table)
+    realism = compare_catalogues(source_table, generator.sample(len(source_table) - 1, seed=args.seed + 1))
+    synthetic_runs = [(f"synthetic-{size_name(len(source_table) - 1)}", len(source_table) - 1, SMALL_METHODS)]
+    if args.synthetic_items:
+        synthetic_runs.append((f"synthetic-{size_name(args.synthetic_items)}", args.synthetic_items, LARGE_METHODS))
+    for name, n_items, methods in track(synthetic_runs, description="synthetic catalogues"):
+        table = generator.sample(n_items, seed=args.seed + 1)
+        results.append(bench_catalogue(name, table, source_queries, methods, args.threads, args.target_recall,
+                                       args.exact_timed, args.hnsw_budget_s))
+        loadavg.append(os.getloadavg())
+        del table
+        gc.collect()
+    stages, stage_notes = {}, {}
+    for dataset, result in zip(args.dataset, results):
+        chosen = result.selected or {"method": "HNSW32,Flat", "params": {"efSearch": 128}}
+        method = next(m for m in SMALL_METHODS if m.factory == chosen["method"])
+        spec = method.spec(chosen["params"], args.threads)
+        users = splits[dataset.name].test_users
+        if len(users) > args.two_stage_users:
+            users = np.sort(np.random.default_rng(args.seed).choice(users, args.two_stage_users, replace=False))
+        stages[dataset.name], stage_notes[dataset.name] = two_stage(dataset, users, spec, args.threads)
+    curve = plot_curves(results, out / CURVE_FILE)
+    payload = {
+        "rows": [row.to_dict() for result in results for row in result.rows],
+        "selected": {result.name: result.selected for result in results},
+        "not_built": {result.name: result.not_built for result in results if result.not_built},
+        "pareto_test": {result.name: [{"method": r.method, "params": r.params, "recall@50": r.recall,
+                                       "p50_ms": r.p50_ms}
+                                      for r in pareto_front([r for r in result.rows if r.split == "test"
+                                                             and r.method != "exact"])]
+                        for result in results},
+        "two_stage": stages,
+        "two_stage_notes": stage_notes,
+        "catalogue_realism": {"source": args.dataset[0].name, "generator": {**generator.config.to_dict(),
+                              "fit_s": generator.fit_s}, **realism.to_dict()},
+        "synthetic": "SYNTHETIC catalogues (synthetic-*): draws from a Gaussian mixture fitted to the first "
+                     "dataset's item table, queried with that model's real user states",
+        "queries": {name: {"valid": len(s.valid_users), "test": len(s.test_users)} for name, s in splits.items()},
+        "target_recall": args.target_recall,
+        "threads": {"torch": args.threads, "faiss": args.threads},
+        "curves": CURVE_FILE,
+        "loadavg_1_5_15": loadavg,
+        "environment": environment(),
+    }  # fmt: skip
     (out / RESULT_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     console = Console()
-    console.print(_table(rows))
+    console.print(_table([row for result in results for row in result.rows]))
     console.print(_two_stage_table(stages))
-    console.print(f"load average during the run: {loadavg}; wrote {out / RESULT_FILE}")
+    console.print(f"load average during the run: {loadavg}; wrote {out / RESULT_FILE} and {curve}")
     return 0
