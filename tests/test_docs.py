@@ -101,8 +101,9 @@ def fenced_blocks(text: str, lang: str = "bash") -> list[str]:
 
 
 def shell_lines(block: str) -> list[str]:
-    """One entry per command: continuation lines joined, blank lines dropped."""
-    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    """One entry per command: continuation lines joined, blank and comment-only lines dropped."""
+    lines = (line.strip() for line in block.replace("\\\n", " ").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def command_key(line: str) -> str:
