@@ -4,7 +4,10 @@ Figures (also written as PNGs beside it): example input images per encoder, fore
 realised volatility with the stress windows shaded, error distributions, KS CDFs per asset
 class, the Diebold-Mariano matrix as a heat map, Model Confidence Set membership, per-class
 QLIKE bars, the paper's Figure 4 radar of portfolio weights and risk, VaR exceedances over time.
-Tables come from ``metrics.json``; the page names the config and the data fingerprint it came from.
+The page opens on a summary computed from ``metrics.json`` (``summarise``: the winner overall, per
+asset class and per stress window, MCS members, VaR backtest verdicts, the paper formula's
+understatement); tables follow with the best value of each column marked; the run config is folded
+away under the data fingerprint.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -201,19 +206,262 @@ def fig_var(path: pd.DataFrame, metrics: dict, windows: dict, out: Path) -> str:
     return _save(fig, out, "var_exceedances.png")
 
 
-def _table(head: list[str], rows: list[list]) -> str:
-    def cell(x) -> str:
-        if isinstance(x, float):
-            return f"{x:.4g}"
-        return html.escape(str(x))
+VAR_TEST_SIZE = 0.05  # a VaR backtest fails when its p-value is below this (the usual 5% test)
 
-    body = "".join("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in r) + "</tr>" for r in rows)
+
+@dataclass
+class ScopeWinner:
+    """The lowest-QLIKE model over one slice of the test set, the next best, and the MCS members there."""
+
+    kind: str  # "overall", "asset class" or "stress window"
+    scope: str  # "all test dates", the class name or the window name
+    best: str
+    best_qlike: float
+    runner_up: str | None
+    runner_up_qlike: float | None
+    n: int  # test samples in the slice
+    mcs: list[str] | None  # models in the Model Confidence Set here; None when the test was skipped
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VaRVerdict:
+    """One 1-day VaR backtest of the portfolio: pass when Kupiec and Christoffersen both keep H0 at VAR_TEST_SIZE."""
+
+    model: str  # whose volatility forecasts scale the VaR
+    label: str  # e.g. "normal 99%" or "paper formula, normal 99%"
+    exceedances: int
+    expected: float
+    kupiec_pvalue: float
+    christoffersen_pvalue: float
+
+    @property
+    def kupiec_pass(self) -> bool:
+        return self.kupiec_pvalue >= VAR_TEST_SIZE
+
+    @property
+    def christoffersen_pass(self) -> bool:
+        return self.christoffersen_pvalue >= VAR_TEST_SIZE
+
+    @property
+    def passed(self) -> bool:
+        return self.kupiec_pass and self.christoffersen_pass
+
+    @property
+    def paper_formula(self) -> bool:
+        return self.label.startswith("paper formula")
+
+    def failed_tests(self) -> str:
+        """'Kupiec', 'Christoffersen', both joined by ' + ', or '' when it passed."""
+        return " + ".join(t for t, ok in (("Kupiec", self.kupiec_pass), ("Christoffersen", self.christoffersen_pass)) if not ok)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
+class ReportSummary:
+    """What a risk committee reads first, computed from metrics.json alone (QLIKE decides "best":
+    the loss the Diebold-Mariano and MCS tests use)."""
+
+    scopes: list[ScopeWinner]  # overall first, then each asset class, then each stress window with test dates
+    mcs_size: float
+    test_period: tuple[str, str]
+    windows_outside: dict[str, tuple[str, str]] = field(default_factory=dict)  # stress windows with no test date
+    primary_model: str | None = None  # the run's primary model (the CNN when it ran): the portfolio section's own
+    var: list[VaRVerdict] = field(default_factory=list)  # the primary model's, then the overall winner's
+    paper_vol: float | None = None  # mean daily portfolio vol, fraction: the paper's sqrt(sum w_i² σ_i²)
+    cov_vol: float | None = None  # mean daily portfolio vol, fraction: sqrt(w'Σw)
+    understatement: float | None = None  # mean of 1 - paper_vol / cov_vol over test dates
+
+    @property
+    def winner(self) -> str:
+        return self.scopes[0].best
+
+    def var_of(self, model: str) -> list[VaRVerdict]:
+        return [v for v in self.var if v.model == model]
+
+    def to_dict(self) -> dict:
+        return {"winner": self.winner, "scopes": [s.to_dict() for s in self.scopes], "mcs_size": self.mcs_size,
+                "test_period": list(self.test_period), "windows_outside": {k: list(v) for k, v in self.windows_outside.items()},
+                "primary_model": self.primary_model, "var": [v.to_dict() for v in self.var], "paper_vol": self.paper_vol,
+                "cov_vol": self.cov_vol, "understatement": self.understatement}
+
+
+def _ranked(scores: dict[str, dict]) -> list[tuple[str, float]]:
+    """(model, QLIKE) from best to worst; models without a finite QLIKE are left out."""
+    pairs = [(m, float(s["qlike"])) for m, s in scores.items() if s and np.isfinite(s.get("qlike", np.nan))]
+    return sorted(pairs, key=lambda x: x[1])
+
+
+def _scope_winner(kind: str, scope: str, scores: dict[str, dict], mcs: dict | None) -> ScopeWinner | None:
+    ranked = _ranked(scores)
+    if not ranked:
+        return None
+    (best, q), *rest = ranked
+    runner, rq = rest[0] if rest else (None, None)
+    return ScopeWinner(kind, scope, best, q, runner, rq, int(scores[best].get("n", 0)),
+                       list(mcs["included"]) if mcs else None)
+
+
+def _var_verdicts(model: str, section: dict) -> list[VaRVerdict]:
+    out = [VaRVerdict(model, f"{method} {level}%", v["exceedances"], v["expected"], v["kupiec_pvalue"], v["christoffersen_pvalue"])
+           for method, levels in section.get("var", {}).items() for level, v in levels.items()]
+    paper = section.get("paper_formula_var99_normal")
+    if paper:
+        out.append(VaRVerdict(model, "paper formula, normal 99%", paper["exceedances"], paper["expected"],
+                              paper["kupiec_pvalue"], paper["christoffersen_pvalue"]))
+    return out
+
+
+def summarise(metrics: dict) -> ReportSummary:
+    """The report's first screen from a run's metrics: winners per scope, MCS members, VaR verdicts,
+    and how much the paper's zero-correlation portfolio formula understates sqrt(w'Σw)."""
+    mcs = metrics.get("tests", {}).get("mcs", {})
+    scopes = [_scope_winner("overall", "all test dates", metrics["models"], mcs.get("all"))]
+    scopes += [_scope_winner("asset class", c, s, mcs.get(c)) for c, s in metrics.get("by_asset_class", {}).items()]
+    scopes += [_scope_winner("stress window", w, s, mcs.get(w)) for w, s in metrics.get("windows", {}).items()]
+    windows = metrics["config"].get("windows", {})
+    proto = metrics.get("protocol", {})
+    summary = ReportSummary(
+        scopes=[s for s in scopes if s is not None],
+        mcs_size=float(metrics["config"].get("mcs_size", 0.10)),
+        test_period=(str(proto.get("test_start", "?")), str(proto.get("test_end", "?"))),
+        windows_outside={w: tuple(windows.get(w, ("?", "?"))) for w, s in metrics.get("windows", {}).items() if not s},
+    )
+    port = metrics.get("portfolio", {})
+    if "var" not in port:
+        return summary
+    summary.primary_model = port["primary_model"]
+    summary.paper_vol, summary.cov_vol, summary.understatement = port["paper_vol"], port["cov_vol"], port["understatement"]
+    summary.var = _var_verdicts(summary.primary_model, port)
+    if summary.winner != summary.primary_model and summary.winner in port.get("models", {}):
+        summary.var += _var_verdicts(summary.winner, port["models"][summary.winner])
+    return summary
+
+
+def _verdict(ok: bool) -> str:
+    return "<span class='pass'>pass</span>" if ok else "<span class='fail'>FAIL</span>"
+
+
+def _var_sentence(summary: ReportSummary, model: str, role: str) -> str:
+    own = [v for v in summary.var_of(model) if not v.paper_formula]
+    failed = [v for v in own if not v.passed]
+    text = (f"<b>{html.escape(model)}</b> forecasts ({role}): {len(own) - len(failed)} of {len(own)} pass")
+    if failed:
+        text += "; <span class='fail'>fail: " + html.escape(", ".join(f"{v.label} ({v.failed_tests()})" for v in failed)) + "</span>"
+    return text
+
+
+def summary_html(summary: ReportSummary) -> str:
+    """The summary section: headline sentences, the winner per scope with MCS members, VaR verdicts."""
+    e = html.escape
+    overall = summary.scopes[0]
+    classes = [s for s in summary.scopes if s.kind == "asset class"]
+    windows = [s for s in summary.scopes if s.kind == "stress window"]
+    mcs_pct = f"{summary.mcs_size:.0%}"
+    lines = [f"<b class='winner'>{e(overall.best)}</b> has the lowest QLIKE (lower is better) over all {overall.n} test samples "
+             f"({overall.best_qlike:.4g}"
+             + (f"; next best {e(overall.runner_up)} {overall.runner_up_qlike:.4g}" if overall.runner_up else "") + ")"
+             + (f"; it is best in {sum(s.best == overall.best for s in classes)} of {len(classes)} asset classes" if classes else "")
+             + (f" and {sum(s.best == overall.best for s in windows)} of {len(windows)} stress windows" if windows else "") + "."]
+    if summary.windows_outside:
+        spans = ", ".join(f"{e(w)} ({a} .. {b})" for w, (a, b) in summary.windows_outside.items())
+        lines.append(f"<span class='warn'>No stress-window verdict for {spans}: the test period "
+                     f"{summary.test_period[0]} .. {summary.test_period[1]} holds no date in them</span> "
+                     "(a test period that covers them, e.g. <code>--test-start 2007-01-01</code>, scores them).")
+    if overall.mcs is not None:
+        lines.append(f"Model Confidence Set ({mcs_pct}) over all test dates: <b>{e(', '.join(overall.mcs))}</b> "
+                     "(the models not statistically worse than the best).")
+    if summary.var:
+        roles = [(summary.primary_model, "the run's primary model")]
+        if summary.winner != summary.primary_model and summary.var_of(summary.winner):
+            roles.append((summary.winner, "lowest QLIKE"))
+        lines.append(f"Portfolio 1-day VaR backtests, Kupiec and Christoffersen at {VAR_TEST_SIZE:.0%}: "
+                     + "; ".join(_var_sentence(summary, m, role) for m, role in roles if m) + ".")
+    if summary.understatement is not None:
+        paper = next((v for v in summary.var_of(summary.primary_model or "") if v.paper_formula), None)
+        lines.append(f"The paper's portfolio formula sqrt(Σ w<sub>i</sub>² σ<sub>i</sub>²) ignores correlation and understates "
+                     f"sqrt(w'Σw) by <b class='fail'>{summary.understatement:.1%}</b> on average "
+                     f"({summary.paper_vol:.2%} vs {summary.cov_vol:.2%} daily vol)"
+                     + (f"; its 99% VaR is exceeded {paper.exceedances} times vs {paper.expected:.1f} expected" if paper else "") + ".")
+    rows = "".join(
+        f"<tr><td class='scope'>{e(s.kind)}</td><td class='scope'>{e(s.scope)}</td><td class='win'><b>{e(s.best)}</b></td>"
+        f"<td>{s.best_qlike:.4g}</td><td class='scope'>{e(s.runner_up or '')}</td>"
+        f"<td>{'' if s.runner_up_qlike is None else f'{s.runner_up_qlike:.4g}'}</td>"
+        f"<td>{s.n}</td><td class='scope'>{e(', '.join(s.mcs)) if s.mcs is not None else 'too few dates'}</td></tr>"
+        for s in summary.scopes)
+    rows += "".join(f"<tr><td class='scope'>stress window</td><td class='scope'>{e(w)}</td>"
+                    f"<td class='scope' colspan='6'>no test date ({a} .. {b} is outside the test period)</td></tr>"
+                    for w, (a, b) in summary.windows_outside.items())
+    winners = ("<table class='summary'><tr><th>slice</th><th>name</th><th>best (lowest QLIKE)</th><th>QLIKE</th><th>next best</th>"
+               f"<th>QLIKE</th><th>n</th><th>MCS {mcs_pct} members</th></tr>{rows}</table>")
+    parts = ["<section id='summary'><h2>Summary</h2><ul class='headline'>", *[f"<li>{x}</li>" for x in lines], "</ul>", winners]
+    if summary.var:
+        models = list(dict.fromkeys(v.model for v in summary.var))
+        labels = list(dict.fromkeys(v.label for v in summary.var))
+        by = {(v.model, v.label): v for v in summary.var}
+        head = "".join(f"<th colspan='4'>{e(m)} forecasts</th>" for m in models)
+        sub = "<th>exc. / expected</th><th>Kupiec p</th><th>Christoffersen p</th><th>verdict</th>" * len(models)
+
+        def cells(v: VaRVerdict | None) -> str:
+            if v is None:
+                return "<td colspan='4'></td>"
+            return (f"<td>{v.exceedances} / {v.expected:.1f}</td><td>{v.kupiec_pvalue:.3g} {_verdict(v.kupiec_pass)}</td>"
+                    f"<td>{v.christoffersen_pvalue:.3g} {_verdict(v.christoffersen_pass)}</td><td>{_verdict(v.passed)}</td>")
+
+        body = "".join(f"<tr><td class='scope'>{e(label)}</td>" + "".join(cells(by.get((m, label))) for m in models) + "</tr>"
+                       for label in labels)
+        parts.append(f"<h3>1-day portfolio VaR backtests (FAIL: p &lt; {VAR_TEST_SIZE:g})</h3><table class='summary'>"
+                     f"<tr><th rowspan='2'>VaR</th>{head}</tr><tr>{sub}</tr>{body}</table>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _lower(x: float) -> float:
+    return x
+
+
+def _higher(x: float) -> float:
+    return -x
+
+
+def _table(head: list[str], rows: list[list], best: dict[int, Callable[[float], float]] | None = None) -> str:
+    """An HTML table; ``best`` maps a column index to a key (lower is better) and the best cell(s)
+    of each such column get class 'best' (bold, shaded)."""
+    def numeric(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+    marked: set[tuple[int, int]] = set()
+    for j, key in (best or {}).items():
+        keys = {i: key(r[j]) for i, r in enumerate(rows) if numeric(r[j])}
+        if len(keys) > 1:
+            top = min(keys.values())
+            marked |= {(i, j) for i, k in keys.items() if k == top}
+
+    def cell(i: int, j: int, x) -> str:
+        text = f"{x:.4g}" if isinstance(x, float) else html.escape(str(x))
+        return f"<td class='best'><b>{text}</b></td>" if (i, j) in marked else f"<td>{text}</td>"
+
+    body = "".join("<tr>" + "".join(cell(i, j, x) for j, x in enumerate(r)) + "</tr>" for i, r in enumerate(rows))
     return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + body + "</table>"
+
+
+# column keys of the score tables: model, RMSE, R², QLIKE (then MAE or n)
+SCORE_BEST = {1: _lower, 2: _higher, 3: _lower}
 
 
 def _tables(metrics: dict, models: list[str]) -> list[tuple[str, str]]:
     out = [("Pooled test scores", _table(["model", "RMSE", "R²", "QLIKE", "MAE", "n"],
-                                          [[m, s["rmse"], s["r2"], s["qlike"], s["mae"], s["n"]] for m, s in metrics["models"].items()]))]
+                                          [[m, s["rmse"], s["r2"], s["qlike"], s["mae"], s["n"]] for m, s in metrics["models"].items()],
+                                          {**SCORE_BEST, 4: _lower}))]
+    classes = list(metrics.get("by_asset_class", {}))
+    if classes:
+        out.append(("QLIKE by asset class", _table(["model", *classes],
+                    [[m, *(metrics["by_asset_class"][c].get(m, {}).get("qlike", "") for c in classes)] for m in models],
+                    {j: _lower for j in range(1, len(classes) + 1)})))
     for name, scores in metrics["windows"].items():
         if not scores:
             out.append((f"Stress window {name}", "<p>no test date in this window</p>"))
@@ -223,14 +471,17 @@ def _tables(metrics: dict, models: list[str]) -> list[tuple[str, str]]:
         mcs = metrics["tests"]["mcs"].get(name, {})
         rows = [[m, s["rmse"], s["r2"], s["qlike"], s["n"], dm.get(anchor, {}).get(m, {}).get("pvalue", ""),
                  "yes" if m in mcs.get("included", []) else "no"] for m, s in scores.items()]
-        out.append((f"Stress window {name}", _table(["model", "RMSE", "R²", "QLIKE", "n", f"DM p vs {anchor}", "in MCS"], rows)))
+        out.append((f"Stress window {name}", _table(["model", "RMSE", "R²", "QLIKE", "n", f"DM p vs {anchor}", "in MCS"], rows,
+                                                    SCORE_BEST)))
     for name, scores in metrics["regimes"].items():
         if not scores:
             continue
         out.append((f"Regime {name}", _table(["model", "RMSE", "R²", "QLIKE", "n"],
-                                             [[m, s["rmse"], s["r2"], s["qlike"], s["n"]] for m, s in scores.items()])))
-    out.append(("Mincer-Zarnowitz (variance, panel HAC)", _table(["model", "alpha", "beta", "p (a=0, b=1)", "R²", "lags"],
-               [[m, r["alpha"], r["beta"], r["pvalue"], r["r2"], r["lags"]] for m, r in metrics["tests"]["mz"].items()])))
+                                             [[m, s["rmse"], s["r2"], s["qlike"], s["n"]] for m, s in scores.items()], SCORE_BEST)))
+    out.append(("Mincer-Zarnowitz (variance, panel HAC): best is alpha nearest 0, beta nearest 1",
+                _table(["model", "alpha", "beta", "p (a=0, b=1)", "R²", "lags"],
+                       [[m, r["alpha"], r["beta"], r["pvalue"], r["r2"], r["lags"]] for m, r in metrics["tests"]["mz"].items()],
+                       {1: abs, 2: lambda b: abs(b - 1.0), 3: _higher, 4: _higher})))
     port = metrics.get("portfolio", {})
     if "var" in port:
         rows = [[meth, lvl, v["exceedances"], v["expected"], v["kupiec_pvalue"], v["christoffersen_pvalue"], v["cc_pvalue"],
@@ -238,8 +489,47 @@ def _tables(metrics: dict, models: list[str]) -> list[tuple[str, str]]:
                 for meth, levels in port["var"].items() for lvl, v in levels.items()]
         out.append((f"Portfolio VaR backtests ({port['primary_model']}); paper-formula understatement {port['understatement']:.1%}",
                     _table(["method", "level", "1d exc.", "1d exp.", "Kupiec p", "Christoffersen p", "CC p",
-                            "h-day exc.", "h-day exp.", "h-day Kupiec p"], rows)))
+                            "h-day exc.", "h-day exp.", "h-day Kupiec p"], rows, {4: _higher, 5: _higher, 6: _higher, 9: _higher})))
     return out
+
+
+def _fingerprint_html(fp: dict) -> str:
+    """One line naming the data a run read: source, file count, combined sha256 (full hash in the title)."""
+    if not fp:
+        return "data fingerprint: not recorded for this run"
+    source = f"arch {fp['arch_version']} bundled data" if fp.get("arch_version") else html.escape(str(fp.get("root", "")))
+    return (f"data: {source}, {fp['files']} files, sha256 <code title='{html.escape(fp['sha256'])}'>"
+            f"{html.escape(fp['sha256'][:16])}…</code>")
+
+
+PAGE_HEAD = (
+    "<!doctype html><html><head><meta charset='utf-8'><title>nimbleml risk report</title><style>"
+    "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;margin:0.5em 0}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:right}img{max-width:100%;display:block;margin:1em 0}"
+    "td.scope,td.win{text-align:left}td.best{background:#dff0d8}.pass{color:#1b7f1b}.fail{color:#b00020;font-weight:bold}"
+    "table.summary th{text-align:left}ul.headline li{margin:0.35em 0;font-size:15px}.warn{color:#8a5a00}.meta{color:#444;font-size:13px}details{margin:0.5em 0}"
+    "pre{font-size:11px;background:#f6f6f6;padding:0.5em;overflow-x:auto}"
+    "</style></head><body>"
+)
+
+
+def first_screen(metrics: dict) -> str:
+    """The title, the run in one line with its data fingerprint, the summary, and the run config
+    folded away (``<details>``): what a reader sees before scrolling."""
+    proto = metrics["protocol"]
+    details = {"data_report": metrics.get("data_report"), "data_fingerprint": metrics.get("data_fingerprint")}
+    return (
+        f"<h1>Risk model validation report</h1><p class='meta'>protocol <b>{html.escape(proto['name'])}</b> "
+        f"(refit {html.escape(proto['refit'])}, {proto['folds']} fold(s), CNN warm start: {proto['cnn_warm_start']}), "
+        f"h = {metrics['horizon']} days, test {proto['test_start']} .. {proto['test_end']}, {metrics['n_assets']} assets, "
+        f"{metrics['n_test_samples']} test samples{' — <b class=fail>LEAKY</b>' if metrics['leaky'] else ''}. "
+        f"{_fingerprint_html(metrics.get('data_fingerprint', {}))}</p>"
+        + summary_html(summarise(metrics))
+        + "<details><summary>run config (config.json), data report and per-file hashes</summary>"
+        f"<pre>{html.escape(json.dumps(metrics['config'], indent=1, default=str))}</pre>"
+        f"<pre>{html.escape(json.dumps(details, indent=1, default=str))}</pre></details>"
+        "<p class='meta'>In every table below the best value of each column is <b>bold on green</b>.</p>"
+    )
 
 
 def write_html_report(metrics: dict, predictions: pd.DataFrame, portfolio_path: pd.DataFrame, example_window: np.ndarray | None,
@@ -256,20 +546,7 @@ def write_html_report(metrics: dict, predictions: pd.DataFrame, portfolio_path: 
                 fig_class_bars(metrics, models, out)]
     if "var" in metrics.get("portfolio", {}) and not portfolio_path.empty:
         figures += [fig_radar(predictions, metrics, out), fig_var(portfolio_path, metrics, windows, out)]
-    proto = metrics["protocol"]
-    fingerprint = metrics.get("data_fingerprint", {})
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>nimbleml risk report</title><style>"
-        "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;margin:0.5em 0}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:right}img{max-width:100%;display:block;margin:1em 0}"
-        "</style></head><body>",
-        f"<h1>Risk model validation report</h1><p>protocol <b>{html.escape(proto['name'])}</b> (refit {html.escape(proto['refit'])}, "
-        f"{proto['folds']} fold(s), CNN warm start: {proto['cnn_warm_start']}), h = {metrics['horizon']}, test "
-        f"{proto['test_start']} .. {proto['test_end']}, {metrics['n_assets']} assets, {metrics['n_test_samples']} test samples"
-        f"{' — LEAKY' if metrics['leaky'] else ''}.</p>",
-        f"<p>config: <code>{html.escape(json.dumps(metrics['config'], default=str))}</code></p>",
-        f"<p>data fingerprint: {fingerprint.get('files', '?')} files, sha256 <code>{fingerprint.get('sha256', 'n/a')}</code></p>",
-    ]
+    parts = [PAGE_HEAD, first_screen(metrics)]
     for title, table in _tables(metrics, models):
         parts.append(f"<h2>{html.escape(title)}</h2>{table}")
     parts.append("<h2>Figures</h2>")

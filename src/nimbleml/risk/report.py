@@ -12,7 +12,7 @@ from rich.table import Table
 
 from nimbleml.risk.experiment import RiskRunResult
 from nimbleml.risk.html_report import write_html_report
-from nimbleml.risk.run_folder import write_state
+from nimbleml.risk.run_folder import data_fingerprint, write_state
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def write_report(result: RiskRunResult, out: Path) -> dict:
     write_state(out, result.config, result.predictions, result.splits, result.fit_seconds, result.predict_seconds,
                 result.extras, result.data_report, complete=result.extras.get("run_complete", True))
     metrics = result.metrics()
+    if "data_fingerprint" not in metrics:  # e.g. `nimbleml demo`: every report names the data it came from
+        metrics["data_fingerprint"] = data_fingerprint(result.config.data)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     window, caption = result.example if result.example is not None else (None, "")
     figures = write_html_report(metrics, result.predictions, result.__dict__.get("portfolio_path", pd.DataFrame()), window, caption, out)

@@ -24,18 +24,25 @@ if TYPE_CHECKING:
 
 def data_fingerprint(data: str) -> dict:
     """sha256 of every data file a run read (a market folder's CSVs, or the arch package's data
-    files for ``data="arch"``), and one combined hash over (relative path, file hash) pairs."""
+    files for ``data="arch"``, with the arch version), and one combined hash over (relative path,
+    file hash) pairs. A folder without data files is an error, not an empty fingerprint."""
+    extra = {}
     if data == "arch":
+        import arch
         import arch.data
 
         root = Path(arch.data.__file__).parent
+        extra["arch_version"] = arch.__version__
     else:
         root = Path(data)
     files = sorted(Path(d) / f for d, _, names in os.walk(root, followlinks=True) for f in names
                    if f.endswith((".csv", ".csv.gz")))
     per_file = {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    if not per_file:
+        raise NimbleError("no .csv or .csv.gz data file to fingerprint", path=root,
+                          fix="pass --data arch or a market folder like ../shared/data/market")
     combined = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in per_file.items()).encode()).hexdigest()
-    return {"root": str(root), "files": len(per_file), "sha256": combined, "per_file": per_file}
+    return {"root": str(root), "files": len(per_file), "sha256": combined, "per_file": per_file, **extra}
 
 
 def write_state(out: Path, cfg: Any, predictions: pd.DataFrame, splits: list[dict], fit_seconds: dict,
