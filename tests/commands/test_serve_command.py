@@ -27,3 +27,11 @@ def test_history_users_must_be_positive() -> None:
     assert parser.parse_args(["--model", "m", "--history-users", "10"]).history_users == 10
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--history-users", "0"])
+
+
+def test_shed_loop_lag_parses() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--model", "m", "--shed-loop-lag-ms", "5,20"]).shed_loop_lag_ms == (5, 20)
+    soft, hard = parser.parse_args(["--model", "m"]).shed_loop_lag_ms
+    assert 0 < soft <= hard

@@ -62,7 +62,9 @@ def build_service(args: argparse.Namespace) -> Service:
         raise NimbleError(f"backend {backend!r} is not available here", fix=f"use one of {available_backends()}")
     bundle = Bundle.load(prepare_model(args.model))
     admission = AdmissionController(shed=ShedConfig(target_p99_ms=args.target_p99_ms, soft_queue_depth=args.shed_queue[0],
-                                                    hard_queue_depth=args.shed_queue[1]))
+                                                    hard_queue_depth=args.shed_queue[1],
+                                                    soft_loop_lag_ms=args.shed_loop_lag_ms[0],
+                                                    hard_loop_lag_ms=args.shed_loop_lag_ms[1]))
     risk_limits = json.loads(Path(args.risk_limits).read_text()) if args.risk_limits else {}
     config = ServeConfig(
         batcher=BatcherConfig(max_batch_size=args.max_batch, max_queue_delay_ms=args.max_wait_ms),
@@ -114,6 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-p99-ms", type=float, default=50.0, help="p99 above which low tiers are shed, ms")
     parser.add_argument("--shed-queue", type=_two_ints, default=(ShedConfig.soft_queue_depth, ShedConfig.hard_queue_depth),
                         metavar="SOFT,HARD", help="queued requests past which free (SOFT) and standard (HARD) are shed")
+    parser.add_argument("--shed-loop-lag-ms", type=_two_ints,
+                        default=(int(ShedConfig.soft_loop_lag_ms), int(ShedConfig.hard_loop_lag_ms)), metavar="SOFT,HARD",
+                        help="front-end event-loop lag (ms) past which free (SOFT) and standard (HARD) are shed")
     parser.add_argument("--backend", default=None, help="runtime backend (default: the fastest available)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
     parser.add_argument("--keys", type=Path, default=None, help="API keys JSON file (default: $NIMBLEML_API_KEYS)")
@@ -137,6 +142,7 @@ def _lane_command(args: argparse.Namespace, ready: Path) -> list[str]:
            "--port", str(args.premium_port), "--workers", "1", "--max-batch", str(args.max_batch),
            "--max-wait-ms", str(args.max_wait_ms), "--deadline-ms", str(args.deadline_ms),
            "--target-p99-ms", str(args.target_p99_ms), "--shed-queue", "{},{}".format(*args.shed_queue),
+           "--shed-loop-lag-ms", "{},{}".format(*args.shed_loop_lag_ms),
            "--threads", str(args.threads), "--http", args.http, "--lane", "premium",
            "--parent-pid", str(os.getpid()), "--ready-file", str(ready)]
     for flag, value in (("--redis", args.redis), ("--backend", args.backend), ("--keys", args.keys),
