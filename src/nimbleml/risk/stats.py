@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import statsmodels.api as sm
+from arch.covariance.kernel import Bartlett
 from scipy import stats as sps
 
 from nimbleml.errors import NimbleError
@@ -61,13 +62,16 @@ class DieboldMariano(_Result):
     n: int
     horizon: int
     hln: bool
-    variance: str  # "newey-west" (Bartlett, data-driven lag), "acf" (rectangular, h-1 lags) or "bartlett" (acf fallback)
+    variance: str  # "newey-west" (Bartlett weights), "acf" (rectangular, h-1 lags) or "bartlett" (acf fallback)
     lags: int  # HAC lags used in the long-run variance
+    lag_rule: str  # how ``lags`` was set: "newey-west-1994" (automatic, >= h-1), "given" or "h-1"
 
 
 @dataclass
 class MincerZarnowitz(_Result):
     """realised = alpha + beta * forecast + e, HAC standard errors; H0: alpha = 0, beta = 1."""
+
+    covariance: str  # "newey-west" (one series), "driscoll-kraay" (panel, time groups) or "hac-panel" (by asset)
 
     alpha: float
     beta: float
@@ -111,12 +115,25 @@ def paired_t_test(loss_a: np.ndarray, loss_b: np.ndarray) -> PairedTTest:
 
 
 def newey_west_lags(n: int, horizon: int = 1) -> int:
-    """Data-driven HAC lag: max(h - 1, floor(4 (n/100)^(2/9))) (Newey and West 1994's rule of thumb).
+    """A fixed rule of n, not data-driven: max(h - 1, floor(4 (n/100)^(2/9))).
 
-    h-step forecast errors are MA(h-1) under the null, so fewer than h-1 lags is never enough;
-    the rule-of-thumb term grows with the sample for the extra autocorrelation of real losses.
+    The second term is the pilot bandwidth of Newey and West (1994); h-step forecast errors are
+    MA(h-1) under the null, so fewer than h-1 lags is never enough. Used where one lag must serve
+    a panel (Mincer-Zarnowitz); the Diebold-Mariano test selects its lag from the data.
     """
     return int(max(horizon - 1, int(np.floor(4.0 * (n / 100.0) ** (2.0 / 9.0)))))
+
+
+def automatic_lags(x: np.ndarray, horizon: int = 1) -> int:
+    """Data-driven HAC lag: max(h - 1, the automatic Bartlett bandwidth of Newey and West 1994).
+
+    The bandwidth is the one of ``arch.covariance.kernel.Bartlett`` (rounded to an integer): it
+    grows with the autocorrelation of ``x``, not only with its length.
+    """
+    x = np.asarray(x, dtype=float)
+    if not np.var(x) > 0:
+        return int(min(horizon - 1, len(x) - 1))  # a constant series: no autocorrelation to estimate
+    return int(min(max(horizon - 1, int(Bartlett(x, force_int=True).bandwidth)), len(x) - 1))
 
 
 def diebold_mariano(
@@ -125,7 +142,8 @@ def diebold_mariano(
     """Diebold-Mariano (1995) test with the Harvey-Leybourne-Newbold (1997) correction.
 
     d = loss_a - loss_b in time order. ``variance="newey-west"`` (default): long-run variance
-    with Bartlett weights over ``lags`` lags (None: ``newey_west_lags(n, h)``), always positive.
+    with Bartlett weights over ``lags`` lags (None: ``automatic_lags(d, h)``, the data-driven
+    bandwidth of Newey and West 1994, at least h-1), always positive.
     ``variance="acf"``: the original rectangular window over lags 0..h-1 (d is MA(h-1) under H0),
     falling back to Bartlett weights if that estimate is not positive; this is what the
     ``dieboldmariano`` package computes (checked in the tests). HLN scales the statistic by
@@ -141,7 +159,12 @@ def diebold_mariano(
     d = a - b
     dbar = float(d.mean())
     c = d - dbar
-    n_lags = (newey_west_lags(n, horizon) if lags is None else int(lags)) if variance == "newey-west" else horizon - 1
+    if variance != "newey-west":
+        n_lags, rule = horizon - 1, "h-1"
+    elif lags is None:
+        n_lags, rule = automatic_lags(d, horizon), "newey-west-1994"
+    else:
+        n_lags, rule = int(lags), "given"
     n_lags = min(n_lags, n - 1)
     gamma = np.array([c[k:] @ c[: n - k] / n for k in range(n_lags + 1)])
     if not gamma[0] > 0:
@@ -161,27 +184,37 @@ def diebold_mariano(
         pvalue = 2.0 * sps.t.sf(abs(stat), df=n - 1)
     else:
         pvalue = 2.0 * sps.norm.sf(abs(stat))
-    return DieboldMariano(float(stat), float(pvalue), dbar, int(n), int(horizon), hln, variance, int(n_lags))
+    return DieboldMariano(float(stat), float(pvalue), dbar, int(n), int(horizon), hln, variance, int(n_lags), rule)
 
 
-def mincer_zarnowitz(realised: np.ndarray, forecast: np.ndarray, hac_lags: int, groups: np.ndarray | None = None) -> MincerZarnowitz:
+def mincer_zarnowitz(realised: np.ndarray, forecast: np.ndarray, hac_lags: int, groups: np.ndarray | None = None,
+                     time: np.ndarray | None = None) -> MincerZarnowitz:
     """Mincer-Zarnowitz regression with Newey-West (HAC) covariance and the joint Wald test.
 
     Use ``hac_lags = h - 1`` or more for overlapping h-day targets. Units: whatever the two
-    inputs share (volatility or variance). ``groups`` (one id per row, e.g. the asset; rows
-    sorted by group, then time): a panel, with Newey-West within each group (statsmodels'
-    ``hac-panel``) so one asset's autocorrelation is never mixed with another's.
+    inputs share (volatility or variance). A panel, one of:
+    ``time`` (one integer period id per row, rows sorted by time): Driscoll-Kraay errors
+    (statsmodels ``hac-groupsum``): scores summed over each date, then Newey-West over dates,
+    robust to the correlation of all assets on one date (a crash day) as well as over time.
+    ``groups`` (one id per row, e.g. the asset; rows sorted by group, then time): Newey-West within
+    each group (``hac-panel``); it treats assets as independent, which they are not on one date.
     """
     y, f = _pair(realised, forecast, "Mincer-Zarnowitz", min_n=3)
     if hac_lags < 0:
         raise NimbleError(f"Mincer-Zarnowitz: hac_lags={hac_lags} < 0", fix="pass hac_lags >= 0, e.g. horizon - 1")
-    if groups is None:
-        cov_type, cov_kwds = "HAC", {"maxlags": int(hac_lags)}
+    if time is not None:
+        time = np.asarray(time)
+        if (np.diff(time) < 0).any():
+            raise NimbleError("Mincer-Zarnowitz: rows are not sorted by time", fix="sort the panel by date before the test")
+        cov_type, cov_kwds, name = "hac-groupsum", {"maxlags": int(hac_lags), "time": time}, "driscoll-kraay"
+    elif groups is None:
+        cov_type, cov_kwds, name = "HAC", {"maxlags": int(hac_lags)}, "newey-west"
     else:
-        cov_type, cov_kwds = "hac-panel", {"maxlags": int(hac_lags), "groups": np.asarray(groups)}
+        cov_type, cov_kwds, name = "hac-panel", {"maxlags": int(hac_lags), "groups": np.asarray(groups)}, "hac-panel"
     res = sm.OLS(y, sm.add_constant(f, has_constant="add")).fit(cov_type=cov_type, cov_kwds=cov_kwds)
     wald = res.wald_test((np.eye(2), np.array([0.0, 1.0])), use_f=False, scalar=True)
     return MincerZarnowitz(
+        covariance=name,
         alpha=float(res.params[0]),
         beta=float(res.params[1]),
         alpha_se=float(res.bse[0]),
