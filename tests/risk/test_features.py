@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 from nimbleml.errors import NimbleError
@@ -108,3 +109,36 @@ def test_default_transform_does_not_cap_crisis_inputs():
     assert (crisis > calm + 0.1).all()
     capped = FeatureScaler(kind="minmax", outliers="winsorize").fit(train)
     np.testing.assert_array_equal(capped.transform(train.max(axis=0, keepdims=True) + 3.0), capped.transform(train.max(axis=0, keepdims=True)))
+
+
+def test_a_bad_print_day_is_forecast_from_the_data_as_of_that_day(tmp_path):
+    """Issue 25.9: the two-sided bad-print rule looks at the next close. History keeps it (the
+    spike is dropped), but the sample dated on the spike day is built as a live feed saw it: its
+    window equals the one computed from the file cut at that day, spike as the last close."""
+    from nimbleml.risk.data import load_market
+    from tests.risk.test_data import _bars, write
+
+    rng = np.random.default_rng(0)
+    closes = list(100 * np.exp(np.cumsum(rng.normal(0, 0.01, 400))))
+    spike = 300
+    closes[spike] *= 3.0  # a bad tick, undone by the next close
+    write(tmp_path / "full", "equities/X.csv", _bars(closes))
+    write(tmp_path / "asof", "equities/X.csv", _bars(closes[: spike + 1]))  # the data a live feed had on that day
+    full, asof = load_market(tmp_path / "full"), load_market(tmp_path / "asof")
+    assert full.report.per_asset["X"] == {"bad_print": 1} and len(full.bad_prints) == 1
+    assert asof.report.per_asset["X"] == {} and asof.frame["close"].iloc[-1] == pytest.approx(closes[spike])  # the last day is kept
+    config = FeatureConfig(span="all")
+    fp, live = compute_features(full, config), compute_features(asof, config)
+    day = np.datetime64(pd.bdate_range("2020-01-01", periods=400)[spike], "ns")
+    at = np.flatnonzero(fp.sample_date == day)
+    assert len(at) == 1  # the spike day is a forecast origin, as it was in real time
+    scaler = fit_scaler(fp, np.flatnonzero(fp.sample_date < day))
+    sample = build_samples(fp, scaler, at)
+    expected = scaler.transform(live.assets[0].features[-config.window:]).T
+    np.testing.assert_allclose(sample.windows[0], expected, rtol=1e-6)
+    assert abs(sample.windows[0][0, -1] - scaler.transform(live.assets[0].features[-1:])[0, 0]) < 1e-6
+    before = np.flatnonzero(fp.sample_date < day)[-1]
+    assert sample.target[0] == build_samples(fp, scaler, np.array([before])).target[0]  # the cleaned next h returns
+    after = build_samples(fp, scaler, np.flatnonzero(fp.sample_date > day)[:1])  # the reversal is known: history is clean
+    raw_after = fp.assets[0].features[fp.sample_row[np.flatnonzero(fp.sample_date > day)[0]] - config.window + 1:][:config.window]
+    assert np.abs(raw_after[:, 0]).max() < np.log(1.5) and len(after) == 1

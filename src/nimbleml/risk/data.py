@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,9 @@ RULES: dict[str, str] = {
     "nonpositive_price": "rows dropped (close <= 0; not applied to bond yields)",
     "unsorted": "rows found earlier than the row before them (all rows sorted by date)",
     "duplicate_date": "rows dropped (repeated date; the last row in the file is kept)",
-    "bad_print": "rows dropped (historical cleaning, two-sided: looks at the next close): close jumps > 50% and the next close undoes it (a bad tick; not bonds)",
+    "bad_print": "rows dropped from the history (historical cleaning, two-sided: looks at the next close): close jumps > 50% "
+                 "and the next close undoes it (a bad tick; not bonds). Kept in MarketPanel.bad_prints: the sample "
+                 "dated on such a day is built from the data as of that day, spike included (the one-sided view)",
     "unadjusted_split": "split-ratio close jumps with no intraday move: earlier prices back-adjusted (needs OHLC)",
     "nan_ohlc": "open/high/low cells NaN or infinite in the source (kept as NaN)",
     "nonpositive_ohlc": "open/high/low cells <= 0 set to NaN (not applied to bond yields)",
@@ -115,6 +117,9 @@ class MarketPanel:
     frame: pd.DataFrame
     report: DataReport
     source: str  # the market folder, or "arch"
+    # the rows the two-sided bad_print rule dropped (same columns as frame, prices in the units of
+    # the cleaned history): a forecast made on that day saw them, so features rebuild that day from them
+    bad_prints: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(COLUMNS)))
 
     @property
     def assets(self) -> list[str]:
@@ -145,6 +150,10 @@ class _Bars:
     dates: np.ndarray  # (n,) datetime64[ns]
     values: np.ndarray  # (n, 5) float64, columns VALUE_COLUMNS
     has_ohlc: bool  # the source has open/high/low fields
+    # rows dropped as bad prints: their dates and values, prices as a ratio to the close of the
+    # kept row before them (so a later split adjustment carries over), volume as is
+    dropped_dates: np.ndarray = field(default_factory=lambda: np.zeros(0, "datetime64[ns]"))
+    dropped_ratios: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))
 
 
 def load_panel(data: str | Path, assets: int | None = None) -> MarketPanel:
@@ -229,8 +238,9 @@ def _clean(raw: _Bars, asset_class: str) -> tuple[_Bars, dict[str, int]]:
     duplicated[:-1] = dates[:-1] == dates[1:]  # sorted: a row equal to the next is not the last
     counts["duplicate_date"] = int(duplicated.sum())
     dates, values = dates[~duplicated], values[~duplicated].copy()
+    dropped_dates, dropped_ratios = np.zeros(0, "datetime64[ns]"), np.zeros((0, len(VALUE_COLUMNS)))
     if not is_bond:
-        dates, values = _drop_bad_prints(dates, values, counts)
+        dates, values, dropped_dates, dropped_ratios = _drop_bad_prints(dates, values, counts)
         _adjust_splits(values, counts)
 
     ohlc = values[:, :3]
@@ -255,13 +265,20 @@ def _clean(raw: _Bars, asset_class: str) -> tuple[_Bars, dict[str, int]]:
     clear_range("high_below_low", high < low)
     clear_range("close_outside_range", (values[:, i_close] > high) | (values[:, i_close] < low))
     clear_range("open_outside_range", (values[:, i_open] > high) | (values[:, i_open] < low))
-    return _Bars(dates=dates, values=values, has_ohlc=raw.has_ohlc), counts
+    return _Bars(dates=dates, values=values, has_ohlc=raw.has_ohlc, dropped_dates=dropped_dates,
+                 dropped_ratios=dropped_ratios), counts
 
 
-def _drop_bad_prints(dates: np.ndarray, values: np.ndarray, counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def _drop_bad_prints(
+    dates: np.ndarray, values: np.ndarray, counts: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Drop single-day spikes: a close > 50% away from its neighbours on both sides (MNST's
     shared file jumps from 0.086 to 7.095 and back the next day). Real crashes rarely undo
-    themselves within one day; a bad print does, and one such day is a QLIKE disaster."""
+    themselves within one day; a bad print does, and one such day is a QLIKE disaster.
+
+    Two-sided, so history only: the last row is never judged (a live feed keeps today's spike).
+    Returns (kept dates, kept values, dropped dates, dropped rows with prices divided by the close
+    of the kept row before them)."""
     i_close = VALUE_COLUMNS.index("close")
     r = np.diff(np.log(values[:, i_close]))  # closes are > 0 here (non-bond rows)
     jump, back = r[:-1], r[1:]  # into row t and out of it, for t = 1 .. n-2
@@ -272,7 +289,11 @@ def _drop_bad_prints(dates: np.ndarray, values: np.ndarray, counts: dict[str, in
         & (np.abs(jump + back) < BAD_PRINT_REVERSAL * np.abs(jump))
     )
     counts["bad_print"] = int(bad.sum())
-    return dates[~bad], values[~bad]
+    kept = np.flatnonzero(~bad)
+    previous = kept[np.searchsorted(kept, np.flatnonzero(bad)) - 1]  # row 0 is never bad: always a kept row before
+    ratios = values[bad].copy()
+    ratios[:, :4] /= values[previous, i_close][:, None]
+    return dates[~bad], values[~bad], dates[bad], ratios
 
 
 def suspect_prints_causal(close: np.ndarray, lookback: int = 5) -> np.ndarray:
@@ -557,4 +578,19 @@ def _assemble(
         report.end,
         source,
     )
-    return MarketPanel(frame=frame, report=report, source=source)
+    return MarketPanel(frame=frame, report=report, source=source, bad_prints=_bad_print_rows(cleaned))
+
+
+def _bad_print_rows(cleaned: dict[str, tuple[str, _Bars]]) -> pd.DataFrame:
+    """The dropped bad prints as panel rows, prices rebuilt from the (split-adjusted) close before them."""
+    rows = []
+    for name in sorted(cleaned):
+        asset_class, bars = cleaned[name]
+        if not len(bars.dropped_dates):
+            continue
+        before = np.searchsorted(bars.dates, bars.dropped_dates) - 1
+        values = bars.dropped_ratios.copy()
+        values[:, :4] *= bars.values[before, VALUE_COLUMNS.index("close")][:, None]
+        rows.append(pd.DataFrame({"date": bars.dropped_dates.astype("datetime64[ns]"), "asset": name, "asset_class": asset_class,
+                                  **{c: values[:, j] for j, c in enumerate(VALUE_COLUMNS)}}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(COLUMNS))

@@ -6,6 +6,13 @@ Flow: a cleaned ``MarketPanel`` -> ``compute_features`` (per asset, unscaled, ca
 
 Units: returns are daily fractions (log returns; bonds use yield changes in decimal,
 a 10 bp move is 0.001, or a duration-approximated price return). Variances are daily.
+
+Bad prints (``data.RULES["bad_print"]``) are dropped from the history by a two-sided rule that
+looks at the next close. A forecast made on such a day could not know: the sample dated on it
+is built as of that day (``AssetFeatures.as_of_*``), its window computed from the history with
+the spike as the last close, the one-sided view a live feed (and the served path) has. Its
+target is the cleaned history's next h returns. Samples dated after it see the cleaned history,
+as the reversal is known by then.
 """
 
 from __future__ import annotations
@@ -103,6 +110,13 @@ class AssetFeatures:
     har: np.ndarray  # (T, 3) close-to-close realised variance, 1/5/22-day means ending at t
     har_range: np.ndarray  # (T, 3) Garman-Klass realised variance, same windows
     returns: pd.Series  # daily returns indexed by date
+    # samples dated on a dropped bad print, built as of that day (spike included); k of them
+    as_of_windows: np.ndarray | None = None  # (k, window, F) unscaled feature rows, the last one the bad-print day
+    as_of_dates: np.ndarray | None = None  # (k,) datetime64[ns]
+    as_of_target: np.ndarray | None = None  # (k,) the cleaned history's realised vol over the next h days
+    as_of_target_end: np.ndarray | None = None  # (k,)
+    as_of_har: np.ndarray | None = None  # (k, 3)
+    as_of_har_range: np.ndarray | None = None  # (k, 3)
 
 
 @dataclass
@@ -115,7 +129,8 @@ class FeaturePanel:
     excluded: dict[str, str] = field(default_factory=dict)  # asset -> why it has no samples
     # candidate samples, one row per (asset, t) with a complete window and target:
     sample_asset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    sample_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # row t in that asset's arrays
+    # row t in that asset's arrays; -(j + 1) for its j-th as-of (bad-print day) sample
+    sample_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     sample_date: np.ndarray = field(default_factory=lambda: np.zeros(0, "datetime64[ns]"))
     sample_target_end: np.ndarray = field(default_factory=lambda: np.zeros(0, "datetime64[ns]"))
 
@@ -205,6 +220,40 @@ def _asset_features(frame: pd.DataFrame, name: str, asset_class: str, config: Fe
     return AssetFeatures(name, asset_class, dates, features, np.sqrt(future_var), target_end, har, har_range, returns)
 
 
+def _add_as_of_rows(a: AssetFeatures, frame: pd.DataFrame, bad: pd.DataFrame, config: FeatureConfig, exog) -> None:
+    """Fill ``a.as_of_*``: one sample per dropped bad print that has a kept day before and after it,
+    its features computed from the cleaned rows before it plus the bad print itself (one-sided)."""
+    cols, keep = [], []
+    for _, row in bad.sort_values("date").iterrows():
+        before = frame[frame["date"] < row["date"]]
+        q = len(before) - 1  # the cleaned day before the bad print: its target is the next h cleaned returns
+        if q < config.window or q >= len(a.dates) - 1:
+            continue
+        view = _asset_features(pd.concat([before, row.to_frame().T], ignore_index=True).astype(frame.dtypes.to_dict()),
+                               a.name, a.asset_class, config)
+        features = view.features
+        if exog is not None:
+            features = np.hstack([features, align_causal(exog, view.dates)])
+        cols.append((features[-config.window:], view.dates[-1], view.har[-1], view.har_range[-1]))
+        keep.append(q)
+    if not cols:
+        return
+    q = np.array(keep)
+    a.as_of_windows = np.stack([c[0] for c in cols])
+    a.as_of_dates = np.array([c[1] for c in cols], dtype="datetime64[ns]")
+    a.as_of_har = np.stack([c[2] for c in cols])
+    a.as_of_har_range = np.stack([c[3] for c in cols])
+    a.as_of_target, a.as_of_target_end = a.target[q], a.target_end[q]
+
+
+def _as_of(a: AssetFeatures, name: str, rows: np.ndarray) -> np.ndarray:
+    """``a.as_of_<name>`` at the as-of rows of ``rows`` (negative entries), any value elsewhere."""
+    values = getattr(a, f"as_of_{name}")
+    if values is None:
+        return np.zeros(len(rows), dtype=getattr(a, name).dtype)
+    return values[np.where(rows < 0, -rows - 1, 0)]
+
+
 def _common_span(assets: list[AssetFeatures]) -> tuple[np.datetime64, np.datetime64]:
     """The date range in which every loaded asset class has data."""
     by_class: dict[str, list[AssetFeatures]] = {}
@@ -242,6 +291,9 @@ def compute_features(panel, config: FeatureConfig) -> FeaturePanel:
         a = _asset_features(frame.reset_index(drop=True), str(name), asset_class, config)
         if exog is not None:
             a.features = np.hstack([a.features, align_causal(exog, a.dates)])
+        bad = getattr(panel, "bad_prints", None)
+        if bad is not None and len(bad):
+            _add_as_of_rows(a, frame.reset_index(drop=True), bad[bad["asset"] == name], config, exog)
         assets.append(a)
     if not assets:
         first = next(iter(excluded.items()))
@@ -269,13 +321,20 @@ def compute_features(panel, config: FeatureConfig) -> FeaturePanel:
         if span is not None:
             ok &= (a.dates >= span[0]) & (a.target_end <= span[1])
         rows = np.flatnonzero(ok)
+        if a.as_of_dates is not None:
+            as_of_ok = (np.isfinite(a.as_of_windows).all(axis=(1, 2)) & np.isfinite(a.as_of_target)
+                        & np.isfinite(a.as_of_har).all(axis=1) & np.isfinite(a.as_of_har_range).all(axis=1))
+            if span is not None:
+                as_of_ok &= (a.as_of_dates >= span[0]) & (a.as_of_target_end <= span[1])
+            extra = np.flatnonzero(as_of_ok)
+            rows = np.concatenate([rows, -(extra + 1)])
         if len(rows) == 0:
             excluded[a.name] = "no complete window with a target inside the common span (try --span all)"
             continue
         sample_asset.append(np.full(len(rows), i, np.int64))
         sample_row.append(rows)
-        sample_date.append(a.dates[rows])
-        sample_end.append(a.target_end[rows])
+        sample_date.append(np.where(rows >= 0, a.dates[np.maximum(rows, 0)], _as_of(a, "dates", rows)))
+        sample_end.append(np.where(rows >= 0, a.target_end[np.maximum(rows, 0)], _as_of(a, "target_end", rows)))
     if not sample_row:
         raise NimbleError("no asset has a complete window with a target", path=panel.source, fix="use --span all or a shorter --horizon")
     fp = FeaturePanel(
@@ -370,8 +429,11 @@ def _raw_rows(fp: FeaturePanel, index: np.ndarray) -> np.ndarray:
     out = np.empty((len(index), len(fp.feature_names)))
     assets, rows = fp.sample_asset[index], fp.sample_row[index]
     for i in np.unique(assets):
-        m = assets == i
-        out[m] = fp.assets[i].features[rows[m]]
+        a = fp.assets[i]
+        m, extra = (assets == i) & (rows >= 0), (assets == i) & (rows < 0)
+        out[m] = a.features[rows[m]]
+        if extra.any():
+            out[extra] = a.as_of_windows[-rows[extra] - 1, -1]
     return out
 
 
@@ -412,7 +474,9 @@ def zscore_keep(fp: FeaturePanel, scaler: FeatureScaler, train_index: np.ndarray
         flags = scaler.for_class(fp.assets[i].asset_class).is_outlier(fp.assets[i].features)
         any_in_window = np.zeros(len(flags), dtype=bool)
         any_in_window[w - 1 :] = sliding_window_view(flags, w).any(axis=1)
-        keep[m] = ~any_in_window[rows[m]]
+        scaler_i = scaler.for_class(fp.assets[i].asset_class)
+        keep[m] = np.array([~any_in_window[r] if r >= 0 else not scaler_i.is_outlier(fp.assets[i].as_of_windows[-r - 1]).any()
+                            for r in rows[m]], dtype=bool)
     return train_index[keep]
 
 
@@ -425,14 +489,18 @@ def build_samples(fp: FeaturePanel, scaler: FeatureScaler, index: np.ndarray, le
     target, har, har_range = np.empty(n), np.empty((n, 3)), np.empty((n, 3))
     assets, rows = fp.sample_asset[index], fp.sample_row[index]
     for i in np.unique(assets):
-        m = np.flatnonzero(assets == i)
         a = fp.assets[i]
+        m = np.flatnonzero((assets == i) & (rows >= 0))
         scaled = scaler.for_class(a.asset_class).transform(a.features)  # (T, F)
         view = sliding_window_view(scaled, w, axis=0)  # (T-w+1, F, w), window ending at row t is view[t-w+1]
         windows[m] = view[rows[m] - (w - 1)]
         target[m] = a.target[rows[m]]
         har[m] = a.har[rows[m]]
         har_range[m] = a.har_range[rows[m]]
+        for k in np.flatnonzero((assets == i) & (rows < 0)):  # as of a bad-print day: its own window
+            j = -rows[k] - 1
+            windows[k] = scaler.for_class(a.asset_class).transform(a.as_of_windows[j]).T
+            target[k], har[k], har_range[k] = a.as_of_target[j], a.as_of_har[j], a.as_of_har_range[j]
     class_index = {c: k for k, c in enumerate(ASSET_CLASSES)}
     asset_class = np.array([class_index[fp.assets[i].asset_class] for i in range(len(fp.assets))], np.int64)
     return RiskSamples(
