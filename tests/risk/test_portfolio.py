@@ -176,3 +176,21 @@ def test_student_nu_matches_scipy_mle_with_unit_variance():
     nu = fit_student_nu(z)
     ref = stats.t.fit(z, floc=0.0)[0]  # free-scale MLE: close to ours on unit-variance data
     assert nu == pytest.approx(5.0, rel=0.2) and nu == pytest.approx(ref, rel=0.1)
+
+
+def test_each_asset_trades_on_its_own_calendar_and_the_var_basis_is_labelled():
+    """Issue 25.8: on a day only FX traded, the equities' missing returns were zeros of a portfolio trial."""
+    returns, preds, dates = _panel()
+    holiday = dates[550]
+    returns = [r.drop(holiday) if r.name != "A2" else r for r in returns]  # A0, A1 closed; A2 (say FX) traded
+    preds = preds[~((preds["date"] == holiday) & (preds["asset"] != "A2"))]
+    path = portfolio_paths(preds, returns, ["m"], horizon=5)["m"]
+    assert holiday not in set(pd.DatetimeIndex(path.dates)) and path.skipped_partial_days == 1
+    before = int(np.flatnonzero(pd.DatetimeIndex(path.dates) == dates[549])[0])
+    own_next = [returns[0][dates[551]], returns[1][dates[551]], returns[2][holiday]]  # each asset's next trading day
+    assert path.ret_1d[before] == pytest.approx(np.mean(own_next))
+    own_h = [returns[0][dates[551:556]].sum(), returns[1][dates[551:556]].sum(), returns[2][dates[550:555]].sum()]
+    assert path.ret_h[before] == pytest.approx(np.mean(own_h))
+    summary = tail_risk_summary(path, 5)
+    assert "flat variance" in summary["var_basis"]["one_day"] and summary["skipped_partial_days"] == 1
+    assert "1-day forecast" in tail_risk_summary(portfolio_paths(preds, returns, ["m"], horizon=1)["m"], 1)["var_basis"]["one_day"]

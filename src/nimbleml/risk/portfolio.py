@@ -8,6 +8,14 @@ Aggregation:
 
 Tail risk at every test date: 1-day and h-day VaR and ES at 95% and 99% under a normal, a
 Student-t and filtered historical simulation (FHS), each scaled by a model's covariance vol.
+The vol is the run's forecast: the mean daily variance over t+1..t+h. The 1-day VaR uses it for
+day t+1, which assumes a flat variance term structure over the h days (exact at --horizon 1;
+``var_basis`` says which); the h-day VaR scales it by sqrt(h) (uncorrelated daily returns).
+
+Calendars: each asset trades on its own calendar (Brent on UK days, FX and yields on Fed days,
+equities on NYSE days). A backtest trial is an origin on which every held asset traded, and each
+asset's next-day (and h-day) return is its own next trading day's (days), so a holiday on which
+only Brent or FX traded is neither a trial nor a zero return of the others.
 
 Backtests: Kupiec's proportion-of-failures, Christoffersen's independence and their sum, the
 conditional-coverage test, hand-written because `arch` 8.0 (the release on PyPI) does not ship
@@ -240,12 +248,13 @@ def tail_multipliers(z: np.ndarray, horizon: int, rng: np.random.Generator) -> d
 class PortfolioPath:
     """One model's portfolio risk at every test date (daily vols are daily fractions)."""
 
-    dates: np.ndarray  # (m,) forecast origins t
+    dates: np.ndarray  # (m,) forecast origins t: dates on which every held asset traded
     paper_vol: np.ndarray  # (m,) sqrt(sum w^2 sigma^2): the paper's formula, ignores correlation
     cov_vol: np.ndarray  # (m,) sqrt(w' D C D w) with a trailing pairwise correlation C
-    ret_1d: np.ndarray  # (m,) portfolio return on day t+1
-    ret_h: np.ndarray  # (m,) portfolio return over t+1..t+h (NaN where the test data end first)
+    ret_1d: np.ndarray  # (m,) portfolio return over each asset's next trading day after t
+    ret_h: np.ndarray  # (m,) the same over each asset's next h trading days (NaN where the data end first)
     multipliers: list[dict]  # per origin: tail_multipliers of the portfolio's past standardised returns
+    skipped_partial_days: int = 0  # origins left out because a held asset did not trade that day
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({"date": self.dates, "paper_vol": self.paper_vol, "cov_vol": self.cov_vol,
@@ -278,39 +287,48 @@ def portfolio_paths(
     by_name = {r.name: r for r in returns}
     rets = pd.concat({a: by_name[a] for a in assets}, axis=1, sort=True)
     ret_values, ret_dates = rets.to_numpy(), rets.index.to_numpy()
+    own = [(by_name[a].dropna().index.to_numpy(), by_name[a].dropna().to_numpy()) for a in assets]  # each asset's calendar
+    traded = rets.reindex(wide[models[0]].index).notna().to_numpy()  # asset traded on the origin date
     available = np.logical_and.reduce([w.notna().to_numpy() for w in wide.values()])
     dates = wide[models[0]].index
     rng = np.random.default_rng(seed)
     cols = ("dates", "paper_vol", "cov_vol", "ret_1d", "ret_h", "multipliers")
     out = {m: {k: [] for k in cols} for m in models}
-    corr, shape, held_then, since = None, None, None, refresh_every
+    corr, shape, held_then, since, skipped = None, None, None, refresh_every, 0
     for i in np.flatnonzero(available.sum(axis=1) >= 2):
         t, held = dates[i], available[i]
-        pos = int(np.searchsorted(ret_dates, np.datetime64(t), side="right"))  # returns dated <= t: [:pos]
-        future = np.nan_to_num(ret_values[pos : pos + horizon][:, held])  # a closed market: no move that day
-        if len(future) < 1 or pos < 30:
+        if not traded[i][held].all():  # a holiday of some held asset: not a trial of the whole portfolio
+            skipped += 1
             continue
+        pos = int(np.searchsorted(ret_dates, np.datetime64(t), side="right"))  # returns dated <= t: [:pos]
+        nexts = [own[k][1][np.searchsorted(own[k][0], np.datetime64(t), side="right"):][:horizon] for k in np.flatnonzero(held)]
+        if min(len(x) for x in nexts) < 1 or pos < 30:
+            continue
+        full_h = min(len(x) for x in nexts) == horizon
+        future = np.column_stack([x[:1] for x in nexts])  # (1, held): each asset's next own trading day
         w = np.full(int(held.sum()), 1.0 / held.sum()) if weights is None else weights.reindex(np.asarray(assets)[held]).to_numpy(float)
         if weights is not None:
             w = w / w.sum()
         if since >= refresh_every or held_then is None or not np.array_equal(held, held_then):
             past = ret_values[max(0, pos - history) : pos][:, held]
             corr = pairwise_correlation(past[-lookback:])
-            hist = np.nan_to_num(past) @ w
+            hist = past[np.isfinite(past).all(axis=1)] @ w  # past days on which every held asset traded
             shape = tail_multipliers(standardised_residuals(hist)[20:], horizon, rng)
             held_then, since = held, 0
         since += 1
-        port = future @ w
+        port_1d = float(future[0] @ w)
+        port_h = float(sum(wk * x.sum() for wk, x in zip(w, nexts))) if full_h else np.nan
         for m in models:
             vols = wide[m].iloc[i].to_numpy()[held]
             o = out[m]
             o["dates"].append(t)
             o["paper_vol"].append(portfolio_vol(w, vols))
             o["cov_vol"].append(portfolio_vol(w, vols, corr))
-            o["ret_1d"].append(float(port[0]))
-            o["ret_h"].append(float(port.sum()) if len(port) == horizon else np.nan)
+            o["ret_1d"].append(port_1d)
+            o["ret_h"].append(port_h)
             o["multipliers"].append(shape)
-    return {m: PortfolioPath(**{k: (v if k == "multipliers" else np.asarray(v)) for k, v in o.items()}) for m, o in out.items()}
+    return {m: PortfolioPath(**{k: (v if k == "multipliers" else np.asarray(v)) for k, v in o.items()}, skipped_partial_days=skipped)
+            for m, o in out.items()}
 
 
 def _level_key(level: float) -> str:
@@ -337,6 +355,13 @@ def tail_risk_summary(path: PortfolioPath, horizon: int) -> dict:
         "vol_scores_1d": {k: score_forecasts(np.abs(path.ret_1d), path.cov_vol).to_dict()[k] for k in ("qlike", "rmse")},
         "var": {},
         "es": {},
+        "var_basis": {
+            "one_day": ("the 1-day forecast" if horizon == 1 else
+                      f"the {horizon}-day mean daily variance forecast used for day t+1: assumes a flat variance over t+1..t+{horizon}"),
+            "h_day": f"sqrt({horizon}) x the daily vol of the {horizon}-day mean variance forecast (uncorrelated daily returns)",
+            "calendar": "trials are origins on which every held asset traded; each asset's return is its own next trading day's",
+        },
+        "skipped_partial_days": int(path.skipped_partial_days),
     }
     origins = np.flatnonzero(np.isfinite(path.ret_h))[::horizon]
     for method in VAR_METHODS:
