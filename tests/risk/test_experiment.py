@@ -30,7 +30,10 @@ def test_experts_refit_each_fold_on_all_past_data_and_count_fallbacks():
     folds_with_eq1 = sum("EQ1" in assets for assets in in_test.values())
     assert metrics["fallbacks"]["garch"]["EQ1"] == folds_with_eq1 > 0  # < 500 returns: EWMA, counted
     assert "EQ0" not in metrics["fallbacks"]["garch"]
-    assert set(metrics["protocol"]) >= {"name", "test_start", "test_end", "refit"}
+    assert set(metrics["protocol"]) >= {"name", "test_start", "test_end", "refit", "fit_windows"}
+    # issue 25.6: what each model sees, stated per model (experts: train + validation, as fit_data_end shows)
+    assert set(metrics["protocol"]["fit_windows"]) == set(cfg.models)
+    assert "train + validation" in metrics["protocol"]["fit_windows"]["garch"]
 
 
 def _report():

@@ -37,6 +37,25 @@ PAPER_BASELINES: tuple[str, ...] = ("linear", "svr", "tree")
 EXPERT_BASELINES: tuple[str, ...] = ("ewma", "garch", "gjr", "har")
 MODEL_NAMES: tuple[str, ...] = ("cnn",) + PAPER_BASELINES + EXPERT_BASELINES
 
+# What each model sees of a fold (metrics.json protocol.fit_windows). "train": samples whose
+# targets end before the validation slice; "validation": the last 252 trading days before the
+# fold (chronological: the 15% before the test period), targets ending before the test period.
+FIT_WINDOWS: dict[str, str] = {
+    "cnn": "weights trained on train only; validation early-stops (best epoch kept) and fits the calibration factor(s); "
+           "never trained on the validation days (walk-forward: warm-started from the previous fold's weights, "
+           "which trained on that fold's train)",
+    "linear": "OLS on train only; validation unused",
+    "svr": "C and epsilon chosen on validation (candidates fitted on a train subsample); final fit on at most "
+           "max_samples train rows; validation not refitted",
+    "tree": "depth and leaf size chosen on validation (trees grown on a train subsample); final fit on at most "
+            "max_fit_samples train rows; validation not refitted",
+    "ewma": "no parameters (lambda 0.94); its recursion runs over every return up to the forecast date",
+    "garch": "parameters fitted on the last 2500 returns up to the end of validation (train + validation); "
+             "then run over every return up to the forecast date",
+    "gjr": "as garch, with the leverage term",
+    "har": "form (levels/log, features) chosen on validation; coefficients refitted on train + validation",
+}
+
 
 @dataclass
 class RiskRunConfig:
@@ -163,6 +182,7 @@ class RiskRunResult:
                 "refit": f"every {cfg.refit_months} months" if cfg.protocol == "walk-forward" else "once",
                 "folds": len(self.splits),
                 "cnn_warm_start": cfg.warm_start and cfg.protocol == "walk-forward",
+                "fit_windows": {m: FIT_WINDOWS[m] for m in cfg.models},
             },
             "leaky": self.leaky,
             "config": cfg.to_dict(),
@@ -179,6 +199,11 @@ class RiskRunResult:
             "portfolio": portfolio,
             **self.extras,
         }
+
+
+SURVIVORSHIP = ("the equities are the S&P 500 constituents of 2021, i.e. the survivors: firms that failed, were taken "
+                "over or left the index before 2021 (Lehman Brothers, Bear Stearns, Washington Mutual in 2008) are absent, "
+                "so an equity portfolio's 2008 losses, volatility and VaR exceedances are understated")
 
 
 def floor_section(p: pd.DataFrame, models: list[str]) -> dict:
@@ -219,6 +244,7 @@ def portfolio_section(predictions: pd.DataFrame, returns: list[pd.Series], cfg: 
         "assets": int(keep["asset"].nunique()),
         "bonds_included": cfg.features.bond_returns == "duration",
         "primary_model": primary,
+        "universe": SURVIVORSHIP if (keep["asset_class"] == "equity").any() and cfg.data != "arch" else "index series (no constituents)",
         **per_model[primary],
         "models": per_model,
         "weights_used": ({a: float(w) for a, w in weights.items()} if weights is not None
