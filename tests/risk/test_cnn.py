@@ -206,3 +206,16 @@ def test_class_calibration_survives_validation_subsampling_and_records_fallbacks
     assert fitted.class_calibration_[3] > 4 * fitted.class_calibration_[0]  # fx got its own factor
     assert fitted.calibration_fallback_ == ["commodity"]  # 60 rows < 100: pooled factor, and said so
     assert fitted.class_calibration_[2] == fitted.calibration_
+
+
+def test_a_model_saved_with_a_pooled_floor_is_refused_with_a_message(tmp_path: Path) -> None:
+    import json
+
+    train, val = synthetic_samples(400, 0), synthetic_samples(200, 1)
+    folder = CNNForecaster(small_config(max_epochs=1), get_encoder("heatmap", image_size=16), seed=0).fit(train, val).save(tmp_path / "m")
+    meta = json.loads((folder / "forecaster.json").read_text())
+    meta.pop("variance_floor")
+    meta["transform"]["var_eps"] = 2e-8
+    (folder / "forecaster.json").write_text(json.dumps(meta))
+    with pytest.raises(NimbleError, match="per-asset variance floors"):
+        CNNForecaster.load(folder)

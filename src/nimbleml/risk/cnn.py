@@ -445,6 +445,9 @@ class CNNForecaster:
         if not (folder / "forecaster.json").exists() or not (folder / "model.safetensors").exists():
             raise NimbleError("no saved CNN forecaster here", path=folder, fix="point at a folder written by save()")
         meta = json.loads((folder / "forecaster.json").read_text())
+        if "variance_floor" not in meta:
+            raise NimbleError("this CNN was saved before per-asset variance floors (one pooled var_eps)",
+                              path=folder / "forecaster.json", fix="refit it: nimbleml risk evaluate ... --out DIR writes DIR/model")
         encoder_params = dict(meta["encoder"])
         encoder = get_encoder(encoder_params.pop("name"), **encoder_params)
         config = RiskCNNConfig.from_dict(meta["config"])
