@@ -193,4 +193,9 @@ def test_each_asset_trades_on_its_own_calendar_and_the_var_basis_is_labelled():
     assert path.ret_h[before] == pytest.approx(np.mean(own_h))
     summary = tail_risk_summary(path, 5)
     assert "flat variance" in summary["var_basis"]["one_day"] and summary["skipped_partial_days"] == 1
+    halted = dates[600]  # A1 alone misses a day (a third of the weight): a trial of A0 and A2
+    returns = [r.drop(halted) if r.name == "A1" else r for r in returns]
+    path = portfolio_paths(preds, returns, ["m"], horizon=5)["m"]
+    at = int(np.flatnonzero(pd.DatetimeIndex(path.dates) == halted)[0])
+    assert path.ret_1d[at] == pytest.approx(np.mean([returns[0][dates[601]], returns[2][dates[601]]]))
     assert "1-day forecast" in tail_risk_summary(portfolio_paths(preds, returns, ["m"], horizon=1)["m"], 1)["var_basis"]["one_day"]

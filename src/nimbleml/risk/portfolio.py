@@ -13,9 +13,11 @@ day t+1, which assumes a flat variance term structure over the h days (exact at 
 ``var_basis`` says which); the h-day VaR scales it by sqrt(h) (uncorrelated daily returns).
 
 Calendars: each asset trades on its own calendar (Brent on UK days, FX and yields on Fed days,
-equities on NYSE days). A backtest trial is an origin on which every held asset traded, and each
-asset's next-day (and h-day) return is its own next trading day's (days), so a holiday on which
-only Brent or FX traded is neither a trial nor a zero return of the others.
+equities on NYSE days). A backtest trial is an origin on which the held assets that traded carry
+at least half the weight (``MAX_MISSING_WEIGHT``); one that did not trade that day (a halt) is
+left out of that day's portfolio. Each asset's next-day (and h-day) return is its own next
+trading day's (days), so a holiday on which only Brent or FX traded is neither a trial nor a
+zero return of the others.
 
 Backtests: Kupiec's proportion-of-failures, Christoffersen's independence and their sum, the
 conditional-coverage test, hand-written because `arch` 8.0 (the release on PyPI) does not ship
@@ -184,6 +186,7 @@ VAR_METHODS: tuple[str, ...] = ("normal", "t", "fhs")
 VAR_LEVELS: tuple[float, ...] = (0.05, 0.01)  # tail probabilities: 95% and 99% VaR
 EWMA_LAMBDA = 0.94  # RiskMetrics decay of the filter that standardises past portfolio returns
 FHS_SIMULATIONS = 4000  # h-day paths drawn per origin for the t and FHS h-day quantiles
+MAX_MISSING_WEIGHT = 0.5  # an origin where held assets of more weight did not trade is a holiday: no trial
 
 
 def standardised_residuals(history: np.ndarray, lam: float = EWMA_LAMBDA) -> np.ndarray:
@@ -297,22 +300,24 @@ def portfolio_paths(
     corr, shape, held_then, since, skipped = None, None, None, refresh_every, 0
     for i in np.flatnonzero(available.sum(axis=1) >= 2):
         t, held = dates[i], available[i]
-        if not traded[i][held].all():  # a holiday of some held asset: not a trial of the whole portfolio
-            skipped += 1
-            continue
+        missing = held & ~traded[i]
+        if missing.any():
+            if _weights(held, assets, weights)[missing[held]].sum() > MAX_MISSING_WEIGHT or (held & traded[i]).sum() < 2:
+                skipped += 1  # a holiday of most of the book: not a trial of the whole portfolio
+                continue
+            held = held & traded[i]  # one asset's missing day (a halt, a dropped row): the rest is the trial
         pos = int(np.searchsorted(ret_dates, np.datetime64(t), side="right"))  # returns dated <= t: [:pos]
         nexts = [own[k][1][np.searchsorted(own[k][0], np.datetime64(t), side="right"):][:horizon] for k in np.flatnonzero(held)]
         if min(len(x) for x in nexts) < 1 or pos < 30:
             continue
         full_h = min(len(x) for x in nexts) == horizon
         future = np.column_stack([x[:1] for x in nexts])  # (1, held): each asset's next own trading day
-        w = np.full(int(held.sum()), 1.0 / held.sum()) if weights is None else weights.reindex(np.asarray(assets)[held]).to_numpy(float)
-        if weights is not None:
-            w = w / w.sum()
+        w = _weights(held, assets, weights)
         if since >= refresh_every or held_then is None or not np.array_equal(held, held_then):
             past = ret_values[max(0, pos - history) : pos][:, held]
             corr = pairwise_correlation(past[-lookback:])
-            hist = past[np.isfinite(past).all(axis=1)] @ w  # past days on which every held asset traded
+            open_days = (np.isfinite(past) * w).sum(axis=1) >= 1.0 - MAX_MISSING_WEIGHT  # as the trials: most of the book traded
+            hist = np.nan_to_num(past[open_days]) @ w
             shape = tail_multipliers(standardised_residuals(hist)[20:], horizon, rng)
             held_then, since = held, 0
         since += 1
@@ -329,6 +334,14 @@ def portfolio_paths(
             o["multipliers"].append(shape)
     return {m: PortfolioPath(**{k: (v if k == "multipliers" else np.asarray(v)) for k, v in o.items()}, skipped_partial_days=skipped)
             for m, o in out.items()}
+
+
+def _weights(held: np.ndarray, assets: list[str], weights: pd.Series | None) -> np.ndarray:
+    """(held.sum(),) the weights of the held assets, renormalised to sum to 1 (equal when no file)."""
+    if weights is None:
+        return np.full(int(held.sum()), 1.0 / held.sum())
+    w = weights.reindex(np.asarray(assets)[held]).to_numpy(float)
+    return w / w.sum()
 
 
 def _level_key(level: float) -> str:
@@ -359,7 +372,8 @@ def tail_risk_summary(path: PortfolioPath, horizon: int) -> dict:
             "one_day": ("the 1-day forecast" if horizon == 1 else
                       f"the {horizon}-day mean daily variance forecast used for day t+1: assumes a flat variance over t+1..t+{horizon}"),
             "h_day": f"sqrt({horizon}) x the daily vol of the {horizon}-day mean variance forecast (uncorrelated daily returns)",
-            "calendar": "trials are origins on which every held asset traded; each asset's return is its own next trading day's",
+            "calendar": ("trials are origins on which held assets of at least half the weight traded (the others are left out "
+                         "that day); each asset's return is its own next trading day's"),
         },
         "skipped_partial_days": int(path.skipped_partial_days),
     }
