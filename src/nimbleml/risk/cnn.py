@@ -3,7 +3,7 @@
 Images are encoded per batch from ``RiskSamples.windows`` (all images of 2M samples at
 32x32 would not fit in memory). The network learns a transform of the target:
 
-- ``log_var`` (default): MSE on log(y^2 + eps), standardised with the train mean and std.
+- ``log_var`` (default): MSE on log(max(y^2, floor)), standardised with the train mean and std.
   exp() of a mean log forecast is biased low for E[y^2] (Jensen), so forecasts are scaled by
   c = mean(y_val^2 / f_val^2) on the validation set: the c that minimises validation QLIKE,
   in closed form. Targets are floored per asset (``evaluate.VarianceFloor``: 1% of the asset's
