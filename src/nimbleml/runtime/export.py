@@ -11,7 +11,6 @@ Exported graphs name their inputs after the keys of ``example_inputs`` (in order
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,10 +19,21 @@ import torch
 from torch import nn
 
 from nimbleml.errors import NimbleError
+from nimbleml.logs import library_noise_as_debug
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18  # ONNX Runtime, OpenVINO and TensorRT all read opset 18
+
+# What torch's exporter says on every export that a user cannot act on (shown under -v only):
+# its op registry skips torchvision's detection ops (nms, roi_align, roi_pool, deform_conv2d)
+# when torchvision is absent, and none of our models uses them; its own internal deprecation;
+# and a note that the shared dynamic "batch" axis is named once. Anything else still shows.
+EXPORTER_NOISE_LOGS = {"torch.onnx._internal.exporter._registration": ("torchvision is not installed",)}
+EXPORTER_NOISE_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (UserWarning, r"# The axis name: .* will not be used, since it shares the same shape constraints"),
+)
 
 
 def export_onnx(
@@ -56,11 +66,13 @@ def export_onnx(
         for axis, (dim_name, largest) in axes.items():
             dim = shared.setdefault(dim_name, torch.export.Dim(dim_name, min=1, max=largest))
             dynamic_shapes[name][axis] = dim
+    log.debug("exporting %s to ONNX opset %d: inputs %s, dynamic axes %s", type(module).__name__, opset,
+              {name: tuple(t.shape) for name, t in example_inputs.items()},
+              {name: {axis: str(dim) for axis, dim in axes.items()} for name, axes in dynamic_shapes.items()})
     was_training = module.training
     module.eval()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not ours
+        with library_noise_as_debug(EXPORTER_NOISE_LOGS, EXPORTER_NOISE_WARNINGS), torch.no_grad():
             program = torch.onnx.export(
                 module,
                 tuple(example_inputs.values()),
