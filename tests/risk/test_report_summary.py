@@ -102,3 +102,8 @@ def test_arch_data_has_a_fingerprint_with_the_arch_version() -> None:
     assert fp["files"] > 0 and re.fullmatch(r"[0-9a-f]{64}", fp["sha256"]) and fp["arch_version"] == arch.__version__
     line = _fingerprint_html(fp)
     assert f"arch {arch.__version__} bundled data" in line and fp["sha256"][:16] in line and "n/a" not in line
+
+
+def test_rejecting_p_values_are_flagged() -> None:
+    page = _table(["method", "Kupiec p"], [["normal 95%", 0.3], ["normal 99%", 0.001]], {1: lambda p: -p}, p_values=(1,))
+    assert "<td class='best'><b>0.3</b></td>" in page and "<td class='fail'>0.001</td>" in page

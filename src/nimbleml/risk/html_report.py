@@ -428,9 +428,11 @@ def _higher(x: float) -> float:
     return -x
 
 
-def _table(head: list[str], rows: list[list], best: dict[int, Callable[[float], float]] | None = None) -> str:
+def _table(head: list[str], rows: list[list], best: dict[int, Callable[[float], float]] | None = None,
+           p_values: tuple[int, ...] = ()) -> str:
     """An HTML table; ``best`` maps a column index to a key (lower is better) and the best cell(s)
-    of each such column get class 'best' (bold, shaded)."""
+    of each such column get class 'best' (bold, shaded); in the ``p_values`` columns a p-value
+    below VAR_TEST_SIZE gets class 'fail' (the test rejects)."""
     def numeric(x) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
 
@@ -443,7 +445,9 @@ def _table(head: list[str], rows: list[list], best: dict[int, Callable[[float], 
 
     def cell(i: int, j: int, x) -> str:
         text = f"{x:.4g}" if isinstance(x, float) else html.escape(str(x))
-        return f"<td class='best'><b>{text}</b></td>" if (i, j) in marked else f"<td>{text}</td>"
+        classes = " ".join(c for c, on in (("best", (i, j) in marked), ("fail", j in p_values and numeric(x) and x < VAR_TEST_SIZE)) if on)
+        text = f"<b>{text}</b>" if (i, j) in marked else text
+        return f"<td class='{classes}'>{text}</td>" if classes else f"<td>{text}</td>"
 
     body = "".join("<tr>" + "".join(cell(i, j, x) for j, x in enumerate(r)) + "</tr>" for i, r in enumerate(rows))
     return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + body + "</table>"
@@ -481,7 +485,7 @@ def _tables(metrics: dict, models: list[str]) -> list[tuple[str, str]]:
     out.append(("Mincer-Zarnowitz (variance, panel HAC): best is alpha nearest 0, beta nearest 1",
                 _table(["model", "alpha", "beta", "p (a=0, b=1)", "R²", "lags"],
                        [[m, r["alpha"], r["beta"], r["pvalue"], r["r2"], r["lags"]] for m, r in metrics["tests"]["mz"].items()],
-                       {1: abs, 2: lambda b: abs(b - 1.0), 3: _higher, 4: _higher})))
+                       {1: abs, 2: lambda b: abs(b - 1.0), 3: _higher, 4: _higher}, p_values=(3,))))
     port = metrics.get("portfolio", {})
     if "var" in port:
         rows = [[meth, lvl, v["exceedances"], v["expected"], v["kupiec_pvalue"], v["christoffersen_pvalue"], v["cc_pvalue"],
@@ -489,7 +493,8 @@ def _tables(metrics: dict, models: list[str]) -> list[tuple[str, str]]:
                 for meth, levels in port["var"].items() for lvl, v in levels.items()]
         out.append((f"Portfolio VaR backtests ({port['primary_model']}); paper-formula understatement {port['understatement']:.1%}",
                     _table(["method", "level", "1d exc.", "1d exp.", "Kupiec p", "Christoffersen p", "CC p",
-                            "h-day exc.", "h-day exp.", "h-day Kupiec p"], rows, {4: _higher, 5: _higher, 6: _higher, 9: _higher})))
+                            "h-day exc.", "h-day exp.", "h-day Kupiec p"], rows, {4: _higher, 5: _higher, 6: _higher, 9: _higher},
+                           p_values=(4, 5, 6, 9))))
     return out
 
 
@@ -528,7 +533,8 @@ def first_screen(metrics: dict) -> str:
         + "<details><summary>run config (config.json), data report and per-file hashes</summary>"
         f"<pre>{html.escape(json.dumps(metrics['config'], indent=1, default=str))}</pre>"
         f"<pre>{html.escape(json.dumps(details, indent=1, default=str))}</pre></details>"
-        "<p class='meta'>In every table below the best value of each column is <b>bold on green</b>.</p>"
+        "<p class='meta'>In every table below the best value of each column is <b>bold on green</b>; "
+        f"a test p-value below {VAR_TEST_SIZE:g} (the test rejects) is <span class='fail'>red</span>.</p>"
     )
 
 
