@@ -56,6 +56,13 @@ def test_recall_is_against_exact_search_on_the_same_queries() -> None:
     assert all(r.add_10k_s is not None and r.build_s > 0 for r in result.rows if r.method != "exact")
 
 
+def test_query_spread_tells_same_answers_from_different_ones() -> None:
+    same = np.tile(np.arange(1, 51), (20, 1))
+    assert retrieve_bench.query_spread(same)["mean_pair_overlap"] == 1.0
+    apart = np.arange(1, 1001).reshape(20, 50)
+    assert retrieve_bench.query_spread(apart) == {"mean_pair_overlap": 0.0, "distinct_items": 1000, "queries": 20}
+
+
 def row(method: str, recall: float, p50: float, split: str = "valid") -> BenchRow:
     return BenchRow("t", method, {"p": p50}, recall, [recall, recall], p50, p50, 1.0, 0.1, 1.0, split, 10)
 
@@ -96,6 +103,7 @@ def test_bench_writes_rows_two_stage_and_curves(tiny_run) -> None:
         (c, s) for c in ("tiny", "synthetic-400", "synthetic-3k") for s in ("valid", "test")}
     assert all(0.0 <= r["recall@50"] <= 1.0 for r in result["rows"])
     assert result["queries"]["tiny"] == {"valid": 30, "test": 60}
+    assert 0.0 <= result["query_spread"]["tiny"]["mean_pair_overlap"] <= 1.0
     assert 0.0 <= result["catalogue_realism"]["near_copy_share"] <= 1.0
     stages = result["two_stage"]["tiny"]
     assert set(stages) == {"full_ranking", "exact_top50_model", "ann_top50_model", "exact_top50_served",
