@@ -78,7 +78,7 @@ def test_first_screen_opens_on_the_summary_and_folds_the_config(metrics: dict) -
     metrics["protocol"] |= {"name": "chronological", "refit": "once", "folds": 1, "cnn_warm_start": False}
     page = first_screen(metrics)
     assert page.index("<section id='summary'>") < page.index("<details>") < page.index("mcs_size")
-    assert "arch 8.0.0 bundled data, 2 files, sha256" in page and "n/a" not in page
+    assert "arch 8.0.0 package data folder, 2 files, sha256" in page and "n/a" not in page
 
 
 def test_best_cell_is_marked_per_column() -> None:
@@ -101,7 +101,7 @@ def test_arch_data_has_a_fingerprint_with_the_arch_version() -> None:
     fp = data_fingerprint("arch")
     assert fp["files"] > 0 and re.fullmatch(r"[0-9a-f]{64}", fp["sha256"]) and fp["arch_version"] == arch.__version__
     line = _fingerprint_html(fp)
-    assert f"arch {arch.__version__} bundled data" in line and fp["sha256"][:16] in line and "n/a" not in line
+    assert f"arch {arch.__version__} package data folder" in line and fp["sha256"][:16] in line and "n/a" not in line
 
 
 def test_rejecting_p_values_are_flagged() -> None:

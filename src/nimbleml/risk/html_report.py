@@ -502,7 +502,7 @@ def _fingerprint_html(fp: dict) -> str:
     """One line naming the data a run read: source, file count, combined sha256 (full hash in the title)."""
     if not fp:
         return "data fingerprint: not recorded for this run"
-    source = f"arch {fp['arch_version']} bundled data" if fp.get("arch_version") else html.escape(str(fp.get("root", "")))
+    source = f"arch {fp['arch_version']} package data folder" if fp.get("arch_version") else html.escape(str(fp.get("root", "")))
     return (f"data: {source}, {fp['files']} files, sha256 <code title='{html.escape(fp['sha256'])}'>"
             f"{html.escape(fp['sha256'][:16])}…</code>")
 
