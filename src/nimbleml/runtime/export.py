@@ -87,7 +87,7 @@ def export_onnx(
         program.save(str(path))
     finally:
         module.train(was_training)
-    log.info("exported %s -> %s (%.2f MB)", type(module).__name__, path, path.stat().st_size / 2**20)
+    log.debug("exported %s -> %s (%.2f MB)", type(module).__name__, path, path.stat().st_size / 2**20)
     return path
 
 
