@@ -124,6 +124,13 @@ def test_a_target_not_retrieved_gets_no_credit() -> None:
     np.testing.assert_array_equal(ranks, [1, 1000])  # item 7 is second by score; item 8 was not retrieved
 
 
+def test_recent_history_leads_the_candidates_without_duplicates() -> None:
+    retrieved = np.array([[9, 3, 8, 7, 0]])
+    history = np.array([[0, 3, 5, 3, 6]])  # oldest first: the newest distinct items are 6, 3, 5
+    np.testing.assert_array_equal(retrieve_bench.with_recent_history(retrieved, history, 2), [[6, 3, 9, 8, 7]])
+    np.testing.assert_array_equal(retrieve_bench.with_recent_history(retrieved, history, 3), [[6, 3, 5, 9, 8]])
+
+
 def test_a_malformed_dataset_argument_names_the_form() -> None:
     with pytest.raises(NimbleError, match="NAME:MODEL:DATA"):
         retrieve_bench.Dataset.parse("runs/video/model")

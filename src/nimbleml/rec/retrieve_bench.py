@@ -61,7 +61,6 @@ from nimbleml.rec.retrieve import (
     IndexSpec,
     ItemIndex,
     item_table,
-    rank_candidates,
     user_states,
 )
 from nimbleml.rec.train import load_checkpoint
@@ -73,6 +72,10 @@ RESULT_FILE = "retrieve_bench.json"
 CURVE_FILE = "retrieve_curves.png"
 K = 50
 ADDED_ITEMS = 10_000  # items added to a built index (the add_10k_s column)
+# a model that keeps history items rankable and adds a repeat bonus (Taobao) is also given
+# candidate lists that start with the user's most recent distinct items: the ANN's inner
+# product knows nothing of the bonus, so it rarely retrieves the repeats the ranker would put first
+RECENT_CANDIDATES = 20
 
 
 @dataclass
@@ -342,6 +345,20 @@ def _ranks_after_retrieval(
     return ranks
 
 
+def with_recent_history(candidates: np.ndarray, history: np.ndarray, n_recent: int) -> np.ndarray:
+    """(B, K) retrieved ids -> (B, K): each user's ``n_recent`` most recent distinct history items
+    first, then the retrieved items not among them, in their order; 0-padded."""
+    out = np.zeros_like(candidates)
+    for u in range(len(candidates)):
+        events = history[u][history[u] > 0][::-1]  # newest first
+        _, first = np.unique(events, return_index=True)
+        recent = events[np.sort(first)][:n_recent]
+        retrieved = candidates[u][(candidates[u] > 0) & ~np.isin(candidates[u], recent)]
+        merged = np.concatenate([recent, retrieved])[: candidates.shape[1]]
+        out[u, : len(merged)] = merged
+    return out
+
+
 def served_ranker(ranker_dir: Path) -> tuple[SeqRec, OnnxScorer | SeqRecScorer, str]:
     """(float model, scorer, description) of a folder as ``nimbleml serve`` would rank with it:
     its int8 ONNX graph where a ``compress`` recipe wrote one, else its float weights."""
@@ -377,8 +394,11 @@ def two_stage(dataset: Dataset, users: np.ndarray, index_spec: IndexSpec, thread
         states = user_states(ranker_model, history, beh)
         exclude = [row[row > 0] for row in history] if ranker_model.config.exclude_history else None
         ann = ItemIndex.build(table, IndexSpec(**{**index_spec.to_dict(), "threads": threads}))
-        for retriever_name, retriever in (("exact", ExactIndex(table)), ("ann", ann)):
-            candidates, _ = retriever.search(states, K, exclude)
+        retrieved = {"exact": ExactIndex(table).search(states, K, exclude)[0], "ann": ann.search(states, K, exclude)[0]}
+        if ranker_model.config.repeat_scores:
+            retrieved[f"ann_recent{RECENT_CANDIDATES}"] = with_recent_history(retrieved["ann"], history,
+                                                                               RECENT_CANDIDATES)
+        for retriever_name, candidates in retrieved.items():
             scores = np.where(candidates > 0, scorer.score(history, np.where(candidates > 0, candidates, 1), beh),
                               -np.inf)
             ranks = _ranks_after_retrieval(candidates, scores, targets, model.config.n_items)
