@@ -164,3 +164,15 @@ def test_ray_config_binds_loopback():
 
     config = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "ray" / "serve_config.yaml").read_text())
     assert config["http_options"]["host"] == "127.0.0.1"
+
+
+def test_a_free_key_is_limited_on_its_own(keyed_app):
+    """Per-key bucket (free: burst 50): the greedy key is refused with 'your key' before the free tier runs dry."""
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=keyed_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return [await client.post("/v1/ingest", json={}, headers={"x-api-key": KEYS["free"]}) for _ in range(60)]
+
+    statuses = [a.status_code for a in asyncio.run(go())]
+    assert statuses[:50] == [422] * 50  # admitted, then refused for the empty body
+    assert 429 in statuses[50:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -16,7 +17,7 @@ def run(coro):
 def test_batches_form_by_size_and_each_caller_gets_its_own_result():
     sizes: list[int] = []
 
-    async def double(items, priority):
+    async def double(items, priority, deadlines=None):
         sizes.append(len(items))
         return [2 * x for x in items]
 
@@ -31,7 +32,7 @@ def test_batches_form_by_size_and_each_caller_gets_its_own_result():
 
 
 def test_a_lone_request_leaves_after_the_delay():
-    async def echo(items, priority):
+    async def echo(items, priority, deadlines=None):
         return items
 
     async def main():
@@ -46,7 +47,7 @@ def test_a_lone_request_leaves_after_the_delay():
 def test_preferred_sizes_cut_batches():
     sizes: list[int] = []
 
-    async def echo(items, priority):
+    async def echo(items, priority, deadlines=None):
         sizes.append(len(items))
         return items
 
@@ -65,7 +66,7 @@ def test_priority_lane_bypasses_a_busy_batcher():
     priorities: list[int] = []
     release = None
 
-    async def slow(items, priority):
+    async def slow(items, priority, deadlines=None):
         priorities.append(priority)
         if items[0].startswith("low"):
             await release.wait()
@@ -91,7 +92,7 @@ def test_priority_lane_bypasses_a_busy_batcher():
 
 
 def test_full_lane_rejects_at_once():
-    async def never(items, priority):
+    async def never(items, priority, deadlines=None):
         await asyncio.Event().wait()
 
     async def main():
@@ -114,7 +115,7 @@ def test_full_lane_rejects_at_once():
 
 
 def test_deadline_rejects_instead_of_answering_late():
-    async def slow(items, priority):
+    async def slow(items, priority, deadlines=None):
         await asyncio.sleep(0.3)
         return items
 
@@ -132,7 +133,7 @@ def test_deadline_rejects_instead_of_answering_late():
 
 
 def test_a_failing_batch_fails_every_caller():
-    async def boom(items, priority):
+    async def boom(items, priority, deadlines=None):
         raise RuntimeError("worker died")
 
     async def main():
@@ -153,7 +154,7 @@ def test_config_rejects_bad_sizes():
 def test_queued_requests_of_similar_size_share_a_batch_and_the_oldest_goes_first():
     batches: list[list[int]] = []
 
-    async def record(items, priority):
+    async def record(items, priority, deadlines=None):
         batches.append(list(items))
         return items
 
@@ -171,3 +172,100 @@ def test_queued_requests_of_similar_size_share_a_batch_and_the_oldest_goes_first
     batches.clear()
     run(main(None))  # no size: plain FIFO
     assert batches[0] == [50, 1, 49, 2]
+
+
+def test_priority_lane_has_its_own_queue_bound_and_slot_budget():
+    """A premium flood gets at most ``priority_slots`` batches running and ``priority_queue_size`` queued."""
+    running, most = 0, 0
+    release = None
+
+    async def slow(items, priority, deadlines=None):
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        return items
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        config = BatcherConfig(max_batch_size=2, priority_queue_size=4, priority_slots=2)
+        batcher = DynamicBatcher(slow, config)
+        flood = [asyncio.ensure_future(batcher.submit(i, priority=0)) for i in range(4)]
+        await asyncio.sleep(0.05)  # two batches of 2 running: both priority slots taken
+        flood += [asyncio.ensure_future(batcher.submit(i, priority=0)) for i in range(4, 8)]
+        await asyncio.sleep(0.05)  # 4 queued behind them: the priority queue is full
+        with pytest.raises(QueueFull):
+            await batcher.submit(99, priority=0)
+        low = asyncio.ensure_future(batcher.submit("low", priority=1))  # the batched lanes still take work
+        await asyncio.sleep(0.05)
+        assert most == 3  # 2 priority batches + the standard one: never a third priority batch
+        release.set()
+        assert sorted(await asyncio.gather(*flood)) == list(range(8))
+        assert await low == "low"
+        await batcher.close()
+
+    asyncio.run(main())
+    assert most == 3
+
+
+def test_deadlines_reach_run_batch_and_a_skipped_row_fails_alone():
+    seen = []
+
+    async def skip_late(items, priority, deadlines):
+        seen.append(deadlines)
+        return [DeadlineExceeded("skipped") if d < 0 else item for item, d in zip(items, deadlines)]
+
+    async def main():
+        batcher = DynamicBatcher(skip_late, BatcherConfig(max_batch_size=4, max_queue_delay_ms=20))
+        ok = asyncio.ensure_future(batcher.submit("ok", timeout_s=5.0))
+        free = asyncio.ensure_future(batcher.submit("free"))
+        results = await asyncio.gather(ok, free, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert results == ["ok", "free"]
+    deadlines = seen[0]
+    assert deadlines[0] > time.monotonic() and deadlines[1] == float("inf")
+
+    async def expire_first():
+        batcher = DynamicBatcher(lambda items, p, d: _answer([DeadlineExceeded("late"), items[1]]),
+                                 BatcherConfig(max_batch_size=2, max_queue_delay_ms=20))
+        out = await asyncio.gather(batcher.submit("a"), batcher.submit("b"), return_exceptions=True)
+        stats = batcher.stats
+        await batcher.close()
+        return out, stats
+
+    out, stats = asyncio.run(expire_first())
+    assert isinstance(out[0], DeadlineExceeded) and out[1] == "b" and stats.expired == 1
+
+
+async def _answer(value):
+    return value
+
+
+def test_worker_skips_rows_past_their_deadline():
+    import numpy as np
+
+    from nimbleml.serve.worker import run_in_time
+
+    class Doubler:
+        def __init__(self):
+            self.rows = []
+
+        def run(self, graph, inputs):
+            self.rows.append(len(inputs["x"]))
+            return inputs["x"] * 2
+
+    x = np.arange(4)
+    now = time.monotonic()
+    model = Doubler()
+    out, live = run_in_time(model, "g", {"x": x}, np.array([now + 60, now - 1, now + 60, now - 1]))
+    assert out.tolist() == [0, 4] and live.tolist() == [True, False, True, False]
+    out, live = run_in_time(model, "g", {"x": x}, np.full(4, now - 1))
+    assert len(out) == 0 and not live.any()
+    out, live = run_in_time(model, "g", {"x": x}, np.full(4, np.inf))
+    assert out.tolist() == [0, 2, 4, 6] and live is None
+    assert model.rows == [2, 4]  # the all-late batch never ran

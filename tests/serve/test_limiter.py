@@ -74,3 +74,24 @@ def test_one_stall_does_not_shed() -> None:
         ctl.loop_lag.record(0.2, now=tick * 0.005)
     ctl.loop_lag.record(15.0, now=0.06)  # a garbage-collection pause
     assert ctl.overload_level(0, now=0.06) == 0
+
+
+def test_one_key_cannot_spend_its_whole_tier() -> None:
+    """Per-key buckets inside a tier: a greedy free key is refused while another free key still gets through."""
+    tiers = {"free": TierPolicy(rate_rps=10.0, burst=10, priority=2, shed_rank=0, key_rate_rps=1.0, key_burst=3)}
+    ctl = AdmissionController(tiers)
+    greedy = [ctl.admit("free", 0, now=1.0, key="greedy") for _ in range(10)]
+    assert sum(d.admitted for d in greedy) == 3
+    assert greedy[-1].reason == "key_rate" and greedy[-1].retry_after_s > 0
+    assert all(ctl.admit("free", 0, now=1.0, key="polite").admitted for _ in range(3))
+    assert ctl.admit("free", 0, now=2.1, key="greedy").admitted  # its own bucket refilled
+    # the tier's bucket still caps the sum of its keys
+    many = [ctl.admit("free", 0, now=2.1, key=f"k{i}").admitted for i in range(20)]
+    assert sum(many) < 20 and ctl.admit("free", 0, now=2.1, key="k99").reason == "rate"
+
+
+def test_default_tiers_have_per_key_limits_below_the_tier() -> None:
+    from nimbleml.serve.limiter import default_tiers
+
+    for name, policy in default_tiers().items():
+        assert policy.key_rate_rps is not None and policy.key_rate_rps < policy.rate_rps, name

@@ -69,7 +69,8 @@ def build_service(args: argparse.Namespace) -> Service:
     config = ServeConfig(
         batcher=BatcherConfig(max_batch_size=args.max_batch, max_queue_delay_ms=args.max_wait_ms),
         pool=PoolConfig(workers=args.workers or default_workers(), backend=backend, threads=args.threads,
-                        warm_batches=(1, args.max_batch)),
+                        warm_batches=(1, args.max_batch), batch_timeout_s=args.batch_timeout_s,
+                        admin_timeout_s=args.admin_timeout_s),
         deadline_ms=args.deadline_ms,
         risk_limits={str(k): float(v) for k, v in risk_limits.items()},
         lane=args.lane,
@@ -113,6 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="largest batch a worker runs")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch, ms")
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="answer 504 instead of later than this, ms")
+    parser.add_argument("--batch-timeout-s", type=float, default=PoolConfig.batch_timeout_s,
+                        help="a worker that leaves a batch (or a heartbeat) unanswered this long is killed and "
+                             "replaced, its requests answered 503, seconds")
+    parser.add_argument("--admin-timeout-s", type=float, default=PoolConfig.admin_timeout_s,
+                        help="admin model loads, unloads and drains give up after this, seconds")
     parser.add_argument("--target-p99-ms", type=float, default=50.0, help="p99 above which low tiers are shed, ms")
     parser.add_argument("--shed-queue", type=_two_ints, default=(ShedConfig.soft_queue_depth, ShedConfig.hard_queue_depth),
                         metavar="SOFT,HARD", help="queued requests past which free (SOFT) and standard (HARD) are shed")
@@ -143,6 +149,7 @@ def _lane_command(args: argparse.Namespace, ready: Path) -> list[str]:
            "--max-wait-ms", str(args.max_wait_ms), "--deadline-ms", str(args.deadline_ms),
            "--target-p99-ms", str(args.target_p99_ms), "--shed-queue", "{},{}".format(*args.shed_queue),
            "--shed-loop-lag-ms", "{},{}".format(*args.shed_loop_lag_ms),
+           "--batch-timeout-s", str(args.batch_timeout_s), "--admin-timeout-s", str(args.admin_timeout_s),
            "--threads", str(args.threads), "--http", args.http, "--lane", "premium",
            "--parent-pid", str(os.getpid()), "--ready-file", str(ready)]
     for flag, value in (("--redis", args.redis), ("--backend", args.backend), ("--keys", args.keys),

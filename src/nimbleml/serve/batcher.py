@@ -3,9 +3,11 @@
 Requests queue per priority level (0 = highest). A batch leaves when it reaches
 ``max_batch_size`` (or the largest preferred size), or when its oldest request has waited
 ``max_queue_delay_ms``; priority-0 requests never wait for a delay: they form their own
-batch at once and do not wait for a free batch slot either. Queues are bounded (a full
-lane rejects at once) and every request may carry a deadline: a request whose deadline has
-passed before its batch leaves is rejected rather than answered late.
+batch at once, on slots of their own (``priority_slots``, so a flood of them cannot take
+every worker), from a queue of its own bound (``priority_queue_size``). Queues are bounded (a
+full lane rejects at once) and every request may carry a deadline: a request whose deadline
+has passed before its batch leaves is rejected rather than answered late, and ``run_batch``
+gets each item's deadline so that whatever runs the batch can skip rows already too late.
 
 The batcher knows nothing about what it batches (LitServe's ``loops/`` habit): it hands a
 list of items to ``run_batch`` and returns each caller its own result.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,13 +48,17 @@ class BatcherConfig:
     max_queue_size: int = 512  # queued requests per priority lane; beyond it requests are rejected at once
     priority_levels: int = 3  # lanes 0..levels-1; 0 is the bypass lane
     max_inflight_batches: int = 2  # batches running at once (excluding priority 0); more waiting lets batches grow
+    priority_queue_size: int = 128  # queued priority-0 requests; beyond it they are rejected at once
+    priority_slots: int = 2  # priority-0 batches running at once (their own budget, beside max_inflight_batches)
     group_window: int = 4  # with a ``size_of``: a batch is the oldest request plus those nearest its size among
     # the first group_window x max_batch_size queued (0 = plain FIFO). Requests of similar length share a batch,
     # so trimmed padding drops more; the oldest always goes first, so nothing starves
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.priority_levels < 1:
-            raise ValueError("max_batch_size, max_queue_size and priority_levels must be >= 1")
+        if min(self.max_batch_size, self.max_queue_size, self.priority_levels, self.priority_queue_size,
+               self.priority_slots) < 1:
+            raise ValueError("max_batch_size, max_queue_size, priority_levels, priority_queue_size and "
+                             "priority_slots must be >= 1")
         if any(s < 1 or s > self.max_batch_size for s in self.preferred_batch_sizes):
             raise ValueError(f"preferred_batch_sizes must lie in 1..{self.max_batch_size}")
 
@@ -82,16 +89,18 @@ def _expire(future: asyncio.Future) -> None:
 
 
 class DynamicBatcher(Generic[T, R]):
-    """Collect submitted items into batches and run them with ``run_batch(items, priority) -> results``.
+    """Collect submitted items into batches and run them with ``run_batch(items, priority, deadlines) -> results``.
 
     ``run_batch`` gets the batch's best (lowest) priority level, so whatever runs it can serve
-    urgent batches first; it must return one result per item, in order; if it raises, every
-    item of that batch gets the exception.
+    urgent batches first, and each item's deadline (``time.monotonic()`` seconds, ``inf`` for
+    none); it must return one result per item, in order, where a result that is an exception
+    (a row skipped past its deadline) goes to that item's caller as an error; if it raises,
+    every item of that batch gets the exception.
     """
 
     def __init__(
         self,
-        run_batch: Callable[[list[T], int], Awaitable[Sequence[R]]],
+        run_batch: Callable[[list[T], int, list[float]], Awaitable[Sequence[R]]],
         config: BatcherConfig | None = None,
         on_batch: Callable[[int], None] | None = None,
         size_of: Callable[[T], int] | None = None,
@@ -102,7 +111,8 @@ class DynamicBatcher(Generic[T, R]):
         self._on_batch = on_batch  # called with each batch's size (metrics)
         self._lanes: list[deque[_Pending[T]]] = [deque() for _ in range(self.config.priority_levels)]
         self._wakeup = asyncio.Event()
-        self._inflight = 0  # running batches that hold a slot (priority-0 batches do not)
+        self._inflight = 0  # running batches that hold a slot
+        self._priority_inflight = 0  # running priority-0 batches (slots of their own)
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
         self.stats = BatchStats()
@@ -137,7 +147,7 @@ class DynamicBatcher(Generic[T, R]):
             self.start()
         level = min(max(priority, 0), self.config.priority_levels - 1)
         lane = self._lanes[level]
-        if len(lane) >= self.config.max_queue_size:
+        if len(lane) >= (self.config.priority_queue_size if level == 0 else self.config.max_queue_size):
             self.stats.rejected_full += 1
             raise QueueFull(f"priority {level} queue holds {len(lane)} requests")
         loop = asyncio.get_running_loop()
@@ -200,13 +210,16 @@ class DynamicBatcher(Generic[T, R]):
             if self.depth() == 0:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self._lanes[0]:  # the priority lane: its own batch, now, without waiting for a slot
+            if self._lanes[0] and self._priority_inflight < cfg.priority_slots:
+                # the priority lane: its own batch, now, on a slot of its own
                 batch = self._take(range(0, 1), cfg.max_batch_size)
                 if batch:
                     self._launch(batch, slot=False)
                 continue
             queued = sum(len(self._lanes[level]) for level in lower)
-            if queued == 0:
+            if queued == 0:  # only priority requests, all their slots busy: wait for one to finish
+                self._wakeup.clear()
+                await self._wakeup.wait()
                 continue
             oldest = min(self._lanes[level][0].enqueued for level in lower if self._lanes[level])
             wait_s = oldest + cfg.max_queue_delay_ms / 1000.0 - time.monotonic()
@@ -232,6 +245,8 @@ class DynamicBatcher(Generic[T, R]):
         self.stats.sizes.append(len(batch))
         if slot:
             self._inflight += 1
+        else:
+            self._priority_inflight += 1
         if self._on_batch is not None:
             self._on_batch(len(batch))
         task = asyncio.get_running_loop().create_task(self._run(batch, slot))
@@ -240,11 +255,16 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _run(self, batch: list[_Pending[T]], slot: bool) -> None:
         try:
-            results = await self._run_batch([p.item for p in batch], min(p.priority for p in batch))
+            deadlines = [math.inf if p.deadline is None else p.deadline for p in batch]
+            results = await self._run_batch([p.item for p in batch], min(p.priority for p in batch), deadlines)
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
             for pending, result in zip(batch, results):
-                if not pending.future.done():
+                if isinstance(result, BaseException):
+                    self.stats.expired += isinstance(result, DeadlineExceeded)
+                    if not pending.future.done():
+                        pending.future.set_exception(result)
+                elif not pending.future.done():
                     pending.future.set_result(result)
         except Exception as exc:  # every caller of the batch gets the error: never silence
             for pending in batch:
@@ -253,4 +273,6 @@ class DynamicBatcher(Generic[T, R]):
         finally:
             if slot:
                 self._inflight -= 1
-                self._wakeup.set()
+            else:
+                self._priority_inflight -= 1
+            self._wakeup.set()

@@ -1,6 +1,8 @@
-"""Hybrid rate limiting: a token bucket per tier plus load shedding by queue depth and recent p99.
+"""Hybrid rate limiting: token buckets per tier and per key, plus load shedding by queue depth and recent p99.
 
-The buckets cap what each tier may send on average (with a burst); the shedder protects
+The buckets cap what each tier, and each key inside it, may send on average (with a burst):
+one free key cannot spend the whole free tier's budget and starve the other free callers. The
+shedder protects
 latency when the machine is saturated anyway: it refuses the lowest tiers first (HTTP 429 /
 gRPC RESOURCE_EXHAUSTED with a Retry-After), so premium and priority traffic keeps its p99.
 """
@@ -48,14 +50,18 @@ class TierPolicy:
     burst: int  # requests allowed above the rate in a burst
     priority: int  # batcher lane: 0 bypasses the batch queue
     shed_rank: int  # 0 = shed at the first sign of overload, 1 = under heavy overload, 2+ = never shed
+    key_rate_rps: float | None = None  # sustained requests per second for one key of the tier (None: the tier's)
+    key_burst: int | None = None  # one key's burst (None: the tier's)
 
 
 def default_tiers() -> dict[str, TierPolicy]:
     """free / standard / premium: free is shed first and premium rides the priority lane."""
     return {
-        "free": TierPolicy(rate_rps=500.0, burst=100, priority=2, shed_rank=0),
-        "standard": TierPolicy(rate_rps=5000.0, burst=500, priority=1, shed_rank=1),
-        "premium": TierPolicy(rate_rps=20000.0, burst=2000, priority=0, shed_rank=2),
+        "free": TierPolicy(rate_rps=500.0, burst=100, priority=2, shed_rank=0, key_rate_rps=100.0, key_burst=50),
+        "standard": TierPolicy(rate_rps=5000.0, burst=500, priority=1, shed_rank=1, key_rate_rps=4000.0,
+                               key_burst=400),
+        "premium": TierPolicy(rate_rps=20000.0, burst=2000, priority=0, shed_rank=2, key_rate_rps=10000.0,
+                              key_burst=1000),
     }
 
 
@@ -78,7 +84,7 @@ class ShedConfig:
 
 @dataclass
 class Decision:
-    """Admit or refuse; ``reason`` is 'rate' (the tier's bucket) or 'overload' (shedding)."""
+    """Admit or refuse; ``reason`` is 'rate' (the tier's bucket), 'key_rate' (the key's) or 'overload' (shedding)."""
 
     admitted: bool
     retry_after_s: float = 0.0
@@ -140,12 +146,13 @@ class LoopLag:
 
 
 class AdmissionController:
-    """Token buckets per tier + load shedding: ``admit(tier, queue_depth)``."""
+    """Token buckets per tier and per key + load shedding: ``admit(tier, queue_depth, key=...)``."""
 
     def __init__(self, tiers: dict[str, TierPolicy] | None = None, shed: ShedConfig | None = None):
         self.tiers = tiers or default_tiers()
         self.shed = shed or ShedConfig()
         self.buckets = {name: TokenBucket(p.rate_rps, p.burst) for name, p in self.tiers.items()}
+        self.key_buckets: dict[tuple[str, str], TokenBucket] = {}  # (tier, key id) -> bucket; keys are few and known
         self.latency = LatencyWindow(self.shed.window_s)
         self.loop_lag = LoopLag()
 
@@ -165,10 +172,24 @@ class AdmissionController:
             return 1
         return 0
 
-    def admit(self, tier: str, queue_depth: int, now: float | None = None) -> Decision:
+    def _key_bucket(self, tier: str, key: str) -> TokenBucket:
+        bucket = self.key_buckets.get((tier, key))
+        if bucket is None:
+            policy = self.tiers[tier]
+            rate = policy.key_rate_rps if policy.key_rate_rps is not None else policy.rate_rps
+            burst = policy.key_burst if policy.key_burst is not None else policy.burst
+            bucket = self.key_buckets[(tier, key)] = TokenBucket(rate, burst)
+        return bucket
+
+    def admit(self, tier: str, queue_depth: int, now: float | None = None, key: str | None = None) -> Decision:
+        """key: the caller's key id; its own bucket is checked before the tier's ('key_rate' when it refuses)."""
         policy = self.tiers[tier]
         if policy.shed_rank < self.overload_level(queue_depth, now):
             return Decision(False, self.shed.retry_after_s, "overload")
+        if key is not None:
+            wait = self._key_bucket(tier, key).take(now)
+            if wait > 0:
+                return Decision(False, wait, "key_rate")
         wait = self.buckets[tier].take(now)
         if wait > 0:
             return Decision(False, wait, "rate")

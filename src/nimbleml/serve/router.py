@@ -5,6 +5,13 @@ session, and waits until each has loaded and warmed its bundles before routing t
 batch goes to the live worker with the fewest batches in flight. When a worker dies, every
 batch it held is answered with ``WorkerCrashed`` (never silence) and a replacement is started.
 
+A worker that hangs (stopped, deadlocked) is found by a watchdog: an idle worker is pinged
+every ``heartbeat_s``, and one that leaves a batch or a ping unanswered for ``batch_timeout_s``
+is killed and handled like a crash (its requests answered 503, a replacement started). The
+front end writes to a worker's pipe without ever blocking: messages wait in a buffer of its
+own while the pipe is full, and a worker whose buffer passes ``max_buffered_bytes`` counts as
+hung. Admin broadcasts (load, unload) and drains give up after ``admin_timeout_s``.
+
 ``ModelVersions`` holds the stable version and an optional candidate that gets a share of
 traffic (grey release); promote and roll back only switch which version new requests pick,
 and the old version's sessions are unloaded once its in-flight batches are done, so no
@@ -17,7 +24,11 @@ import asyncio
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import random
+import struct
+import time
+from multiprocessing.reduction import ForkingPickler
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +58,10 @@ class PoolConfig:
     warm_batches: tuple[int, ...] = (1, 16)  # dummy batch sizes run at load, before traffic
     start_timeout_s: float = 180.0  # loading + warming one worker, seconds
     ready_wait_s: float = 5.0  # how long a request waits for a ready worker when none is, seconds
+    batch_timeout_s: float = 5.0  # a batch or ping unanswered this long: the worker is hung, killed, replaced
+    heartbeat_s: float = 1.0  # an idle worker is pinged this often, seconds
+    admin_timeout_s: float = 300.0  # a load/unload broadcast or a drain gives up after this, seconds
+    max_buffered_bytes: int = 64 << 20  # unsent bytes to one worker past which it counts as hung
 
 
 class _Worker:
@@ -65,10 +80,17 @@ class _Worker:
         self.process.start()
         inbox_r.close()  # the child holds these; closing ours makes a dead child read as EOF
         outbox_w.close()
-        self.inflight: dict[int, tuple[asyncio.Future, str]] = {}
+        os.set_blocking(self.inbox.fileno(), False)  # a full pipe buffers in _pending, never blocks the loop
+        self._pending = bytearray()
+        self._writing = False
+        self.max_buffered_bytes = config.max_buffered_bytes
+        # rid -> (future, version, sent at (monotonic s) or None for messages the watchdog does not time)
+        self.inflight: dict[int, tuple[asyncio.Future, str, float | None]] = {}
+        self.last_heard = time.monotonic()
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.alive = True
         self.draining = False
+        self.replaceable = True  # False for a drain's replacement until it is ready: its failure is the drain's
         self._on_exit = on_exit
         asyncio.get_running_loop().add_reader(self.outbox.fileno(), self._readable)
 
@@ -79,9 +101,15 @@ class _Worker:
     def _readable(self) -> None:
         try:
             while self.outbox.poll():
+                self.last_heard = time.monotonic()
                 self._handle(self.outbox.recv())
         except (EOFError, OSError):
             self._died("the worker process exited")
+
+    def oldest_timed(self) -> float | None:
+        """When the oldest timed message (a batch, a ping) still unanswered was sent (monotonic s)."""
+        sent = [entry[2] for entry in self.inflight.values() if entry[2] is not None]
+        return min(sent) if sent else None
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -105,9 +133,13 @@ class _Worker:
         if not self.alive:
             return
         self.alive = False
-        asyncio.get_running_loop().remove_reader(self.outbox.fileno())
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.outbox.fileno())
+        if self._writing:
+            loop.remove_writer(self.inbox.fileno())
+            self._writing = False
         error = WorkerCrashed(f"worker {self.index} (pid {self.pid}) died: {why}")
-        for future, _ in self.inflight.values():
+        for future, *_ in self.inflight.values():
             if not future.done():
                 future.set_exception(error)
         self.inflight.clear()
@@ -115,14 +147,45 @@ class _Worker:
             self.ready.set_exception(error)
         self._on_exit(self)
 
-    def send(self, message: tuple, rid: int, version: str) -> asyncio.Future:
+    def send(self, message: tuple, rid: int, version: str, timed: bool = True) -> asyncio.Future:
+        """Send a message that the worker answers; timed: the watchdog counts its wait (batches, pings)."""
         future = asyncio.get_running_loop().create_future()
-        self.inflight[rid] = (future, version)
-        try:
-            self.inbox.send(message)
-        except (BrokenPipeError, OSError):
-            self._died("its pipe broke")
+        self.inflight[rid] = (future, version, time.monotonic() if timed else None)
+        self._write(message)
         return future
+
+    def _write(self, message: tuple) -> None:
+        """Frame as ``Connection.send`` does (the worker reads with ``recv``) and write without blocking."""
+        payload = ForkingPickler.dumps(message)
+        self._pending += struct.pack("!i", len(payload)) + payload
+        if len(self._pending) > self.max_buffered_bytes:
+            self.kill(f"{len(self._pending)} bytes wait for its pipe: it stopped reading")
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            while self._pending:
+                written = os.write(self.inbox.fileno(), self._pending)
+                del self._pending[:written]
+        except BlockingIOError:
+            if not self._writing:  # the pipe is full: write the rest when it drains
+                asyncio.get_running_loop().add_writer(self.inbox.fileno(), self._flush)
+                self._writing = True
+            return
+        except OSError:
+            self._died("its pipe broke")
+            return
+        if self._writing:
+            asyncio.get_running_loop().remove_writer(self.inbox.fileno())
+            self._writing = False
+
+    def kill(self, why: str) -> None:
+        """Kill a hung worker (SIGKILL ends a stopped process too) and answer its requests as a crash."""
+        log.error("worker %d (pid %s) is hung (%s): killing it", self.index, self.pid, why)
+        if self.process.is_alive():
+            self.process.kill()
+        self._died(f"hung ({why}); killed")
 
     def stop(self) -> None:
         self.ask_to_stop()
@@ -131,16 +194,17 @@ class _Worker:
     def ask_to_stop(self) -> None:
         """Stop reading its pipe and tell it to exit; on the event loop's thread."""
         if self.alive:
+            self._write(("stop",))  # after whatever still waits in the buffer
             self.alive = False
-            asyncio.get_running_loop().remove_reader(self.outbox.fileno())
-            try:
-                self.inbox.send(("stop",))
-            except OSError:
-                pass
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.outbox.fileno())
+            if self._writing:  # the pipe stays full: the stop cannot get through, join() kills it
+                loop.remove_writer(self.inbox.fileno())
+                self._writing = False
 
-    def join(self) -> None:
-        """Wait for the process to exit (killed after 5 s) and close the pipes; blocks, any thread."""
-        self.process.join(5)
+    def join(self, wait_s: float = 5.0) -> None:
+        """Wait for the process to exit (killed after ``wait_s``) and close the pipes; blocks, any thread."""
+        self.process.join(wait_s)
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
@@ -161,6 +225,7 @@ class WorkerPool:
         self._rids = itertools.count()
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
+        self.hung = 0  # workers killed by the watchdog
 
     async def start(self, bundles: dict[str, str]) -> None:
         self.bundles = dict(bundles)
@@ -170,6 +235,9 @@ class WorkerPool:
         except BaseException:
             await self.close()
             raise
+        watchdog = asyncio.get_running_loop().create_task(self._watch())
+        self._tasks.add(watchdog)
+        watchdog.add_done_callback(self._tasks.discard)
         log.info("%d workers ready on %s: pids %s", len(starting), self.config.backend, [w.pid for w in starting])
 
     def _spawn(self) -> _Worker:
@@ -181,7 +249,7 @@ class WorkerPool:
         """A worker died: drop it and start a replacement (it joins once warmed)."""
         if worker in self.workers:
             self.workers.remove(worker)
-        if self._closing:
+        if self._closing or not worker.replaceable:
             return
         self.restarts += 1
         if self._on_restart is not None:
@@ -201,12 +269,31 @@ class WorkerPool:
         except Exception as exc:  # it died too or timed out: _exited already handles a death
             log.error("replacement worker %d failed to start: %s", fresh.index, exc)
 
+    async def _watch(self) -> None:
+        """Ping idle workers; kill one that leaves a batch or a ping unanswered past ``batch_timeout_s``."""
+        cfg = self.config
+        period = min(cfg.heartbeat_s, cfg.batch_timeout_s) / 4
+        while not self._closing:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for worker in list(self.workers):
+                if not worker.alive or not worker.ready.done() or worker.ready.exception():
+                    continue
+                oldest = worker.oldest_timed()
+                if oldest is not None and now - oldest > cfg.batch_timeout_s:
+                    self.hung += 1
+                    worker.kill(f"no answer for {now - oldest:.1f} s")
+                elif oldest is None and now - worker.last_heard > cfg.heartbeat_s:
+                    rid = next(self._rids)
+                    worker.send(("ping", rid), rid, "")
+
     def ready_workers(self) -> list[_Worker]:
         return [w for w in self.workers if w.alive and not w.draining and w.ready.done() and not w.ready.exception()]
 
     def inflight(self, version: str | None = None) -> int:
         """Batches in flight, all or of one version."""
-        return sum(1 for w in self.workers for _, v in w.inflight.values() if version is None or v == version)
+        return sum(1 for w in self.workers for _, v, sent in w.inflight.values()
+                   if (version is None or v == version) and v)
 
     async def _pick(self) -> _Worker:
         """The ready worker with the fewest batches in flight; waits briefly if none is ready."""
@@ -220,42 +307,69 @@ class WorkerPool:
                 raise WorkerCrashed("no worker is ready (restarting after a crash?)")
             await asyncio.sleep(0.01)
 
-    async def run(self, version: str, graph: str, inputs: dict[str, np.ndarray], priority: int = 1) -> np.ndarray:
-        """Run one batch; a worker runs its waiting batches lowest ``priority`` first."""
+    async def run(self, version: str, graph: str, inputs: dict[str, np.ndarray], priority: int = 1,
+                  deadlines: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run one batch; a worker runs its waiting batches lowest ``priority`` first.
+
+        deadlines: (batch,) ``time.monotonic()`` seconds (one clock for every process of the
+        machine); the worker skips rows already past theirs. Returns the outputs of the rows it
+        ran and which rows those are ((batch,) bool, or None when it ran all)."""
         worker = await self._pick()
         rid = next(self._rids)
-        return await worker.send(("run", rid, version, graph, inputs, priority), rid, version)
+        return await worker.send(("run", rid, version, graph, inputs, priority, deadlines), rid, version)
 
-    async def _broadcast(self, message_of: Callable[[int], tuple], version: str) -> None:
+    async def _broadcast(self, message_of: Callable[[int], tuple], version: str, what: str) -> None:
+        """Send to every live worker and wait for all answers, at most ``admin_timeout_s``."""
         futures = []
         for worker in self.ready_workers() + [w for w in self.workers if w.draining and w.alive]:
             rid = next(self._rids)
-            futures.append(worker.send(message_of(rid), rid, version))
-        await asyncio.gather(*futures)
+            futures.append(worker.send(message_of(rid), rid, version, timed=False))
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), self.config.admin_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise WorkerCrashed(f"{what}: a worker did not answer within {self.config.admin_timeout_s:g} s") from exc
 
     async def load(self, version: str, folder: str) -> None:
         """Load and warm a bundle in every worker (and in every future replacement)."""
-        await self._broadcast(lambda rid: ("load", rid, version, folder), version)
+        await self._broadcast(lambda rid: ("load", rid, version, folder), version, f"loading {version}")
         self.bundles[version] = folder
 
     async def unload(self, version: str) -> None:
-        """Unload once this version's in-flight batches are done (so none of them fails)."""
+        """Unload once this version's in-flight batches are done (so none of them fails), or at the admin timeout."""
         self.bundles.pop(version, None)
-        while self.inflight(version):
+        deadline = time.monotonic() + self.config.admin_timeout_s
+        while self.inflight(version) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        await self._broadcast(lambda rid: ("unload", rid, version), version)
+        await self._broadcast(lambda rid: ("unload", rid, version), version, f"unloading {version}")
 
     async def drain(self, index: int) -> int:
-        """Stop routing to a worker, let its batches finish, then replace it; returns the new worker's index."""
-        worker = next((w for w in self.workers if w.index == index), None)
+        """Stop routing to a worker, let its batches finish, then replace it; returns the new worker's index.
+
+        If the replacement does not become ready within ``admin_timeout_s``, it is stopped and
+        the old worker serves again (WorkerCrashed tells the caller)."""
+        worker = next((w for w in self.workers if w.index == index and w.alive), None)
         if worker is None:
             raise NimbleError(f"no worker {index}", fix=f"use one of {[w.index for w in self.workers]}")
         worker.draining = True
         fresh = self._spawn()
-        await asyncio.wait_for(asyncio.shield(fresh.ready), self.config.start_timeout_s)
-        while worker.inflight:
+        fresh.replaceable = False
+        try:
+            await asyncio.wait_for(asyncio.shield(fresh.ready), self.config.admin_timeout_s)
+        except Exception as exc:  # the replacement failed: the old worker takes traffic again
+            worker.draining = False
+            if fresh in self.workers:
+                self.workers.remove(fresh)
+            fresh.ask_to_stop()
+            fresh.process.kill()
+            await asyncio.get_running_loop().run_in_executor(None, fresh.join, 1.0)
+            raise WorkerCrashed(f"draining worker {index}: its replacement did not start ({exc or 'timed out'}); "
+                                f"worker {index} serves again") from exc
+        fresh.replaceable = True
+        deadline = time.monotonic() + self.config.admin_timeout_s
+        while worker.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        self.workers.remove(worker)
+        if worker in self.workers:
+            self.workers.remove(worker)
         worker.ask_to_stop()
         await asyncio.get_running_loop().run_in_executor(None, worker.join)
         return fresh.index

@@ -229,10 +229,11 @@ class Service:
         return sum(b.depth() for b in self._batchers.values())
 
     def admit(self, caller: Caller) -> None:
-        decision = self.admission.admit(caller.tier, self.queue_depth())
+        decision = self.admission.admit(caller.tier, self.queue_depth(), key=caller.key_id)
         if not decision.admitted:
             self.metrics.shed.labels(tier=caller.tier, reason=decision.reason).inc()
-            what = "rate limit of your tier" if decision.reason == "rate" else "server overloaded"
+            what = {"rate": "rate limit of your tier", "key_rate": "rate limit of your key"}.get(decision.reason,
+                                                                                               "server overloaded")
             raise Rejected(429, f"{what}; retry after {decision.retry_after_s:.2f} s", decision.retry_after_s)
 
     def observe(self, route: str, tier: str, status: int, seconds: float) -> None:
@@ -254,10 +255,15 @@ class Service:
         if batcher is None:
             histogram = self.metrics.batch_size.labels(graph=graph)
 
-            async def run_batch(rows: list[dict[str, np.ndarray]], priority: int) -> list[np.ndarray]:
+            async def run_batch(rows: list[dict[str, np.ndarray]], priority: int,
+                                deadlines: list[float]) -> list[np.ndarray | DeadlineExceeded]:
                 inputs = {name: np.stack([row[name] for row in rows]) for name in rows[0]}
-                out = await self.pool.run(version, graph, inputs, priority)
-                return list(out)
+                out, live = await self.pool.run(version, graph, inputs, priority, np.asarray(deadlines))
+                if live is None:
+                    return list(out)
+                ran = iter(out)  # the worker ran only the rows still in time
+                return [next(ran) if ok else DeadlineExceeded("deadline passed before the worker reached it")
+                        for ok in live]
 
             batcher = DynamicBatcher(run_batch, self.config.batcher, on_batch=histogram.observe,
                                      size_of=_used_length(self.bundles[version].graphs[graph]))
@@ -530,8 +536,9 @@ class Service:
 
     async def _retire(self, version: str) -> None:
         """Unload a version no request picks any more, once its in-flight batches are done."""
-        while self._using[version]:  # requests that picked it before the switch finish on it
-            await asyncio.sleep(0.01)
+        deadline = asyncio.get_running_loop().time() + self.config.deadline_ms / 1000.0 + 1.0
+        while self._using[version] and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)  # requests that picked it before the switch finish on it (or time out)
         for key in [k for k in self._batchers if k[0] == version]:
             await self._batchers.pop(key).close()
         await self.pool.unload(version)
@@ -561,11 +568,14 @@ class Service:
             return self.models()
 
     async def drain(self, worker: int) -> dict:
-        try:
-            await self.pool.drain(worker)
-        except NimbleError as exc:
-            raise Rejected(404, str(exc)) from exc
-        return self.models()
+        async with self._admin_lock:  # bounded: the pool gives up after its admin timeout
+            try:
+                await self.pool.drain(worker)
+            except NimbleError as exc:
+                raise Rejected(404, str(exc)) from exc
+            except WorkerCrashed as exc:
+                raise Rejected(503, str(exc), 1.0) from exc
+            return self.models()
 
     def render_metrics(self) -> bytes:
         self.metrics.queue_depth.set(self.queue_depth())

@@ -2,11 +2,13 @@
 
 It speaks a small message protocol over two pipes (pickled tuples, numpy arrays inside):
 
-- in:  ``("run", rid, version, graph, inputs, priority)`` (waiting batches run lowest priority first), ``("load", rid, version, folder)`` (loaded on a
-  side thread while the loop keeps serving),
-  ``("unload", rid, version)``, ``("stop",)``
+- in:  ``("run", rid, version, graph, inputs, priority, deadlines)`` (waiting batches run lowest
+  priority first; rows past their deadline, ``time.monotonic()`` seconds, are skipped),
+  ``("load", rid, version, folder)`` (loaded on a side thread while the loop keeps serving),
+  ``("unload", rid, version)``, ``("ping", rid)`` (the heartbeat), ``("stop",)``
 - out: ``("ready", pid)`` once the first bundles are loaded and warmed, then
-  ``("ok", rid, array_or_None)`` or ``("err", rid, message)`` per message.
+  ``("ok", rid, array_or_None)`` or ``("err", rid, message)`` per message; a run answers
+  ``("ok", rid, (outputs of the rows it ran, which rows or None for all))``.
 
 A reader thread drains the input pipe while the main thread computes, so the front end's
 writes never block on a busy worker.
@@ -56,6 +58,20 @@ class LoadedBundle:
         if names:  # only the history columns some request of the batch uses
             inputs = trim_left_padding(inputs, names, pad)
         return self.graphs[graph].predict(inputs)
+
+
+def run_in_time(bundle: LoadedBundle, graph: str, inputs: dict[str, np.ndarray],
+                deadlines: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run the rows still before their deadline: (their outputs, which rows or None for all).
+    A row past it was already answered 504 by the front end: computing it is wasted."""
+    if deadlines is None:
+        return bundle.run(graph, inputs), None
+    live = deadlines > time.monotonic()
+    if live.all():
+        return bundle.run(graph, inputs), None
+    if not live.any():
+        return np.zeros(0, dtype=np.float32), live
+    return bundle.run(graph, {name: value[live] for name, value in inputs.items()}), live
 
 
 CONTROL = -1  # load/unload/stop go before any batch
@@ -110,8 +126,8 @@ def worker_main(inbox_conn: Connection, outbox_conn: Connection, bundles: dict[s
         rid = message[1]
         try:
             if kind == "run":
-                _, _, version, graph, inputs, _ = message
-                outbox_conn.send(("ok", rid, loaded[version].run(graph, inputs)))
+                _, _, version, graph, inputs, _, deadlines = message
+                outbox_conn.send(("ok", rid, run_in_time(loaded[version], graph, inputs, deadlines)))
             elif kind == "load":  # load and warm beside the serving loop: traffic keeps flowing meanwhile
                 _, _, version, folder = message
                 threading.Thread(target=_load_beside, args=(rid, version, folder, backend, threads, warm_batches,
@@ -121,6 +137,8 @@ def worker_main(inbox_conn: Connection, outbox_conn: Connection, bundles: dict[s
                 if isinstance(bundle, Exception):
                     raise bundle
                 loaded[version] = bundle
+                outbox_conn.send(("ok", rid, None))
+            elif kind == "ping":  # the front end's heartbeat: this loop is alive
                 outbox_conn.send(("ok", rid, None))
             elif kind == "unload":
                 loaded.pop(message[2], None)
