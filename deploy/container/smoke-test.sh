@@ -39,11 +39,21 @@ print(*(s.getsockname()[1] for s in socks))")
 url=http://127.0.0.1:$http_port
 
 container="" run_pid="" server_pid=""
-cleanup() {
-    local status=$?
-    if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then kill -KILL "$server_pid" 2>/dev/null || true; fi
-    if [[ -n $run_pid ]] && kill -0 "$run_pid" 2>/dev/null; then kill -KILL "$run_pid" 2>/dev/null || true; fi
-    [[ -n $run_pid ]] && wait "$run_pid" 2>/dev/null || true
+descendants() {  # the pids under $1, deepest last
+    local child
+    for child in $(ps -o pid= --ppid "$1"); do echo "$child"; descendants "$child"; done
+}
+cleanup() {  # SIGTERM the server if it got that far, then SIGKILL whatever is left under `buildah run`
+    local status=$? pids
+    if [[ -n $run_pid ]] && kill -0 "$run_pid" 2>/dev/null; then
+        pids=$(descendants "$run_pid")
+        if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then
+            kill -TERM "$server_pid" 2>/dev/null || true
+            for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+        fi
+        kill -KILL $pids "$run_pid" 2>/dev/null || true
+        wait "$run_pid" 2>/dev/null || true
+    fi
     [[ -n $container ]] && buildah rm "$container" >/dev/null 2>&1 || true
     exit "$status"
 }
@@ -52,8 +62,13 @@ trap cleanup EXIT INT TERM
 container=$(buildah from --pull-never "$image")
 buildah copy --quiet --chown 10001:10001 "$container" "$work/model" /models >/dev/null
 buildah config --env "NIMBLEML_API_KEYS=$key=premium:admin" "$container"
-mapfile -t command < <(buildah inspect --type container --format '{{json .Docker.Config.Entrypoint}}{{"\n"}}{{json .Docker.Config.Cmd}}' "$container" \
-    | "$python" -c "import json, sys; [print(a) for line in sys.stdin for a in json.loads(line)]")
+buildah inspect --type container "$container" >"$work/container.json"
+config() {  # a list from the image's Docker config, one element a line: config 'Entrypoint + Cmd'
+    "$python" -c "import json, sys; c = json.load(open(sys.argv[1]))['Docker']['config']
+print(*eval(sys.argv[2], {}, c), sep='\n')" "$work/container.json" "$1"
+}
+mapfile -t command < <(config 'Entrypoint + Cmd')
+[[ ${command[0]:-} == nimbleml ]] || fail "no nimbleml entrypoint in the image: ${command[*]}"
 # argparse keeps the last value of a repeated option: loopback and free ports instead of 0.0.0.0:8000/9000.
 command+=(--host 127.0.0.1 --port "$http_port" --grpc-port "$grpc_port" --workers 1 --ready-file /home/nimbleml/ready.json)
 say "image $image: ${command[*]}"
@@ -85,27 +100,40 @@ done
 [[ $ready == *true* ]] || fail "readyz: $ready"
 say "readyz: $ready"
 
-mapfile -t health < <(buildah inspect --type container --format '{{json .Docker.Config.Healthcheck.Test}}' "$container" \
-    | "$python" -c "import json, sys; test = json.load(sys.stdin); assert test[0] == 'CMD', test; print(*test[1:], sep='\n')")
+mapfile -t health < <(config 'Healthcheck["Test"]')
+[[ ${health[0]:-} == CMD ]] || fail "no exec-form HEALTHCHECK in the image: ${health[*]}"
+health=("${health[@]:1}")
 buildah config --env "NIMBLEML_HEALTH_URL=$url/healthz" "$container"
 timeout 60 buildah run --isolation chroot "$container" -- "${health[@]}" || fail "the image's HEALTHCHECK command failed"
 say "HEALTHCHECK command: ok"
 
-body='{"history": [5, 6, 7, 8], "candidates": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}'
+body="{\"history\": [5, 6, 7, 8], \"candidates\": [$(seq -s ', ' 1 50)]}"  # the contract's 50 candidates
 answer=$(curl -fsS --max-time 30 -H "x-api-key: $key" -H 'content-type: application/json' -d "$body" "$url/v1/recommend") \
     || fail "recommend: $(curl -sS --max-time 30 -H "x-api-key: $key" -H 'content-type: application/json' -d "$body" "$url/v1/recommend")"
 "$python" -c "
 import json, sys
 answer = json.loads(sys.argv[1])
 items = answer['items']
-assert len(items) == 12, answer
-assert sorted(i['item'] for i in items) == list(range(1, 13)), answer
+assert sorted(i['item'] for i in items) == list(range(1, 51)), answer
 print('smoke: recommend: %d candidates ranked by %s (%s path), top %s'
       % (len(items), answer['model_version'], answer['path'], items[0]))" "$answer"
 code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 30 -H 'content-type: application/json' -d "$body" "$url/v1/recommend")
 [[ $code == 401 ]] || fail "recommend without a key answered $code, not 401"
 say "recommend without a key: 401"
-say "server memory: $(awk '/VmRSS/ {print $2, $3}' "/proc/$server_pid/status") RSS (front end; workers apart)"
+"$python" -c "
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+with grpc.insecure_channel('127.0.0.1:$grpc_port') as channel:
+    answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+assert answer.status == health_pb2.HealthCheckResponse.SERVING, answer
+print('smoke: gRPC health on port $grpc_port: SERVING')"
+memory() {  # proportional set size (shared pages split between the processes), MiB
+    local pid total=0
+    for pid in "$@"; do total=$((total + $(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup"))); done
+    echo "$((total / 1024)) MiB"
+}
+workers=$(descendants "$server_pid" | tr '\n' ' ')
+say "memory: front end $(memory "$server_pid"), workers [$workers] $(memory $workers) (PSS)"
 
 kill -TERM "$server_pid"
 for _ in $(seq 300); do kill -0 "$run_pid" 2>/dev/null || break; sleep 0.1; done
