@@ -20,7 +20,7 @@ import uvicorn
 
 from nimbleml.errors import NimbleError
 from nimbleml.serve.app import build_api, build_app
-from nimbleml.serve.http_server import FastHttpServer
+from nimbleml.serve.http_server import FastHttpServer, HttpLimits
 from nimbleml.serve.service import Service
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class ListenConfig:
     ready_file: Path | None = None  # written with {"http": port, "grpc": port, "pid": pid} once serving
     ready_extra: dict = field(default_factory=dict)  # more entries for the ready file (e.g. the premium lane's port)
     parent_pid: int | None = None  # a premium lane stops when this process (the main server) is gone
+    http_limits: HttpLimits = field(default_factory=HttpLimits)  # what one client may hold ("fast" server)
 
 
 class _Server(uvicorn.Server):
@@ -69,7 +70,7 @@ async def serve(service: Service, listen: ListenConfig) -> None:
     http_port = sock.getsockname()[1]
     if listen.http == "fast":
         handler, app = build_api(service)
-        http_server: FastHttpServer | _Server = FastHttpServer(handler, app)
+        http_server: FastHttpServer | _Server = FastHttpServer(handler, app, listen.http_limits)
     else:
         config = uvicorn.Config(build_app(service, lean=listen.http == "asgi"), loop="none", http="httptools",
                                 lifespan="off", access_log=False, log_level="warning", timeout_keep_alive=30,
