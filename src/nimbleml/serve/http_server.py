@@ -40,7 +40,6 @@ from nimbleml.serve.app import Handler
 log = logging.getLogger(__name__)
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-_ERROR_413 = b'{"error":"body over the size limit","status":413}'
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_S = 2.0  # after a refusal, how long the rest of a request is read and dropped, seconds
 
