@@ -220,7 +220,13 @@ def test_connection_limit_answers_503():
     with_server(test)
 
 
-def test_pipelined_flood_pauses_reading_and_every_request_is_answered_in_order():
+def test_pipelined_flood_pauses_reading_and_every_request_is_answered_in_order(monkeypatch):
+    from nimbleml.serve.http_server import HttpConnection
+
+    pauses = []
+    original = HttpConnection._pause
+    monkeypatch.setattr(HttpConnection, "_pause", lambda self, why: (pauses.append(why), original(self, why)))
+
     async def test(port, server):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         n = 200
@@ -232,6 +238,7 @@ def test_pipelined_flood_pauses_reading_and_every_request_is_answered_in_order()
             assert await reader.readexactly(2) == b"{}"
             answers += 1
         (connection,) = server.connections
+        assert "pipelined" in pauses  # it stopped reading rather than queue all 200
         assert not connection.pending and not connection.paused
         writer.close()
 
