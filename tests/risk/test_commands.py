@@ -136,5 +136,7 @@ def test_paper_random_is_labelled_leaky(market, tmp_path, capsys):
 def test_bad_input_exits_non_zero_with_one_message(market, tmp_path, capsys, args, words):
     argv = ["risk", "evaluate"] + args + ([] if "--data" in args else ["--data", str(market)]) + ["--models", "har", "--out", str(tmp_path / "o")]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("nimbleml: error:") and words in err and "fix:" in err
+    err = capsys.readouterr().err  # progress and INFO lines share stderr (one console): the error is the one message after them
+    assert err.count("nimbleml: error:") == 1
+    error = err[err.index("nimbleml: error:"):]
+    assert words in error and "fix:" in error
