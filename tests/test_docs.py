@@ -2,7 +2,8 @@
 
 - the site builds with ``mkdocs build --strict`` (a broken link, a missing page or a docstring
   griffe cannot read fails);
-- ``docs/cli.md`` names exactly the parser's commands, with the parser's one-line help;
+- ``docs/cli.md`` names exactly the parser's commands, with the parser's one-line help, and its
+  options tables name exactly a command's options, with their defaults;
 - every ``nimbleml`` command in the README and in the docs' how-to sections parses with the real
   parser (no removed flag, no renamed command);
 - the README's quick-start commands either run here on tiny data, or are listed in
@@ -96,6 +97,55 @@ def documented_commands() -> dict[str, str]:
     return {k: v for k, v in found.items() if not any(o.startswith(k + " ") for o in found)}
 
 
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of `nimbleml <cmd> [<sub>]`."""
+    parser = build_parser()
+    for word in name.split()[1:]:
+        parser = _subparsers(parser).choices[word]
+    return parser
+
+
+def default_cell(action: argparse.Action) -> str:
+    """How docs/cli.md's options tables write an option's default."""
+    value = action.default
+    if action.required:
+        return "required"
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    if isinstance(value, Path):
+        return f"`{value.as_posix()}`"
+    if isinstance(value, float) and value >= 1000 and value.is_integer():
+        return f"{int(value):,}"  # rates: 6,000
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"  # counts: 1,000,000 (ports stay 8000)
+    return str(value)
+
+
+def parser_options(name: str) -> dict[str, str]:
+    """`--option` -> its default cell, for the options `--help` shows (hidden ones left out)."""
+    return {action.option_strings[-1]: default_cell(action) for action in command_parser(name)._actions
+            if action.option_strings and action.help != argparse.SUPPRESS and action.dest != "help"}
+
+
+def documented_options() -> dict[str, dict[str, str]]:
+    """docs/cli.md: command -> {`--option`: default cell} from the options table in its section
+    (commands without a table left out)."""
+    text = (DOCS / "cli.md").read_text()
+    out = {}
+    for section in re.split(r"(?=^#+ `nimbleml )", text, flags=re.M):
+        heading = re.match(r"^#+ `(nimbleml [a-z -]+?)`", section)
+        rows = re.findall(r"^\| `(--[a-z0-9-]+)[^`]*` \| ([^|]*?) \|", section, re.M)
+        if heading and rows:
+            out[heading.group(1)] = dict(rows)
+    return out
+
+
 def fenced_blocks(text: str, lang: str = "bash") -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", text, re.M | re.S)
 
@@ -185,6 +235,21 @@ def test_cli_reference_quotes_the_help_the_parser_prints() -> None:
     docs = documented_commands()
     wrong = {name: (docs[name], help_) for name, help_ in cli_commands().items() if docs.get(name) != f"{help_}."}
     assert wrong == {}, "docs/cli.md's line under each command must be its --help line plus a full stop"
+
+
+def test_cli_reference_option_tables_match_the_parser() -> None:
+    tables = documented_options()
+    assert {"nimbleml serve", "nimbleml bench serve", "nimbleml loadtest"} <= set(tables)
+    wrong = {}
+    for name, documented in tables.items():
+        actual = parser_options(name)
+        if documented != actual:
+            wrong[name] = {"missing from the table": sorted(set(actual) - set(documented)),
+                           "not options of the command": sorted(set(documented) - set(actual)),
+                           "wrong default (table, parser)": {o: (documented[o], actual[o])
+                                                             for o in set(documented) & set(actual)
+                                                             if documented[o] != actual[o]}}
+    assert wrong == {}, "docs/cli.md's options tables and the parser differ"
 
 
 def test_every_documented_command_parses_with_todays_parser() -> None:
