@@ -131,6 +131,12 @@ def test_recent_history_leads_the_candidates_without_duplicates() -> None:
     np.testing.assert_array_equal(retrieve_bench.with_recent_history(retrieved, history, 3), [[6, 3, 5, 9, 8]])
 
 
+def test_only_keeps_the_named_methods() -> None:
+    methods = [Method("IVF16,Flat", [{}]), Method("HNSW32,Flat", [{}])]
+    assert retrieve_bench._only(methods, None) == methods
+    assert [m.factory for m in retrieve_bench._only(methods, ["HNSW32,Flat"])] == ["HNSW32,Flat"]
+
+
 def test_a_malformed_dataset_argument_names_the_form() -> None:
     with pytest.raises(NimbleError, match="NAME:MODEL:DATA"):
         retrieve_bench.Dataset.parse("runs/video/model")

@@ -114,7 +114,13 @@ SMALL_METHODS: list[Method] = [
 LARGE_METHODS: list[Method] = [
     Method("IVF4096,Flat", _nprobe([16, 32, 64, 128, 256]), train_points=131_072),
     Method("IVF4096,SQ8", _nprobe([16, 32, 64, 128, 256]), train_points=131_072),
-    Method("IVF4096,PQ32x4fs,RFlat", _nprobe([32, 64, 128, 256], k_factor_rf=4), train_points=131_072),
+    # 8-bit scalar codes stop near recall 0.97 at any nprobe (synthetic 4.2M): re-rank exactly
+    Method("IVF4096,SQ8,RFlat", _nprobe([16, 32, 64], k_factor_rf=2), train_points=131_072),
+    # 4-bit PQ re-ranking 4 x 50 candidates stayed at recall 0.25 whatever nprobe (synthetic
+    # 4.2M): its codes order a list too coarsely, so the exact re-rank gets many more
+    Method("IVF4096,PQ32x4fs,RFlat", [{"nprobe": 16, "k_factor_rf": 32}, {"nprobe": 32, "k_factor_rf": 64},
+                                      {"nprobe": 32, "k_factor_rf": 256}, {"nprobe": 64, "k_factor_rf": 256}],
+           train_points=131_072),
     Method("IVF8192_HNSW32,Flat", _ivf_hnsw([32, 64, 128, 256, 512]), train_points=131_072),
     Method("HNSW32,Flat", [{"efSearch": v} for v in (32, 64, 128, 256)]),
 ]
@@ -488,9 +494,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of exact search (torch) and of faiss alike")
     parser.add_argument("--hnsw-budget-s", type=float, default=300.0,
                         help="seconds an HNSW build at the large size may take before it is reported as a projection")
-    parser.add_argument("--two-stage-users", type=int, default=10_000, help="test users per dataset, two-stage table")
+    parser.add_argument("--two-stage-users", type=int, default=10_000,
+                        help="users per dataset in the two-stage table (0: no two-stage table)")
+    parser.add_argument("--only", action="append", default=None, metavar="FACTORY",
+                        help="measure only these methods (repeatable; exact search always runs), e.g. to rerun one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output folder for retrieve_bench.json and the curves")
+
+
+def _only(methods: list[Method], factories: list[str] | None) -> list[Method]:
+    return methods if factories is None else [m for m in methods if m.factory in factories]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -507,14 +520,17 @@ def run(args: argparse.Namespace) -> int:
         table = item_table(model)
         if source_table is None:
             source_table, source_queries = table, splits[dataset.name]
-        results.append(bench_catalogue(dataset.name, table, splits[dataset.name], SMALL_METHODS, args.threads,
+        results.append(bench_catalogue(dataset.name, table, splits[dataset.name], _only(SMALL_METHODS, args.only),
+                                       args.threads,
                                        args.target_recall, args.exact_timed, args.hnsw_budget_s))
         loadavg.append(os.getloadavg())
     generator = CatalogueModel(CatalogueConfig(n_components=args.components, seed=args.seed)).fit(source_table)
     realism = compare_catalogues(source_table, generator.sample(len(source_table) - 1, seed=args.seed + 1))
-    synthetic_runs = [(f"synthetic-{size_name(len(source_table) - 1)}", len(source_table) - 1, SMALL_METHODS)]
+    synthetic_runs = [(f"synthetic-{size_name(len(source_table) - 1)}", len(source_table) - 1,
+                       _only(SMALL_METHODS, args.only))]
     if args.synthetic_items:
-        synthetic_runs.append((f"synthetic-{size_name(args.synthetic_items)}", args.synthetic_items, LARGE_METHODS))
+        synthetic_runs.append((f"synthetic-{size_name(args.synthetic_items)}", args.synthetic_items,
+                               _only(LARGE_METHODS, args.only)))
     for name, n_items, methods in track(synthetic_runs, description="synthetic catalogues"):
         table = generator.sample(n_items, seed=args.seed + 1)
         results.append(bench_catalogue(name, table, source_queries, methods, args.threads, args.target_recall,
@@ -523,7 +539,7 @@ def run(args: argparse.Namespace) -> int:
         del table
         gc.collect()
     stages, stage_notes = {}, {}
-    for dataset, result in zip(args.dataset, results):
+    for dataset, result in zip(args.dataset if args.two_stage_users else [], results):
         chosen = result.selected or {"method": "HNSW32,Flat", "params": {"efSearch": 128}}
         method = next(m for m in SMALL_METHODS if m.factory == chosen["method"])
         spec = method.spec(chosen["params"], args.threads)
