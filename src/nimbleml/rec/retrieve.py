@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "item_index.faiss"
 INDEX_META_FILE = "item_index.json"
-SCORE_BLOCK_BYTES = 1 << 28  # exact search scores at most this much of the (users, items) matrix at once
+SCORE_BLOCK_BYTES = 1 << 30  # exact search scores at most this much of the (users, items) matrix at once
 
 
 @dataclass
