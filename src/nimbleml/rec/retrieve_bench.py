@@ -375,6 +375,16 @@ def served_ranker(ranker_dir: Path) -> tuple[SeqRec, OnnxScorer | SeqRecScorer, 
     return model, SeqRecScorer(model), f"{recipes} (float, torch)"
 
 
+def _score_in_blocks(scorer: SeqRecScorer | OnnxScorer, history: np.ndarray, candidates: np.ndarray,
+                     behaviors: np.ndarray | None, block: int = 256) -> np.ndarray:
+    """(U, C) ranker scores, ``block`` users per call (an ONNX session runs whatever batch it is
+    given at once); padding slots (id 0) are scored as item 1 and left for the caller to mask."""
+    candidates = np.where(candidates > 0, candidates, 1)
+    rows = [slice(i, i + block) for i in range(0, len(history), block)]
+    return np.concatenate([scorer.score(history[r], candidates[r], None if behaviors is None else behaviors[r])
+                           for r in rows])
+
+
 def two_stage(dataset: Dataset, users: np.ndarray, index_spec: IndexSpec, threads: int) -> tuple[dict, dict]:
     """Test-user quality of full ranking by the uncompressed model against retrieve-50-then-rank
     pipelines -> ({pipeline: metrics}, notes)."""
@@ -405,8 +415,7 @@ def two_stage(dataset: Dataset, users: np.ndarray, index_spec: IndexSpec, thread
             retrieved[f"ann_recent{RECENT_CANDIDATES}"] = with_recent_history(retrieved["ann"], history,
                                                                                RECENT_CANDIDATES)
         for retriever_name, candidates in retrieved.items():
-            scores = np.where(candidates > 0, scorer.score(history, np.where(candidates > 0, candidates, 1), beh),
-                              -np.inf)
+            scores = np.where(candidates > 0, _score_in_blocks(scorer, history, candidates, beh), -np.inf)
             ranks = _ranks_after_retrieval(candidates, scores, targets, model.config.n_items)
             result = RankingResult.from_ranks("two_stage", ranks, (10, 50))
             pipelines[f"{retriever_name}_top{K}_{ranker_name}"] = result.to_dict()
