@@ -35,6 +35,13 @@ def test_query_states_come_from_the_split_users() -> None:
     assert not set(queries.valid_users) & set(queries.test_users)
 
 
+def test_item_queries_are_disjoint_rows_of_the_table() -> None:
+    table = random_table(500, 8)
+    queries = retrieve_bench.item_query_split(table, 50, 100, seed=0)
+    assert not set(queries.valid_users) & set(queries.test_users) and queries.test_users.min() >= 1
+    np.testing.assert_array_equal(queries.test, table[queries.test_users])
+
+
 def test_recall_is_against_exact_search_on_the_same_queries() -> None:
     table = random_table(3000, 16)
     rng = np.random.default_rng(1)

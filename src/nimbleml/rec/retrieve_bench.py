@@ -177,6 +177,16 @@ def query_split(model: SeqRec, data: SequenceData, n_valid: int, n_test: int, se
     )  # fmt: skip
 
 
+def item_query_split(table: np.ndarray, n_valid: int, n_test: int, seed: int) -> QuerySplit:
+    """Disjoint validation and test queries that are real item vectors (rows 1.. of ``table``):
+    a stress test with queries spread over the whole table, where a barely trained model's user
+    states all point one way (``query_spread``). "users" are item ids here."""
+    valid, test = split_users(len(table) - 1, n_valid, n_test, seed)
+    rows = {"valid": valid + 1, "test": test + 1}
+    return QuerySplit(rows["valid"], rows["test"], np.ascontiguousarray(table[rows["valid"]]),
+                      np.ascontiguousarray(table[rows["test"]]))
+
+
 def recall_per_query(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
     """(Q,) share of each exact top-k row found in the approximate row (same queries, same table)."""
     return np.array([len(np.intersect1d(a[a > 0], e)) / len(e) for a, e in zip(approx, exact)])
@@ -505,6 +515,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds an HNSW build at the large size may take before it is reported as a projection")
     parser.add_argument("--two-stage-users", type=int, default=10_000,
                         help="users per dataset in the two-stage table (0: no two-stage table)")
+    parser.add_argument("--queries", choices=["users", "items"], default="users",
+                        help="query vectors: test users' states (what is served), or held-out real item vectors "
+                             "(a stress test: spread queries)")
     parser.add_argument("--only", action="append", default=None, metavar="FACTORY",
                         help="measure only these methods (repeatable; exact search always runs), e.g. to rerun one")
     parser.add_argument("--seed", type=int, default=0)
@@ -525,11 +538,14 @@ def run(args: argparse.Namespace) -> int:
     for dataset in args.dataset:
         model = load_checkpoint(dataset.model_dir)
         data = SequenceData.load(dataset.data_dir)
-        splits[dataset.name] = query_split(model, data, args.valid_queries, args.test_queries, args.seed)
         table = item_table(model)
+        splits[dataset.name] = query_split(model, data, args.valid_queries, args.test_queries, args.seed)
+        queries = splits[dataset.name]
+        if args.queries == "items":
+            queries = item_query_split(table, args.valid_queries, args.test_queries, args.seed)
         if source_table is None:
-            source_table, source_queries = table, splits[dataset.name]
-        results.append(bench_catalogue(dataset.name, table, splits[dataset.name], _only(SMALL_METHODS, args.only),
+            source_table, source_queries = table, queries
+        results.append(bench_catalogue(dataset.name, table, queries, _only(SMALL_METHODS, args.only),
                                        args.threads,
                                        args.target_recall, args.exact_timed, args.hnsw_budget_s))
         loadavg.append(os.getloadavg())
@@ -575,6 +591,7 @@ def run(args: argparse.Namespace) -> int:
         "synthetic": "SYNTHETIC catalogues (synthetic-*): draws from a Gaussian mixture fitted to the first "
                      "dataset's item table, queried with that model's real user states",
         "queries": {name: {"valid": len(s.valid_users), "test": len(s.test_users)} for name, s in splits.items()},
+        "query_source": args.queries,
         "target_recall": args.target_recall,
         "threads": {"torch": args.threads, "faiss": args.threads},
         "curves": CURVE_FILE,
