@@ -4,8 +4,11 @@ away, and a data fingerprint for the bundled arch data."""
 
 from __future__ import annotations
 
+import html
 import re
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from nimbleml.risk.html_report import _fingerprint_html, _table, _tables, first_screen, summarise, summary_html
@@ -107,3 +110,78 @@ def test_arch_data_has_a_fingerprint_with_the_arch_version() -> None:
 def test_rejecting_p_values_are_flagged() -> None:
     page = _table(["method", "Kupiec p"], [["normal 95%", 0.3], ["normal 99%", 0.001]], {1: lambda p: -p}, p_values=(1,))
     assert "<td class='best'><b>0.3</b></td>" in page and "<td class='fail'>0.001</td>" in page
+
+
+# ------------------------------------------------------------------ issue 25 keys and the KS figure
+def _predictions(horizon: int = 5, n_dates: int = 150, seed: int = 0) -> pd.DataFrame:
+    """Three assets whose daily returns are Gaussian with the cnn's forecast variance (so h y²/f²
+    is χ²(h) for the cnn); har forecasts twice the vol; two fx targets are exact zeros (floored)."""
+    rng = np.random.default_rng(seed)
+    dates = pd.bdate_range("2008-01-01", periods=n_dates)
+    frames = []
+    for asset, cls, vol in (("A", "equity", 0.02), ("B", "equity", 0.015), ("E", "fx", 0.005)):
+        f = vol * np.exp(0.2 * rng.standard_normal(n_dates))
+        y = f * np.sqrt(rng.chisquare(horizon, n_dates) / horizon)
+        if cls == "fx":
+            y[[3, 40]] = 0.0
+        frames.append(pd.DataFrame({"date": dates, "asset": asset, "asset_class": cls, "target": y, "cnn": f, "har": 2 * f,
+                                    "var_floor": 0.01 * vol**2}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_ks_figure_plots_the_residuals_the_ks_test_tests(tmp_path) -> None:
+    from scipy import stats as sps
+
+    from nimbleml.risk.comparison import ks_tests
+    from nimbleml.risk.html_report import fig_ks, standardised_residuals
+
+    p, models = _predictions(), ["cnn", "har"]
+    ks = ks_tests(p, models, 5)
+    z = standardised_residuals(p, models, 5)
+    assert set(z) == set(ks) == {"equity", "fx"}
+    for c in z:
+        for m in models:
+            assert len(z[c][m]) == ks[c][m]["n"]
+            assert sps.kstest(z[c][m], sps.chi2(5).cdf).statistic == pytest.approx(ks[c][m]["stat"])
+    assert ks["equity"]["cnn"]["stat"] < ks["equity"]["har"]["stat"]  # calibrated vs variance 4x too high
+    assert np.median(z["equity"]["har"]) < np.median(z["equity"]["cnn"])  # over-forecast: residuals left of χ²(5)
+    assert fig_ks(p, models, {"horizon": 5, "tests": {"ks": ks}}, tmp_path) == "ks_cdfs.png"
+    assert (tmp_path / "ks_cdfs.png").stat().st_size > 10_000
+
+
+def test_tables_show_floor_dm_lags_holm_indicative_windows_log_mse_mcs_and_var_basis(metrics: dict) -> None:
+    from nimbleml.risk.comparison import comparison_section
+    from nimbleml.risk.evaluate import score_forecasts
+    from nimbleml.risk.experiment import floor_section
+
+    p, models = _predictions(), ["cnn", "har"]
+    floor = p["var_floor"].to_numpy()
+    section = comparison_section(p, models, 5, {"gfc": ("2008-02-01", "2008-04-30")}, None, mcs_reps=50)
+    port = metrics["portfolio"] | {
+        "var_basis": {"one_day": "the 5-day mean daily variance forecast used for day t+1: assumes a flat variance",
+                      "h_day": "sqrt(5) x the daily vol", "calendar": "each asset's own next trading day"},
+        "universe": "the S&P 500 constituents of 2021, i.e. the survivors"}
+    m = {"config": metrics["config"] | {"windows": {"gfc": ["2008-02-01", "2008-04-30"]}}, "horizon": 5,
+         "models": {name: score_forecasts(p["target"].to_numpy(), p[name].to_numpy(), floor).to_dict() for name in models},
+         "by_asset_class": {}, "variance_floor": floor_section(p, models), "portfolio": port, "protocol": metrics["protocol"],
+         **section}
+    assert m["tests"]["dm_lags"]["gfc"]["indicative"] and m["variance_floor"]["target_rows_floored"] == 2
+    tables = dict(_tables(m, models))
+    text = {k: html.unescape(re.sub(r"<[^>]+>", " ", v)) for k, v in tables.items()}
+    pooled = tables["Pooled test scores"]
+    for head in ("QLIKE unfloored", "forecasts floored", "DM p vs cnn", "Holm p", "DM lag"):
+        assert f"<th>{head}</th>" in pooled
+    assert f"{m['models']['har']['qlike_unfloored']:.4g}" in pooled
+    assert "2 of 450 target rows floored (fx 2)" in text["Pooled test scores"]
+    assert f"{m['tests']['dm']['cnn']['har']['pvalue_holm']:.4g}" in pooled
+    lags = m["tests"]["dm_lags"]
+    assert f"DM lag {lags['all']['lags'][0]}" in text["Pooled test scores"] and "Newey-West 1994" in text["Pooled test scores"]
+    gfc = text["Stress window gfc"]
+    assert "indicative" in gfc and f"effective n = {lags['gfc']['effective_n']}" in gfc and "every 5-th date" in gfc
+    assert "in MCS (log-variance MSE)" in gfc and "Holm p" in gfc
+    assert "Driscoll-Kraay" in " ".join(tables)
+    var = text[next(k for k in tables if k.startswith("Portfolio VaR"))]
+    assert "1-day VaR: the 5-day mean daily variance forecast used for day t+1" in var and "survivors" in var
+    page = html.unescape(re.sub(r"<[^>]+>", "", summary_html(summarise(m))))
+    assert "on the squared error of log variance: " in page and "MCS 10% members (log-variance MSE)" in page
+    assert "1-day VaR basis: the 5-day mean daily variance" in page and "universe: the S&P 500 constituents of 2021" in page

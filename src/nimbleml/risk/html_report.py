@@ -1,13 +1,18 @@
 """``report.html``: one self-contained page (figures embedded as base64 PNG) a validator can open offline.
 
 Figures (also written as PNGs beside it): example input images per encoder, forecast vs
-realised volatility with the stress windows shaded, error distributions, KS CDFs per asset
-class, the Diebold-Mariano matrix as a heat map, Model Confidence Set membership, per-class
-QLIKE bars, the paper's Figure 4 radar of portfolio weights and risk, VaR exceedances over time.
+realised volatility with the stress windows shaded, error distributions, standardised residuals
+h·y²/f² against χ²(h) per asset class (the KS test's sample), the Diebold-Mariano matrix as a heat
+map with Holm-adjusted p-values and the lags used, Model Confidence Set membership on QLIKE and on
+the squared error of log variance, per-class QLIKE bars, the paper's Figure 4 radar of portfolio
+weights and risk, VaR exceedances over time.
 The page opens on a summary computed from ``metrics.json`` (``summarise``: the winner overall, per
 asset class and per stress window, MCS members, VaR backtest verdicts, the paper formula's
-understatement); tables follow with the best value of each column marked; the run config is folded
-away under the data fingerprint.
+understatement, MCS members on both losses, the VaR basis and equity universe); tables follow with
+the best value of each column marked: pooled scores with QLIKE without floored targets, forecasts
+floored, DM against the CNN with Holm-adjusted p and lag, the variance floor's rule and count;
+stress windows with their DM lag, the indicative marking and effective n, and both MCS; the VaR
+basis and calendar. The run config is folded away under the data fingerprint.
 """
 
 from __future__ import annotations
@@ -87,63 +92,107 @@ def fig_errors(p: pd.DataFrame, models: list[str], out: Path) -> str:
     return _save(fig, out, "error_distributions.png")
 
 
+def standardised_residuals(p: pd.DataFrame, models: list[str], horizon: int) -> dict[str, dict[str, np.ndarray]]:
+    """{class: {model: (n,) h y² / f²}} on every h-th date of each asset (non-overlapping targets),
+    target and forecast floored at the row's ``var_floor``: the sample ``comparison.ks_tests``
+    tests against χ²(h) (same rows, same floor; a test checks the statistics agree)."""
+    floor = p["var_floor"].to_numpy() if "var_floor" in p else np.full(len(p), 1e-14)
+    p = p.assign(_floor=floor)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for c in ASSET_CLASSES:
+        rows = p[p["asset_class"] == c].sort_values(["asset", "date"], kind="stable")
+        rows = rows[rows.groupby("asset").cumcount().to_numpy() % horizon == 0]
+        if len(rows) < 2:
+            continue
+        y = np.maximum(rows["target"].to_numpy() ** 2, rows["_floor"].to_numpy())
+        out[c] = {m: horizon * y / np.maximum(rows[m].to_numpy() ** 2, rows["_floor"].to_numpy()) for m in models}
+    return out
+
+
 def fig_ks(p: pd.DataFrame, models: list[str], metrics: dict, out: Path) -> str:
-    """Empirical CDFs of forecast and realised vol per asset class, KS statistic in the legend."""
-    classes = [c for c in ASSET_CLASSES if (p["asset_class"] == c).any()]
-    fig, axes = plt.subplots(1, len(classes), figsize=(4.2 * len(classes), 3.6), squeeze=False)
+    """Per asset class: the empirical CDF of each model's standardised residuals h y² / f² against
+    the χ²(h) CDF (their law if daily returns are Gaussian with the forecast variance), with the KS
+    statistic of ``tests.ks`` in the legend. A curve left of χ²(h) over-forecasts variance, right of
+    it under-forecasts; fat tails keep every model off it at the top."""
+    from scipy import stats as sps
+
+    h = int(metrics["horizon"])
+    z = standardised_residuals(p, models, h)
+    classes = [c for c in ASSET_CLASSES if c in z]
+    fig, axes = plt.subplots(1, max(len(classes), 1), figsize=(4.2 * max(len(classes), 1), 3.8), squeeze=False)
+    hi = float(sps.chi2(h).ppf(0.995))
+    grid = np.linspace(0, 2 * hi, 400)
     for ax, c in zip(axes[0], classes):
-        rows = p[p["asset_class"] == c]
-        hi = np.quantile(rows["target"], 0.99)
-        for col in ["target", *models]:
-            x = np.sort(rows[col].to_numpy())
-            ks = metrics["tests"]["ks"].get(c, {}).get(col)
-            label = "realised" if col == "target" else f"{col} (KS {ks['stat']:.2f})" if ks else col
-            ax.plot(x, np.arange(1, len(x) + 1) / len(x), lw=1.4 if col == "target" else 0.8,
-                    color="black" if col == "target" else None, label=label)
-        ax.set_xlim(0, hi)
-        ax.set_title(c)
-        ax.legend(fontsize=6)
+        ax.plot(grid, sps.chi2(h).cdf(grid), color="black", lw=1.6, label=f"χ²({h})")
+        for m in models:
+            x = np.sort(z[c][m])
+            ks = metrics["tests"].get("ks", {}).get(c, {}).get(m)
+            ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", lw=0.8,
+                    label=f"{m} (KS {ks['stat']:.2f})" if ks else m)
+        ax.set_xlim(0, 2 * hi)
+        ax.set_xlabel(f"h·y²/f² (h = {h})")
+        n = len(next(iter(z[c].values())))
+        ax.set_title(f"{c}: {n} non-overlapping targets", fontsize=9)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"Standardised residuals against χ²({h}) (tests.ks); left of the black curve: variance over-forecast",
+                 fontsize=9)
     return _save(fig, out, "ks_cdfs.png")
 
 
 def fig_dm(metrics: dict, models: list[str], out: Path) -> str:
     """Heat map of DM statistics (row model minus column model; negative = row better), p-values printed."""
     k = len(models)
-    stat, pval = np.full((k, k), np.nan), np.full((k, k), np.nan)
+    stat, pval, holm = np.full((k, k), np.nan), np.full((k, k), np.nan), np.full((k, k), np.nan)
     for i, a in enumerate(models):
         for j, b in enumerate(models):
             entry = metrics["tests"]["dm"].get(a, {}).get(b)
             if entry:
                 stat[i, j], pval[i, j] = entry["stat"], entry["pvalue"]
                 stat[j, i], pval[j, i] = -entry["stat"], entry["pvalue"]
+                holm[i, j] = holm[j, i] = entry.get("pvalue_holm", np.nan)
     lim = np.nanmax(np.abs(stat)) if np.isfinite(stat).any() else 1.0
     fig, ax = plt.subplots(figsize=(1.0 * k + 2, 0.8 * k + 1.5))
     im = ax.imshow(stat, cmap="RdBu_r", vmin=-lim, vmax=lim)
     for i in range(k):
         for j in range(k):
             if np.isfinite(stat[i, j]):
-                ax.text(j, i, f"{stat[i, j]:.1f}\np={pval[i, j]:.2g}", ha="center", va="center", fontsize=7)
+                text = f"{stat[i, j]:.1f}\np={pval[i, j]:.2g}" + (f"\nHolm {holm[i, j]:.2g}" if np.isfinite(holm[i, j]) else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=6.5)
     ax.set_xticks(range(k), models, rotation=45)
     ax.set_yticks(range(k), models)
-    ax.set_title("Diebold-Mariano (HLN, Newey-West) on daily mean QLIKE\nnegative: row model has the lower loss")
+    lags = metrics["tests"].get("dm_lags", {}).get("all", {})
+    lag_text = (f"; lags {lags['lags'][0]}-{lags['lags'][1]} (NW 1994 automatic, >= h-1), {lags['n']} dates"
+                if lags.get("lags") else "")
+    ax.set_title(f"Diebold-Mariano (HLN, Newey-West) on daily mean QLIKE{lag_text}\n"
+                 "negative: row model has the lower loss; Holm: adjusted over the table's pairs", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     return _save(fig, out, "dm_matrix.png")
 
 
 def fig_mcs(metrics: dict, models: list[str], out: Path) -> str:
-    """MCS p-values per scope; models in the 10% set are outlined and marked."""
+    """MCS p-values per scope on QLIKE and (when computed) on the squared error of log variance;
+    models in the set are marked IN."""
+    losses = [("QLIKE", metrics["tests"]["mcs"])]
+    if metrics["tests"].get("mcs_log_mse"):
+        losses.append(("squared error of log variance", metrics["tests"]["mcs_log_mse"]))
     scopes = list(metrics["tests"]["mcs"])
-    grid = np.array([[metrics["tests"]["mcs"][s]["pvalues"].get(m, np.nan) for m in models] for s in scopes]).reshape(len(scopes), len(models))
-    fig, ax = plt.subplots(figsize=(1.0 * len(models) + 2, 0.6 * len(scopes) + 1.5))
-    ax.imshow(grid, cmap="Greens", vmin=0, vmax=1)
-    for i, s in enumerate(scopes):
-        included = set(metrics["tests"]["mcs"][s]["included"])
-        for j, m in enumerate(models):
-            ax.text(j, i, ("IN " if m in included else "") + f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    fontweight="bold" if m in included else "normal")
-    ax.set_xticks(range(len(models)), models, rotation=45)
-    ax.set_yticks(range(len(scopes)), scopes)
-    ax.set_title("Model Confidence Set (10%): MCS p-values, IN = survives")
+    fig, axes = plt.subplots(len(losses), 1, figsize=(1.0 * len(models) + 2, (0.6 * len(scopes) + 1.6) * len(losses)),
+                             squeeze=False)
+    for ax, (loss, table) in zip(axes[:, 0], losses):
+        grid = np.array([[table.get(s, {}).get("pvalues", {}).get(m, np.nan) for m in models] for s in scopes]
+                        ).reshape(len(scopes), len(models))
+        ax.imshow(grid, cmap="Greens", vmin=0, vmax=1)
+        for i, s in enumerate(scopes):
+            included = set(table.get(s, {}).get("included", []))
+            for j, m in enumerate(models):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, ("IN " if m in included else "") + f"{grid[i, j]:.2f}", ha="center", va="center",
+                            fontsize=7, fontweight="bold" if m in included else "normal")
+        ax.set_xticks(range(len(models)), models, rotation=45)
+        ax.set_yticks(range(len(scopes)), scopes)
+        ax.set_title(f"MCS on {loss}", fontsize=9)
+    size = next(iter(metrics["tests"]["mcs"].values()), {}).get("size", 0.10)
+    fig.suptitle(f"Model Confidence Set ({size:.0%}): MCS p-values, IN = survives", fontsize=10)
     return _save(fig, out, "mcs_membership.png")
 
 
@@ -200,8 +249,10 @@ def fig_var(path: pd.DataFrame, metrics: dict, windows: dict, out: Path) -> str:
     for name, (a, b) in _overlapping(windows, dates).items():
         ax.axvspan(pd.Timestamp(a), pd.Timestamp(b), color="red", alpha=0.08)
     v = port["var"]["normal"]["99"]
+    basis = port.get("var_basis", {}).get("one_day")
     ax.set_title(f"VaR 99% exceedances ({m}): {v['exceedances']} vs {v['expected']:.1f} expected, "
-                 f"Kupiec p={v['kupiec_pvalue']:.3g}, Christoffersen p={v['christoffersen_pvalue']:.3g}")
+                 f"Kupiec p={v['kupiec_pvalue']:.3g}, Christoffersen p={v['christoffersen_pvalue']:.3g}"
+                 + (f"\n1-day VaR from {basis}" if basis else ""), fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, out, "var_exceedances.png")
 
@@ -221,6 +272,7 @@ class ScopeWinner:
     runner_up_qlike: float | None
     n: int  # test samples in the slice
     mcs: list[str] | None  # models in the Model Confidence Set here; None when the test was skipped
+    mcs_log_mse: list[str] | None = None  # the same on the squared error of log variance (None: not computed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -275,6 +327,8 @@ class ReportSummary:
     paper_vol: float | None = None  # mean daily portfolio vol, fraction: the paper's sqrt(sum w_i² σ_i²)
     cov_vol: float | None = None  # mean daily portfolio vol, fraction: sqrt(w'Σw)
     understatement: float | None = None  # mean of 1 - paper_vol / cov_vol over test dates
+    var_basis: str | None = None  # portfolio.var_basis.one_day: what the 1-day VaR's vol is
+    universe: str | None = None  # portfolio.universe: the equity universe and its survivorship
 
     @property
     def winner(self) -> str:
@@ -287,7 +341,8 @@ class ReportSummary:
         return {"winner": self.winner, "scopes": [s.to_dict() for s in self.scopes], "mcs_size": self.mcs_size,
                 "test_period": list(self.test_period), "windows_outside": {k: list(v) for k, v in self.windows_outside.items()},
                 "primary_model": self.primary_model, "var": [v.to_dict() for v in self.var], "paper_vol": self.paper_vol,
-                "cov_vol": self.cov_vol, "understatement": self.understatement}
+                "cov_vol": self.cov_vol, "understatement": self.understatement, "var_basis": self.var_basis,
+                "universe": self.universe}
 
 
 def _ranked(scores: dict[str, dict]) -> list[tuple[str, float]]:
@@ -296,14 +351,15 @@ def _ranked(scores: dict[str, dict]) -> list[tuple[str, float]]:
     return sorted(pairs, key=lambda x: x[1])
 
 
-def _scope_winner(kind: str, scope: str, scores: dict[str, dict], mcs: dict | None) -> ScopeWinner | None:
+def _scope_winner(kind: str, scope: str, scores: dict[str, dict], mcs: dict | None,
+                  mcs_log_mse: dict | None = None) -> ScopeWinner | None:
     ranked = _ranked(scores)
     if not ranked:
         return None
     (best, q), *rest = ranked
     runner, rq = rest[0] if rest else (None, None)
     return ScopeWinner(kind, scope, best, q, runner, rq, int(scores[best].get("n", 0)),
-                       list(mcs["included"]) if mcs else None)
+                       list(mcs["included"]) if mcs else None, list(mcs_log_mse["included"]) if mcs_log_mse else None)
 
 
 def _var_verdicts(model: str, section: dict) -> list[VaRVerdict]:
@@ -320,9 +376,10 @@ def summarise(metrics: dict) -> ReportSummary:
     """The report's first screen from a run's metrics: winners per scope, MCS members, VaR verdicts,
     and how much the paper's zero-correlation portfolio formula understates sqrt(w'Σw)."""
     mcs = metrics.get("tests", {}).get("mcs", {})
-    scopes = [_scope_winner("overall", "all test dates", metrics["models"], mcs.get("all"))]
-    scopes += [_scope_winner("asset class", c, s, mcs.get(c)) for c, s in metrics.get("by_asset_class", {}).items()]
-    scopes += [_scope_winner("stress window", w, s, mcs.get(w)) for w, s in metrics.get("windows", {}).items()]
+    log_mse = metrics.get("tests", {}).get("mcs_log_mse", {})
+    scopes = [_scope_winner("overall", "all test dates", metrics["models"], mcs.get("all"), log_mse.get("all"))]
+    scopes += [_scope_winner("asset class", c, s, mcs.get(c), log_mse.get(c)) for c, s in metrics.get("by_asset_class", {}).items()]
+    scopes += [_scope_winner("stress window", w, s, mcs.get(w), log_mse.get(w)) for w, s in metrics.get("windows", {}).items()]
     windows = metrics["config"].get("windows", {})
     proto = metrics.get("protocol", {})
     summary = ReportSummary(
@@ -336,6 +393,8 @@ def summarise(metrics: dict) -> ReportSummary:
         return summary
     summary.primary_model = port["primary_model"]
     summary.paper_vol, summary.cov_vol, summary.understatement = port["paper_vol"], port["cov_vol"], port["understatement"]
+    summary.var_basis = port.get("var_basis", {}).get("one_day")
+    summary.universe = port.get("universe")
     summary.var = _var_verdicts(summary.primary_model, port)
     if summary.winner != summary.primary_model and summary.winner in port.get("models", {}):
         summary.var += _var_verdicts(summary.winner, port["models"][summary.winner])
@@ -374,7 +433,10 @@ def summary_html(summary: ReportSummary) -> str:
                      "(a test period that covers them, e.g. <code>--test-start 2007-01-01</code>, scores them).")
     if overall.mcs is not None:
         lines.append(f"Model Confidence Set ({mcs_pct}) over all test dates: <b>{e(', '.join(overall.mcs))}</b> "
-                     "(the models not statistically worse than the best).")
+                     "(the models not statistically worse than the best; the report's multi-model statement, "
+                     "pairwise DM p-values below are also given Holm-adjusted)"
+                     + (f"; on the squared error of log variance: <b>{e(', '.join(overall.mcs_log_mse))}</b>"
+                        if overall.mcs_log_mse is not None else "") + ".")
     if summary.var:
         roles = [(summary.primary_model, "the run's primary model")]
         if summary.winner != summary.primary_model and summary.var_of(summary.winner):
@@ -387,17 +449,21 @@ def summary_html(summary: ReportSummary) -> str:
                      f"sqrt(w'Σw) by <b class='fail'>{summary.understatement:.1%}</b> on average "
                      f"({summary.paper_vol:.2%} vs {summary.cov_vol:.2%} daily vol)"
                      + (f"; its 99% VaR is exceeded {paper.exceedances} times vs {paper.expected:.1f} expected" if paper else "") + ".")
+    log_mse = any(s.mcs_log_mse is not None for s in summary.scopes)
     rows = "".join(
         f"<tr><td class='scope'>{e(s.kind)}</td><td class='scope'>{e(s.scope)}</td><td class='win'><b>{e(s.best)}</b></td>"
         f"<td>{s.best_qlike:.4g}</td><td class='scope'>{e(s.runner_up or '')}</td>"
         f"<td>{'' if s.runner_up_qlike is None else f'{s.runner_up_qlike:.4g}'}</td>"
-        f"<td>{s.n}</td><td class='scope'>{e(', '.join(s.mcs)) if s.mcs is not None else 'too few dates'}</td></tr>"
+        f"<td>{s.n}</td><td class='scope'>{e(', '.join(s.mcs)) if s.mcs is not None else 'too few dates'}</td>"
+        + (f"<td class='scope'>{e(', '.join(s.mcs_log_mse)) if s.mcs_log_mse is not None else 'too few dates'}</td>"
+           if log_mse else "") + "</tr>"
         for s in summary.scopes)
     rows += "".join(f"<tr><td class='scope'>stress window</td><td class='scope'>{e(w)}</td>"
-                    f"<td class='scope' colspan='6'>no test date ({a} .. {b} is outside the test period)</td></tr>"
+                    f"<td class='scope' colspan='{7 if log_mse else 6}'>no test date ({a} .. {b} is outside the test period)</td></tr>"
                     for w, (a, b) in summary.windows_outside.items())
     winners = ("<table class='summary'><tr><th>slice</th><th>name</th><th>best (lowest QLIKE)</th><th>QLIKE</th><th>next best</th>"
-               f"<th>QLIKE</th><th>n</th><th>MCS {mcs_pct} members</th></tr>{rows}</table>")
+               f"<th>QLIKE</th><th>n</th><th>MCS {mcs_pct} members (QLIKE)</th>"
+               + (f"<th>MCS {mcs_pct} members (log-variance MSE)</th>" if log_mse else "") + f"</tr>{rows}</table>")
     parts = ["<section id='summary'><h2>Summary</h2><ul class='headline'>", *[f"<li>{x}</li>" for x in lines], "</ul>", winners]
     if summary.var:
         models = list(dict.fromkeys(v.model for v in summary.var))
@@ -414,7 +480,9 @@ def summary_html(summary: ReportSummary) -> str:
 
         body = "".join(f"<tr><td class='scope'>{e(label)}</td>" + "".join(cells(by.get((m, label))) for m in models) + "</tr>"
                        for label in labels)
-        parts.append(f"<h3>1-day portfolio VaR backtests (FAIL: p &lt; {VAR_TEST_SIZE:g})</h3><table class='summary'>"
+        notes = "".join(f"<p class='meta'>{label}: {e(text)}</p>" for label, text in
+                        (("1-day VaR basis", summary.var_basis), ("universe", summary.universe)) if text)
+        parts.append(f"<h3>1-day portfolio VaR backtests (FAIL: p &lt; {VAR_TEST_SIZE:g})</h3>{notes}<table class='summary'>"
                      f"<tr><th rowspan='2'>VaR</th>{head}</tr><tr>{sub}</tr>{body}</table>")
     parts.append("</section>")
     return "".join(parts)
@@ -457,10 +525,58 @@ def _table(head: list[str], rows: list[list], best: dict[int, Callable[[float], 
 SCORE_BEST = {1: _lower, 2: _higher, 3: _lower}
 
 
+def _dm_vs(table: dict, anchor: str, model: str) -> dict:
+    """The DM entry of (anchor, model) from a tests.dm-style table, whichever way round it was
+    stored (the statistic's sign is flipped to read as anchor minus model); {} when absent."""
+    entry = table.get(anchor, {}).get(model)
+    if entry:
+        return entry
+    entry = table.get(model, {}).get(anchor)
+    return {**entry, "stat": -entry["stat"]} if entry else {}
+
+
+def _caption(*lines: str | None) -> str:
+    return "".join(f"<p class='meta'>{line}</p>" for line in lines if line)
+
+
+def _lag_text(lags: dict, horizon: int | None) -> str | None:
+    """One line naming the DM lags of a table, and the indicative marking with its effective n."""
+    if not lags or not lags.get("lags"):
+        return None
+    lo, hi = lags["lags"]
+    text = f"DM lag {lo}" + (f"-{hi}" if hi != lo else "") + f" ({html.escape(lags.get('rule', ''))}), {lags['n']} dates"
+    if lags.get("indicative"):
+        text += (f"; <b class='warn'>indicative</b>: fewer than 30 non-overlapping targets, so tested on every "
+                 f"{horizon or 'h'}-th date only, effective n = {lags['effective_n']}")
+    return text
+
+
+def _floor_text(metrics: dict) -> str | None:
+    floor = metrics.get("variance_floor")
+    if not floor:
+        return None
+    if "target_rows_floored" not in floor:
+        return f"variance floor: {html.escape(floor.get('rule', ''))}"
+    by_class = ", ".join(f"{c} {n}" for c, n in floor.get("target_rows_floored_by_class", {}).items() if n)
+    return (f"variance floor ({html.escape(floor['rule'])}): {floor['target_rows_floored']} of {floor['n_rows']} target rows "
+            f"floored{f' ({by_class})' if by_class else ''}; 'QLIKE unfloored' leaves those rows out")
+
+
 def _tables(metrics: dict, models: list[str]) -> list[tuple[str, str]]:
-    out = [("Pooled test scores", _table(["model", "RMSE", "R²", "QLIKE", "MAE", "n"],
-                                          [[m, s["rmse"], s["r2"], s["qlike"], s["mae"], s["n"]] for m, s in metrics["models"].items()],
-                                          {**SCORE_BEST, 4: _lower}))]
+    tests = metrics.get("tests", {})
+    horizon = metrics.get("horizon")
+    anchor = "cnn" if "cnn" in models else models[0]
+    floored = metrics.get("variance_floor", {}).get("forecast_rows_floored", {})
+    dm = tests.get("dm", {})
+    rows = []
+    for m, s in metrics["models"].items():
+        d = _dm_vs(dm, anchor, m) if m != anchor else {}
+        rows.append([m, s["rmse"], s["r2"], s["qlike"], s.get("qlike_unfloored", ""), s["mae"], s["n"], floored.get(m, ""),
+                     d.get("pvalue", ""), d.get("pvalue_holm", ""), d.get("lags", "")])
+    out = [("Pooled test scores",
+            _caption(_floor_text(metrics), _lag_text(tests.get("dm_lags", {}).get("all", {}), horizon))
+            + _table(["model", "RMSE", "R²", "QLIKE", "QLIKE unfloored", "MAE", "n", "forecasts floored",
+                      f"DM p vs {anchor}", "Holm p", "DM lag"], rows, {**SCORE_BEST, 4: _lower, 5: _lower}))]
     classes = list(metrics.get("by_asset_class", {}))
     if classes:
         out.append(("QLIKE by asset class", _table(["model", *classes],
@@ -470,31 +586,45 @@ def _tables(metrics: dict, models: list[str]) -> list[tuple[str, str]]:
         if not scores:
             out.append((f"Stress window {name}", "<p>no test date in this window</p>"))
             continue
-        dm = metrics["tests"]["dm_windows"].get(name, {})
-        anchor = next(iter(dm), None)
-        mcs = metrics["tests"]["mcs"].get(name, {})
-        rows = [[m, s["rmse"], s["r2"], s["qlike"], s["n"], dm.get(anchor, {}).get(m, {}).get("pvalue", ""),
-                 "yes" if m in mcs.get("included", []) else "no"] for m, s in scores.items()]
-        out.append((f"Stress window {name}", _table(["model", "RMSE", "R²", "QLIKE", "n", f"DM p vs {anchor}", "in MCS"], rows,
-                                                    SCORE_BEST)))
+        dmw = tests.get("dm_windows", {}).get(name, {})
+        mcs = tests.get("mcs", {}).get(name, {})
+        mcs_log = tests.get("mcs_log_mse", {}).get(name)
+        head = ["model", "RMSE", "R²", "QLIKE", "n", f"DM p vs {anchor}", "Holm p", "in MCS (QLIKE)"]
+        rows = []
+        for m, s in scores.items():
+            d = _dm_vs(dmw, anchor, m) if m != anchor else {}
+            row = [m, s["rmse"], s["r2"], s["qlike"], s["n"], d.get("pvalue", ""), d.get("pvalue_holm", ""),
+                   "yes" if m in mcs.get("included", []) else "no"]
+            if mcs_log is not None:
+                row.append("yes" if m in mcs_log.get("included", []) else "no")
+            rows.append(row)
+        if mcs_log is not None:
+            head.append("in MCS (log-variance MSE)")
+        out.append((f"Stress window {name}", _caption(_lag_text(tests.get("dm_lags", {}).get(name, {}), horizon))
+                    + _table(head, rows, SCORE_BEST)))
     for name, scores in metrics["regimes"].items():
         if not scores:
             continue
         out.append((f"Regime {name}", _table(["model", "RMSE", "R²", "QLIKE", "n"],
                                              [[m, s["rmse"], s["r2"], s["qlike"], s["n"]] for m, s in scores.items()], SCORE_BEST)))
-    out.append(("Mincer-Zarnowitz (variance, panel HAC): best is alpha nearest 0, beta nearest 1",
+    mz = tests.get("mz", {})
+    out.append(("Mincer-Zarnowitz (variance, pooled over assets, Driscoll-Kraay errors): best is alpha nearest 0, beta nearest 1",
                 _table(["model", "alpha", "beta", "p (a=0, b=1)", "R²", "lags"],
-                       [[m, r["alpha"], r["beta"], r["pvalue"], r["r2"], r["lags"]] for m, r in metrics["tests"]["mz"].items()],
+                       [[m, r["alpha"], r["beta"], r["pvalue"], r["r2"], r["lags"]] for m, r in mz.items()],
                        {1: abs, 2: lambda b: abs(b - 1.0), 3: _higher, 4: _higher}, p_values=(3,))))
     port = metrics.get("portfolio", {})
     if "var" in port:
         rows = [[meth, lvl, v["exceedances"], v["expected"], v["kupiec_pvalue"], v["christoffersen_pvalue"], v["cc_pvalue"],
                  v["h_day"].get("exceedances", ""), v["h_day"].get("expected", ""), v["h_day"].get("kupiec_pvalue", "")]
                 for meth, levels in port["var"].items() for lvl, v in levels.items()]
+        basis = port.get("var_basis", {})
         out.append((f"Portfolio VaR backtests ({port['primary_model']}); paper-formula understatement {port['understatement']:.1%}",
-                    _table(["method", "level", "1d exc.", "1d exp.", "Kupiec p", "Christoffersen p", "CC p",
-                            "h-day exc.", "h-day exp.", "h-day Kupiec p"], rows, {4: _higher, 5: _higher, 6: _higher, 9: _higher},
-                           p_values=(4, 5, 6, 9))))
+                    _caption(*(f"{label}: {html.escape(basis[k])}" for label, k in
+                               (("1-day VaR", "one_day"), ("h-day VaR", "h_day"), ("calendar", "calendar")) if basis.get(k)),
+                             f"universe: {html.escape(port['universe'])}" if port.get("universe") else None)
+                    + _table(["method", "level", "1d exc.", "1d exp.", "Kupiec p", "Christoffersen p", "CC p",
+                              "h-day exc.", "h-day exp.", "h-day Kupiec p"], rows, {4: _higher, 5: _higher, 6: _higher, 9: _higher},
+                             p_values=(4, 5, 6, 9))))
     return out
 
 
