@@ -132,12 +132,12 @@ def _predictions(horizon: int = 5, n_dates: int = 150, seed: int = 0) -> pd.Data
 def test_ks_figure_plots_the_residuals_the_ks_test_tests(tmp_path) -> None:
     from scipy import stats as sps
 
-    from nimbleml.risk.comparison import ks_tests
-    from nimbleml.risk.html_report import fig_ks, standardised_residuals
+    from nimbleml.risk.comparison import ks_tests, standardised_squares
+    from nimbleml.risk.html_report import fig_ks
 
     p, models = _predictions(), ["cnn", "har"]
     ks = ks_tests(p, models, 5)
-    z = standardised_residuals(p, models, 5)
+    z = standardised_squares(p, models, 5)
     assert set(z) == set(ks) == {"equity", "fx"}
     for c in z:
         for m in models:

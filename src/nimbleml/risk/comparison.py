@@ -160,19 +160,28 @@ def mz_tests(p: pd.DataFrame, models: list[str], horizon: int) -> dict:
     return out
 
 
-def ks_tests(p: pd.DataFrame, models: list[str], horizon: int) -> dict:
-    """{class: {model: {stat, pvalue, n}}}: KS of h y^2 / f^2 (floored) on every h-th date of each asset against chi2(h)."""
-    out: dict = {}
+def standardised_squares(p: pd.DataFrame, models: list[str], horizon: int) -> dict[str, dict[str, np.ndarray]]:
+    """{class: {model: (n,) h y^2 / f^2}} on every h-th date of each asset (non-overlapping targets),
+    target and forecast floored at the row's variance floor: chi2(h) if daily returns are Gaussian
+    with the forecast variance."""
     floor = row_floor(p)
     p = p.assign(_floor=1e-14 if floor is None else floor)
+    out: dict[str, dict[str, np.ndarray]] = {}
     for c in ASSET_CLASSES:
         rows = p[p["asset_class"] == c].sort_values(["asset", "date"], kind="stable")
         rows = rows[rows.groupby("asset").cumcount().to_numpy() % horizon == 0]  # non-overlapping targets
         if len(rows) < 2:
             continue
         y = np.maximum(rows["target"].to_numpy() ** 2, rows["_floor"].to_numpy())
-        for m in models:
-            z = horizon * y / np.maximum(rows[m].to_numpy() ** 2, rows["_floor"].to_numpy())
+        out[c] = {m: horizon * y / np.maximum(rows[m].to_numpy() ** 2, rows["_floor"].to_numpy()) for m in models}
+    return out
+
+
+def ks_tests(p: pd.DataFrame, models: list[str], horizon: int) -> dict:
+    """{class: {model: {stat, pvalue, n}}}: KS of the standardised residuals against chi2(h)."""
+    out: dict = {}
+    for c, by_model in standardised_squares(p, models, horizon).items():
+        for m, z in by_model.items():
             res = sps.kstest(z, sps.chi2(horizon).cdf)
             out.setdefault(c, {})[m] = {"stat": float(res.statistic), "pvalue": float(res.pvalue), "n": int(len(z))}
     return out

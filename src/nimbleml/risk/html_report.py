@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from nimbleml.risk.comparison import standardised_squares  # noqa: E402
 from nimbleml.risk.imaging import ENCODERS, get_encoder  # noqa: E402
 from nimbleml.risk.samples import ASSET_CLASSES  # noqa: E402
 
@@ -92,23 +93,6 @@ def fig_errors(p: pd.DataFrame, models: list[str], out: Path) -> str:
     return _save(fig, out, "error_distributions.png")
 
 
-def standardised_residuals(p: pd.DataFrame, models: list[str], horizon: int) -> dict[str, dict[str, np.ndarray]]:
-    """{class: {model: (n,) h y² / f²}} on every h-th date of each asset (non-overlapping targets),
-    target and forecast floored at the row's ``var_floor``: the sample ``comparison.ks_tests``
-    tests against χ²(h) (same rows, same floor; a test checks the statistics agree)."""
-    floor = p["var_floor"].to_numpy() if "var_floor" in p else np.full(len(p), 1e-14)
-    p = p.assign(_floor=floor)
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for c in ASSET_CLASSES:
-        rows = p[p["asset_class"] == c].sort_values(["asset", "date"], kind="stable")
-        rows = rows[rows.groupby("asset").cumcount().to_numpy() % horizon == 0]
-        if len(rows) < 2:
-            continue
-        y = np.maximum(rows["target"].to_numpy() ** 2, rows["_floor"].to_numpy())
-        out[c] = {m: horizon * y / np.maximum(rows[m].to_numpy() ** 2, rows["_floor"].to_numpy()) for m in models}
-    return out
-
-
 def fig_ks(p: pd.DataFrame, models: list[str], metrics: dict, out: Path) -> str:
     """Per asset class: the empirical CDF of each model's standardised residuals h y² / f² against
     the χ²(h) CDF (their law if daily returns are Gaussian with the forecast variance), with the KS
@@ -117,7 +101,7 @@ def fig_ks(p: pd.DataFrame, models: list[str], metrics: dict, out: Path) -> str:
     from scipy import stats as sps
 
     h = int(metrics["horizon"])
-    z = standardised_residuals(p, models, h)
+    z = standardised_squares(p, models, h)
     classes = [c for c in ASSET_CLASSES if c in z]
     fig, axes = plt.subplots(1, max(len(classes), 1), figsize=(4.2 * max(len(classes), 1), 3.8), squeeze=False)
     hi = float(sps.chi2(h).ppf(0.995))
