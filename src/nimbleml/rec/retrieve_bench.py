@@ -112,16 +112,17 @@ SMALL_METHODS: list[Method] = [
 # millions of items on 2 cores. k-means on 32 vectors per list keeps the IVF builds within a few
 # minutes; HNSW gets --hnsw-budget-s and is reported as a projection when it does not finish.
 LARGE_METHODS: list[Method] = [
-    Method("IVF4096,Flat", _nprobe([16, 32, 64, 128, 256]), train_points=131_072),
+    Method("IVF4096,Flat", _nprobe([16, 32, 64, 128, 256, 512]), train_points=131_072),
     Method("IVF4096,SQ8", _nprobe([16, 32, 64, 128, 256]), train_points=131_072),
     # 8-bit scalar codes stop near recall 0.97 at any nprobe (synthetic 4.2M): re-rank exactly
-    Method("IVF4096,SQ8,RFlat", _nprobe([16, 32, 64], k_factor_rf=2), train_points=131_072),
+    Method("IVF4096,SQ8,RFlat", _nprobe([16, 32, 64, 128, 256, 512], k_factor_rf=2), train_points=131_072),
     # 4-bit PQ re-ranking 4 x 50 candidates stayed at recall 0.25 whatever nprobe (synthetic
     # 4.2M): its codes order a list too coarsely, so the exact re-rank gets many more
     Method("IVF4096,PQ32x4fs,RFlat", [{"nprobe": 16, "k_factor_rf": 32}, {"nprobe": 32, "k_factor_rf": 64},
-                                      {"nprobe": 32, "k_factor_rf": 256}, {"nprobe": 64, "k_factor_rf": 256}],
+                                      {"nprobe": 32, "k_factor_rf": 256}, {"nprobe": 64, "k_factor_rf": 256},
+                                      {"nprobe": 128, "k_factor_rf": 256}, {"nprobe": 256, "k_factor_rf": 256}],
            train_points=131_072),
-    Method("IVF8192_HNSW32,Flat", _ivf_hnsw([32, 64, 128, 256, 512]), train_points=131_072),
+    Method("IVF8192_HNSW32,Flat", _ivf_hnsw([32, 64, 128, 256, 512, 1024]), train_points=131_072),
     Method("HNSW32,Flat", [{"efSearch": v} for v in (32, 64, 128, 256)]),
 ]
 
