@@ -18,12 +18,12 @@ def test_bench_rec_runs_end_to_end(tiny_rec: tuple[Path, Path], tmp_path: Path) 
     data_dir, model_dir = tiny_rec
     out = tmp_path / "bench"
     assert main(["bench", "rec", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
-                 "--variants", "serving,serving+trim,edge+trim", "--backends", "torch,onnxruntime", "--quick"]) == 0
+                 "--variants", "baseline-padded,serving,serving+trim,edge+trim", "--backends", "torch,onnxruntime", "--quick"]) == 0
     payload = json.loads((out / "bench.json").read_text())
     assert payload["flops_peak_gflops"] > 0 and "environment" in payload
     rows = payload["rows"]
     assert [(r["variant"], r["backend"]) for r in rows] == [
-        ("baseline", "torch"), ("serving", "torch"), ("serving", "onnxruntime"),
+        ("baseline", "torch"), ("baseline-padded", "torch"), ("serving", "torch"), ("serving", "onnxruntime"),
         ("serving+trim", "torch"), ("serving+trim", "onnxruntime"), ("edge+trim", "onnxruntime")]
     assert rows[-1]["size_mb"] > 0  # the ORT-format file's size
     assert rows[-1]["flops_per_request"] == pytest.approx(rows[-2]["flops_per_request"], rel=0.5)  # trimmed too
@@ -32,10 +32,11 @@ def test_bench_rec_runs_end_to_end(tiny_rec: tuple[Path, Path], tmp_path: Path) 
         assert ROW_KEYS <= set(row)
         assert row["throughput_rps"] > 0 and row["p99_ms_b1"] >= row["p50_ms_b1"] > 0
         assert 0 < row["peak_fraction"] < 1
-    baseline, serving = rows[:2]
+    baseline, padded, serving = rows[:3]
     # the serving-shaped forward skips the last block's other positions: fewer FLOPs, same scores;
     # trimming the all-padding history columns changes no score either (through each backend)
-    assert serving["flops_per_request"] < baseline["flops_per_request"]
+    assert serving["flops_per_request"] < padded["flops_per_request"]
+    assert baseline["flops_per_request"] < padded["flops_per_request"]  # the baseline is trimmed too
     for row in rows[1:]:
         assert row["ndcg@10"] == pytest.approx(baseline["ndcg@10"], abs=1e-9)
         assert row["full_ndcg@10"] == pytest.approx(baseline["full_ndcg@10"], abs=1e-9)
@@ -46,3 +47,25 @@ def test_unknown_variant_is_a_clear_error(tiny_rec, tmp_path: Path, capsys) -> N
     assert main(["bench", "rec", "--model", str(model_dir), "--data", str(data_dir), "--out", str(tmp_path),
                  "--variants", "magic"]) == 2
     assert "unknown variant: magic" in capsys.readouterr().err
+
+
+def test_baseline_runs_trimmed_batches_and_baseline_padded_does_not(tiny_rec, monkeypatch) -> None:
+    """The baseline gets the dynamic padding every +trim row gets (issue 28: it used to be the only
+    row fed the full 100-wide window); baseline-padded keeps that old row."""
+    from nimbleml.commands import bench_rec
+    from nimbleml.commands.model_folder import open_model_folder
+
+    data_dir, model_dir = tiny_rec
+    folder = open_model_folder(model_dir)
+    widths: list[int] = []
+    forward = folder.reference.forward
+    monkeypatch.setattr(folder.reference, "forward", lambda history, *rest: widths.append(history.shape[1])
+                        or forward(history, *rest))
+    inputs = {k: v.numpy() for k, v in folder.make_inputs(4, 0).items()}
+    for name in ("history", "behaviors"):
+        if name in inputs:
+            inputs[name][:, :60] = 0  # every row short: 60 columns of padding in all of them
+    for name, expected in (("baseline", 40), ("baseline-padded", 100)):
+        (candidate,) = bench_rec._candidates(name, folder, ["torch"], Path("."), None, 0.0)
+        candidate.build()(inputs)
+        assert widths[-1] == expected, name
