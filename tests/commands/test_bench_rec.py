@@ -9,9 +9,11 @@ import pytest
 
 from nimbleml.cli import main
 from nimbleml.errors import NimbleError
+from nimbleml.serve.batcher import BatcherConfig
 
 ROW_KEYS = {"variant", "backend", "params_m", "size_mb", "flops_per_request", "p50_ms_b1", "p99_ms_b1", "best_batch",
-            "throughput_rps", "peak_fraction", "peak_rss_mb", "hr@10", "ndcg@10", "mrr", "full_ndcg@10"}
+            "throughput_rps", "p50_ms", "throughput_rps_server", "server_batch", "threads", "peak_fraction",
+            "peak_rss_mb", "hr@10", "ndcg@10", "mrr", "full_ndcg@10"}
 
 
 def test_bench_rec_runs_end_to_end(tiny_rec: tuple[Path, Path], tmp_path: Path) -> None:
@@ -28,9 +30,20 @@ def test_bench_rec_runs_end_to_end(tiny_rec: tuple[Path, Path], tmp_path: Path) 
     assert rows[-1]["size_mb"] > 0  # the ORT-format file's size
     assert rows[-1]["flops_per_request"] == pytest.approx(rows[-2]["flops_per_request"], rel=0.5)  # trimmed too
     assert payload["bucket_window"] == 8
+    assert set(payload["summary"]["winners"]) == {"throughput", "p50_b1", "throughput_server_batch"}
+    assert {"fp32_measured_gflops", "int8_measured_gops", "int8_instructions"} <= set(payload["cpu"])
     for row in rows:
         assert ROW_KEYS <= set(row)
-        assert row["throughput_rps"] > 0 and row["p99_ms_b1"] >= row["p50_ms_b1"] > 0
+        assert row["throughput_rps"]["median"] > 0 and row["p99_ms_b1"] >= row["p50_ms_b1"] > 0
+        low, high = row["throughput_rps"]["ci95"]
+        assert low <= row["throughput_rps"]["median"] <= high and row["throughput_rps"]["n"] == payload["rounds"]
+        assert row["p50_ms"]["median"] == row["p50_ms_b1"]
+        # the server's batcher settings, read from BatcherConfig
+        assert row["server_batch"] == {"max_batch_size": BatcherConfig().max_batch_size,
+                                       "group_window": BatcherConfig().group_window}
+        # threads set explicitly and recorded, per runtime
+        key = {"torch": "torch_intra_op_threads", "onnxruntime": "ort_intra_op_num_threads"}[row["backend"]]
+        assert row["threads"][key] == payload["threads"] >= 1
         assert 0 < row["peak_fraction"] < 1
     baseline, padded, serving = rows[:3]
     # the serving-shaped forward skips the last block's other positions: fewer FLOPs, same scores;
@@ -66,6 +79,26 @@ def test_baseline_runs_trimmed_batches_and_baseline_padded_does_not(tiny_rec, mo
         if name in inputs:
             inputs[name][:, :60] = 0  # every row short: 60 columns of padding in all of them
     for name, expected in (("baseline", 40), ("baseline-padded", 100)):
-        (candidate,) = bench_rec._candidates(name, folder, ["torch"], Path("."), None, 0.0)
+        (candidate,) = bench_rec._candidates(name, folder, ["torch"], Path("."), None, 0.0, threads=1)
         candidate.build()(inputs)
         assert widths[-1] == expected, name
+
+
+def test_openvino_throughput_rows_use_async_requests_and_agree_with_sync(tiny_rec, tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    from nimbleml.commands import bench_rec
+    from nimbleml.commands.model_folder import open_model_folder
+    from nimbleml.runtime.backends import get_backend
+    from nimbleml.runtime.export import export_onnx
+
+    data_dir, model_dir = tiny_rec
+    folder = open_model_folder(model_dir)
+    path = export_onnx(folder.module, folder.make_inputs(2, 0), tmp_path / "m.onnx", output_names=folder.output_names,
+                       dynamic_dims=folder.dynamic_dims)
+    record: dict = {}
+    batched = bench_rec._openvino_async(path, 1, record)
+    inputs = {k: v.numpy() for k, v in folder.make_inputs(13, 1).items()}
+    sync = get_backend("openvino").load(path, threads=1, hint="LATENCY").predict(inputs)
+    assert batched(inputs) == pytest.approx(sync, abs=1e-4)
+    assert record["throughput_hint"] == "THROUGHPUT" and record["infer_requests"] >= 1
+    assert record["throughput_streams"] >= 1
