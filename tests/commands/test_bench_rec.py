@@ -79,7 +79,7 @@ def test_baseline_runs_trimmed_batches_and_baseline_padded_does_not(tiny_rec, mo
         if name in inputs:
             inputs[name][:, :60] = 0  # every row short: 60 columns of padding in all of them
     for name, expected in (("baseline", 40), ("baseline-padded", 100)):
-        (candidate,) = bench_rec._candidates(name, folder, ["torch"], Path("."), None, 0.0, threads=1)
+        (candidate,) = bench_rec._candidates(name, folder, ["torch"], Path("."), None, threads=1)
         candidate.build()(inputs)
         assert widths[-1] == expected, name
 
@@ -102,3 +102,37 @@ def test_openvino_throughput_rows_use_async_requests_and_agree_with_sync(tiny_re
     assert batched(inputs) == pytest.approx(sync, abs=1e-4)
     assert record["throughput_hint"] == "THROUGHPUT" and record["infer_requests"] >= 1
     assert record["throughput_streams"] >= 1
+
+
+def test_int8_rows_quality_comes_from_their_own_graph(tiny_rec, tmp_path: Path) -> None:
+    """A row shipped as an ONNX graph (as int8 variants are) is scored through that graph, on the
+    full catalogue too: a deliberately broken graph shows a different NDCG than its parent's
+    weights (issue 28: full-catalogue NDCG@10 of int8 rows used to be copied from the FP32 parent)."""
+    import dataclasses
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from nimbleml.commands import bench_rec
+    from nimbleml.commands.model_folder import open_model_folder
+    from nimbleml.rec.compression import export_serving
+
+    data_dir, model_dir = tiny_rec
+    folder = open_model_folder(model_dir)
+    graph = onnx.load(str(export_serving(folder.reference, tmp_path / "float.onnx")))
+    biggest = max(graph.graph.initializer, key=lambda t: np.prod(t.dims))  # the item embedding table
+    table = numpy_helper.to_array(biggest)
+    biggest.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(table), biggest.name))
+    onnx.save(graph, str(tmp_path / "broken.onnx"))
+    probe = bench_rec._QualityProbe(data_dir, folder, None)
+
+    def quality(f) -> dict:
+        (candidate,) = bench_rec._candidates("quantize-dynamic", f, ["onnxruntime"], tmp_path, probe, threads=1)
+        return candidate.quality(candidate.build())
+
+    own = quality(dataclasses.replace(folder, onnx=tmp_path / "float.onnx"))
+    broken = quality(dataclasses.replace(folder, onnx=tmp_path / "broken.onnx"))
+    assert {"full_ndcg@10", "full_hr@10", "ndcg@10", "hr@10"} <= set(own)
+    assert broken["full_ndcg@10"] != pytest.approx(own["full_ndcg@10"], abs=1e-6)
+    assert broken["ndcg@10"] != pytest.approx(own["ndcg@10"], abs=1e-6)

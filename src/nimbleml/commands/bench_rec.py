@@ -2,9 +2,11 @@
 
 The paper's Table I on this machine, in one process: build each variant with its default
 fine-tune budget (``nimbleml.rec.compression``; reused when its folder already exists), export it,
-then measure batch-1 latency, throughput at the best batch size, FLOPs per request, fraction of
-the CPU's peak, memory and quality (the 50-candidate protocol of ``rec.evaluate`` on the test
-users, through the row's own backend; full-catalogue NDCG@10 from the variant's weights).
+then time every row together, interleaved round-robin over ``--rounds`` rounds on the same
+requests (medians with 95% intervals): batch-1 latency, throughput at the best batch size and at
+the server's batcher settings; FLOPs per request (attention included), fraction of the measured
+sgemm, memory, and quality: the 50-candidate protocol of ``rec.evaluate`` on the test users and
+full-catalogue HR@10 / NDCG@10, both through the row's own graph and runtime (int8 included).
 
 A request is one user: 100 history events and 50 candidates. The ``baseline`` row is the trained
 model as ``nimbleml rec train`` leaves it, ``SeqRec.forward`` (every position computed) in PyTorch
@@ -33,11 +35,11 @@ from rich.table import Table
 from nimbleml.bench.harness import (BenchConfig, BenchRow, Candidate, Estimate, cpu_limits, flops_per_call,
                                     measure_rows, physical_cores, winner)
 from nimbleml.bench.report import rows_table, write_bench
-from nimbleml.commands.model_folder import ModelFolder, open_model_folder
+from nimbleml.commands.model_folder import N_CANDIDATES, ModelFolder, open_model_folder
 from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
 from nimbleml.progress import track
-from nimbleml.rec.compression import serving_inputs
+from nimbleml.rec.compression import CANDIDATE_DIMS, serving_inputs
 from nimbleml.runtime.backends import available_backends, get_backend
 from nimbleml.runtime.edge import convert_to_ort
 from nimbleml.runtime.export import export_onnx, has_dynamic_axis
@@ -80,7 +82,7 @@ VARIANTS: dict[str, list[str]] = {
 BASELINES = ("baseline", "baseline-padded")
 EDGE = "edge+trim"
 TRIM = "+trim"
-QUALITY_COLUMNS = {"hr@10": "HR@10", "ndcg@10": "NDCG@10", "full_ndcg@10": "full NDCG@10"}
+QUALITY_COLUMNS = {"hr@10": "HR@10", "ndcg@10": "NDCG@10", "full_hr@10": "full HR@10", "full_ndcg@10": "full NDCG@10"}
 CPU_BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino")
 COMPILED_VARIANTS = ("serving",)  # torch.compile takes minutes per model on 2 cores: the uncompressed ranker only
 
@@ -148,23 +150,39 @@ class _QualityProbe:
                                      behaviors, seed=self.seed, seen=self.seen, max_users=self.max_users)
         return {k: float(v) for k, v in result.metrics.items() if k in ("hr@10", "ndcg@10", "mrr")}
 
-    def full_ndcg(self, model: torch.nn.Module) -> float:
-        from nimbleml.rec.evaluate import SeqRecScorer, evaluate_full
-
-        rng = np.random.default_rng(self.seed)
+    def full_users(self) -> np.ndarray:
+        """The test users of the full-catalogue figures: the same random subset for every row."""
         users = np.arange(len(self.split.test_target))
         if self.max_users is not None and len(users) > self.max_users:
-            users = np.sort(rng.choice(users, self.max_users, replace=False))
+            users = np.sort(np.random.default_rng(self.seed).choice(users, self.max_users, replace=False))
+        return users
+
+    def full(self, predict: Callable, width: int | None) -> dict[str, float]:
+        """Full-catalogue HR@10 and NDCG@10 through a row's own ``predict`` (its own graph and
+        runtime, int8 included): every item is a candidate. width: the graph's fixed candidate
+        count (None: any), for graphs exported before the candidate axis was dynamic."""
+        from nimbleml.rec.evaluate import evaluate_full
+
+        users = self.full_users()
         behaviors = self.split.test_behaviors[users] if self.config.use_behavior else None
-        result = evaluate_full(SeqRecScorer(model), self.split.test_input[users], self.split.test_target[users], behaviors)
-        return float(result.metrics["ndcg@10"])
+        result = evaluate_full(_PredictScorer(predict, self.config, 256, width), self.split.test_input[users],
+                               self.split.test_target[users], behaviors)
+        return {"full_ndcg@10": float(result.metrics["ndcg@10"]), "full_hr@10": float(result.metrics["hr@10"])}
+
+    def row_quality(self, predict: Callable, width: int | None) -> dict[str, float]:
+        """A row's quality, all through its own ``predict``: the sampled 50-candidate gate and the
+        full catalogue."""
+        return {**self.candidates(predict), **self.full(predict, width)}
 
 
 class _PredictScorer:
-    """A backend's ``predict`` as a ``rec.evaluate`` scorer (50-candidate protocols only)."""
+    """A backend's ``predict`` as a ``rec.evaluate`` scorer: 50-candidate lists, or the whole
+    catalogue as candidates (``score_all``), cut into calls of about ``SCORES_PER_CALL`` scores."""
 
-    def __init__(self, predict: Callable, config, batch: int):
-        self.predict, self.config, self.batch = predict, config, batch
+    SCORES_PER_CALL = 200_000  # users x candidates per call: bounds the (users, candidates, dim) gathers
+
+    def __init__(self, predict: Callable, config, batch: int, width: int | None = None):
+        self.predict, self.config, self.batch, self.width = predict, config, batch, width
 
     def score(self, history: np.ndarray, candidates: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
         out = []
@@ -175,7 +193,22 @@ class _PredictScorer:
         return np.concatenate(out)
 
     def score_all(self, history: np.ndarray, behaviors: np.ndarray | None = None) -> np.ndarray:
-        raise NimbleError("a runtime backend scores candidate lists only", fix="use SeqRecScorer for the full catalogue")
+        """(U, n_items + 1) scores; column 0 (padding) is -inf."""
+        n = self.config.n_items
+        width = self.width or n
+        items = np.arange(1, n + 1, dtype=np.int64)
+        per_call = max(1, self.SCORES_PER_CALL // width)
+        out = np.full((len(history), n + 1), -np.inf, dtype=np.float32)
+        for start in range(0, len(history), per_call):
+            rows = slice(start, start + per_call)
+            users = len(history[rows])
+            for first in range(0, n, width):
+                chunk = items[first : first + width]
+                padded = np.resize(chunk, width)  # a fixed-width graph: repeat items to fill, then drop them
+                scores = self.predict(serving_inputs(self.config, history[rows], np.tile(padded, (users, 1)),
+                                                     None if behaviors is None else behaviors[rows]))
+                out[rows, 1 + first : 1 + first + len(chunk)] = scores[:, : len(chunk)]
+        return out
 
 
 def _real_inputs(probe: _QualityProbe, bucket_window: int = 1) -> Callable[[int], dict[str, np.ndarray]]:
@@ -281,7 +314,7 @@ def _openvino_async(path: Path, threads: int, record: dict[str, Any]) -> Callabl
 
 
 def _candidates(name: str, folder: ModelFolder, backends: list[str], work: Path, probe: _QualityProbe,
-                full_ndcg: float, threads: int = 1) -> list[Candidate]:
+                threads: int = 1) -> list[Candidate]:
     """One Candidate per backend this variant runs on, each told to use ``threads`` threads."""
     example = folder.make_inputs(2, 0)
     if name in BASELINES:  # SeqRec.forward as trained: every position, eager FP32
@@ -293,7 +326,7 @@ def _candidates(name: str, folder: ModelFolder, backends: list[str], work: Path,
             build = (lambda build=build: _trimmed(build(), folder.sequence_inputs))
             flops = _trimmed_flops(folder, module)
         return [Candidate(name, "torch", build, folder.params_m, _weights_mb(folder.path), flops,
-                          lambda p: {**probe.candidates(p), "full_ndcg@10": full_ndcg},
+                          lambda p: probe.row_quality(p, None),
                           extra={"precision": "fp32", "trimmed": name == "baseline"},
                           threads=_runtime("torch", threads)[1])]
     flops = flops_per_call(folder.module, folder.make_inputs(1, 0))
@@ -302,7 +335,9 @@ def _candidates(name: str, folder: ModelFolder, backends: list[str], work: Path,
         onnx_path = folder.onnx
     else:
         onnx_path = export_onnx(folder.module, example, work / f"{name}.onnx", output_names=folder.output_names,
-                                dynamic_dims=folder.dynamic_dims)
+                                dynamic_dims={**folder.dynamic_dims, **CANDIDATE_DIMS})
+    # graphs built before the candidate axis was dynamic score the catalogue N_CANDIDATES at a time
+    width = None if has_dynamic_axis(onnx_path, "candidates", 1) else N_CANDIDATES
     if name == EDGE:
         onnx_path = convert_to_ort(onnx_path, work / "edge.ort").ort_path
         backends = [b for b in backends if b == "onnxruntime"]  # the ORT format is ONNX Runtime's own
@@ -332,9 +367,9 @@ def _candidates(name: str, folder: ModelFolder, backends: list[str], work: Path,
             if batched is not None:
                 batched = (lambda batched=batched: _trimmed(batched(), folder.sequence_inputs))
         out.append(Candidate(name, backend, build, folder.params_m, size, flops,
-                             lambda p: {**probe.candidates(p), "full_ndcg@10": full_ndcg},
+                             lambda p, width=(None if cls.needs_module else width): probe.row_quality(p, width),
                              extra={"precision": "int8" if int8 else "fp32", **_variant_extra(folder),
-                                    **({"full_ndcg_from": "the fp32 weights the int8 graph was made from"} if int8 else {})},
+                                    "quality_from": "this row's own graph and runtime"},
                              build_throughput=batched, threads=record))
     return out
 
@@ -447,8 +482,7 @@ def run(args: argparse.Namespace) -> int:
     candidates: list[Candidate] = []
     for name in variants:
         folder = base_folder if not VARIANTS[name] else open_model_folder(built[name])
-        full = probe.full_ndcg(folder.reference)
-        candidates += _candidates(name, folder, backends, work, probe, full, threads)
+        candidates += _candidates(name, folder, backends, work, probe, threads)
     log.info("timing %d rows x %d interleaved rounds on %d threads", len(candidates), config.rounds, threads)
     rows = measure_rows(candidates, make_inputs, config, limits.fp32_measured_gflops,
                         server=(batcher.max_batch_size, _real_inputs(probe, batcher.group_window)),
