@@ -136,3 +136,20 @@ def test_int8_rows_quality_comes_from_their_own_graph(tiny_rec, tmp_path: Path) 
     assert {"full_ndcg@10", "full_hr@10", "ndcg@10", "hr@10"} <= set(own)
     assert broken["full_ndcg@10"] != pytest.approx(own["full_ndcg@10"], abs=1e-6)
     assert broken["ndcg@10"] != pytest.approx(own["ndcg@10"], abs=1e-6)
+
+
+def test_variant_presets_are_known_variants_and_in_the_help(capsys) -> None:
+    from nimbleml.commands import bench_rec
+
+    assert set(bench_rec.PRESETS) == {"fast", "paper", "all"}
+    for name, chosen in bench_rec.PRESETS.items():
+        assert bench_rec._pick(name, list(bench_rec.VARIANTS), "variant", bench_rec.PRESETS) == chosen
+        assert set(chosen) <= set(bench_rec.VARIANTS) and chosen[0] == "baseline"
+    # fast builds nothing that trains: no fine-tuned or distilled recipe
+    assert not {r for v in bench_rec.PRESETS["fast"] for r in bench_rec.VARIANTS[v]} & {"distill", "qat", "prune",
+                                                                                         "prune-structured"}
+    with pytest.raises(SystemExit):
+        main(["bench", "rec", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("fast", "paper", "all"):
+        assert f"{name} =" in text
