@@ -19,8 +19,10 @@ from nimbleml.rec.compression import (
     _svd_init,
     compress_model,
     load_variant,
+    serving_inputs,
     student_config,
 )
+from nimbleml.runtime.export import has_dynamic_axis
 from nimbleml.rec.model import SeqRec, SeqRecConfig, ServingRanker
 from nimbleml.rec.train import TrainConfig, save_checkpoint
 from tests.rec.test_train import make_data
@@ -59,6 +61,14 @@ def test_every_recipe_writes_a_folder_that_loads(parent, tmp_path, recipe: str) 
     if RECIPES[recipe].int8:
         assert variant["precision"] == "int8" and onnx_path == out / "model.onnx"
         assert variant["steps"][0]["max_weight_error_steps"] <= 0.5 + 1e-3
+        # the int8 graph takes any number of candidates: `bench rec` scores the whole catalogue through it
+        from nimbleml.runtime.backends import get_backend
+
+        assert has_dynamic_axis(onnx_path, "candidates", 1)
+        history = np.random.default_rng(0).integers(0, N_ITEMS + 1, (2, 100))
+        catalogue = np.tile(np.arange(1, N_ITEMS + 1), (2, 1))
+        assert get_backend("onnxruntime").load(onnx_path).predict(
+            serving_inputs(model.config, history, catalogue, None)).shape == (2, N_ITEMS)
     else:
         assert variant["precision"] == "fp32" and onnx_path is None
     if recipe == "prune":
