@@ -80,6 +80,7 @@ VARIANTS: dict[str, list[str]] = {
     "edge+trim": [],
 }
 BASELINES = ("baseline", "baseline-padded")
+P50_TARGET = 0.40  # issue 28's bar: at most 40% of the baseline's batch-1 p50 (the paper: 41% on a V100)
 EDGE = "edge+trim"
 # --variants presets. fast: no recipe that fine-tunes or distils (minutes on 2 cores): the two
 # baselines, trimming, dynamic int8 and the edge artefact. paper: the paper's route (distillation,
@@ -434,11 +435,12 @@ def _variant_extra(folder: ModelFolder) -> dict:
 
 
 def best_row(rows: list[BenchRow], baseline: BenchRow, tolerance: float = 0.01,
-             max_p50_ratio: float | None = None) -> BenchRow | None:
-    """The highest-throughput row whose NDCG@10 is within ``tolerance`` (relative) of the
-    baseline's (and whose batch-1 p50 is at most ``max_p50_ratio`` of the baseline's, if given)."""
-    floor = baseline.quality["ndcg@10"] * (1 - tolerance)
-    ok = [r for r in rows if r.variant not in BASELINES and r.quality.get("ndcg@10", -1) >= floor
+             max_p50_ratio: float | None = None, metric: str = "full_ndcg@10") -> BenchRow | None:
+    """The highest-throughput row whose ``metric`` (full-catalogue NDCG@10, on the row's own
+    graph) is within ``tolerance`` (relative) of the baseline's, and whose batch-1 p50 is at
+    most ``max_p50_ratio`` of the baseline's, if given."""
+    floor = baseline.quality[metric] * (1 - tolerance)
+    ok = [r for r in rows if r.variant not in BASELINES and r.quality.get(metric, -1) >= floor
           and (max_p50_ratio is None or r.p50_ms_b1 <= max_p50_ratio * baseline.p50_ms_b1)]
     return max(ok, key=lambda r: r.throughput_rps, default=None)
 
@@ -455,6 +457,8 @@ def _summary_row(row: BenchRow | None, baseline: BenchRow, limits) -> dict | Non
     return {"variant": row.variant, "backend": row.backend,
             "throughput_ratio": row.throughput_rps / baseline.throughput_rps,
             "throughput_ratio_ci95": _ratio_interval(row.throughput, baseline.throughput),
+            # the issue-28 bar: the throughput ratio's interval clears 1.0
+            "throughput_ratio_clears_1": _ratio_interval(row.throughput, baseline.throughput)[0] > 1,
             "p50_ratio": row.p50_ms_b1 / baseline.p50_ms_b1,
             "p50_ratio_ci95": _ratio_interval(row.p50, baseline.p50),
             "peak_fraction": row.peak_fraction, "achieved_gflops": achieved,
@@ -512,14 +516,17 @@ def run(args: argparse.Namespace) -> int:
     rows = measure_rows(candidates, make_inputs, config, limits.fp32_measured_gflops,
                         server=(batcher.max_batch_size, _real_inputs(probe, batcher.group_window)),
                         server_batch=server_batch)
+    for row in rows:  # int8 rows are bounded by the int8 GEMM, not the sgemm: both fractions kept
+        row.extra["fraction_of_measured_int8_gemm"] = row.flops_per_request * row.throughput_rps / (
+            limits.int8_measured_gops * 1e9)
     baseline = next(r for r in rows if r.variant == "baseline")
     best = best_row(rows, baseline)
-    both = best_row(rows, baseline, max_p50_ratio=0.25)
+    both = best_row(rows, baseline, max_p50_ratio=P50_TARGET)
     summary = {
         "baseline": {"variant": baseline.variant, "backend": baseline.backend},
         "best_within_1pct_ndcg": _summary_row(best, baseline, limits),
-        # the issue's target row: within 1% NDCG@10 and at most 25% of the baseline's batch-1 p50
-        "best_within_1pct_ndcg_and_quarter_p50": _summary_row(both, baseline, limits),
+        # the issue-28 target row: full-catalogue NDCG@10 within 1% and at most 40% of the baseline's batch-1 p50
+        "best_within_1pct_ndcg_and_40pct_p50": _summary_row(both, baseline, limits),
         # a row is named only where its 95% interval clears the runner-up's; otherwise "tie"
         "winners": winners(rows),
     }
@@ -551,15 +558,20 @@ def run(args: argparse.Namespace) -> int:
     for row in PAPER_TABLE:
         paper.add_row(row["variant"], f"{row['p50_ms']}", f"{row['throughput_rps']}")
     console.print(paper)
-    for key, label in (("best_within_1pct_ndcg", "best row within 1% NDCG@10 of the baseline"),
-                       ("best_within_1pct_ndcg_and_quarter_p50", "best row within 1% NDCG@10 and <= 25% of its p50")):
+    for key, label in (("best_within_1pct_ndcg", "best row within 1% full-catalogue NDCG@10 of the baseline"),
+                       ("best_within_1pct_ndcg_and_40pct_p50", "best row within 1% full-catalogue NDCG@10 and <= 40% of its p50")):
         if summary[key] is not None:
             row = summary[key]
-            console.print(f"{label}: {row['variant']} on {row['backend']}: {row['throughput_ratio']:.2f}x throughput, "
+            low, high = row["throughput_ratio_ci95"]
+            console.print(f"{label}: {row['variant']} on {row['backend']}: {row['throughput_ratio']:.2f}x throughput "
+                          f"[{low:.2f}-{high:.2f}], "
                           f"{100 * row['p50_ratio']:.0f}% of the baseline's batch-1 p50, "
                           f"{100 * row['peak_fraction']:.0f}% of the measured sgemm")
     for figure, name in summary["winners"].items():
         console.print(f"fastest by {figure}: {name}" + (" (no row's 95% interval clears the runner-up's)"
                                                         if name == "tie" else ""))
+    int8 = ", ".join(flag for flag, present in limits.int8_instructions.items() if present) or "none"
+    console.print(f"{limits.cpu}, {threads} threads: sgemm {limits.fp32_measured_gflops:.0f} GFLOP/s, int8 GEMM "
+                  f"{limits.int8_measured_gops:.0f} GOP/s; int8 instructions: {int8}")
     console.print(f"wrote {args.out / 'bench.json'} ({payload['wall_seconds']:.0f} s)")
     return 0
