@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -185,8 +186,9 @@ INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def _cpuinfo() -> str:
+    """/proc/cpuinfo's text; empty off Linux (the figures that need it then read 'unknown')."""
     try:
-        return open("/proc/cpuinfo").read()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
 
