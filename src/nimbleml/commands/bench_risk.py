@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from nimbleml.bench.harness import BenchConfig, Candidate, cpu_limits, flops_per_call, measure
+from nimbleml.bench.harness import BenchConfig, Candidate, cpu_limits, flops_per_call, measure_rows
 from nimbleml.bench.report import rows_table, write_bench
 from nimbleml.compress.quantize import quantize_dynamic_onnx, quantize_static_onnx
 from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
-from nimbleml.progress import track
 from nimbleml.runtime.backends import available_backends, get_backend
 from nimbleml.runtime.export import export_onnx
 
@@ -52,7 +51,7 @@ class _RiskProbe:
 
     def __init__(self, args: argparse.Namespace):
         from nimbleml.risk.cnn import CNNForecaster
-        from nimbleml.risk.experiment import RiskRunConfig, _make_model
+        from nimbleml.risk.experiment import RiskRunConfig, make_model
         from nimbleml.risk.features import build_samples, compute_features, fit_scaler
         from nimbleml.risk.protocol import make_splits
         from nimbleml.risk.data import load_panel
@@ -65,13 +64,15 @@ class _RiskProbe:
         if args.model is not None:
             self.forecaster = CNNForecaster.load(args.model, device="cpu")
         else:
-            self.forecaster = _make_model("cnn", cfg, len(fp.feature_names)).fit(train, val)
+            self.forecaster = make_model("cnn", cfg, len(fp.feature_names)).fit(train, val)
         rng = np.random.default_rng(0)
         keep = np.sort(rng.choice(len(test), min(len(test), args.max_samples), replace=False))
         encoder = self.forecaster.encoder
         self.images = encoder.encode(test.windows[keep]).astype(np.float32)
         self.classes = test.asset_class[keep].astype(np.int64)
         self.target = test.target[keep]
+        self.assets = test.asset[keep]
+        self.floor = self.forecaster.floor_.rows(self.assets)  # the run's per-asset variance floor
         calib = rng.choice(len(train), min(len(train), 512), replace=False)
         self.calibration = [{"images": encoder.encode(train.windows[calib[i : i + 64]]).astype(np.float32),
                              "asset_class": train.asset_class[calib[i : i + 64]].astype(np.int64)}
@@ -89,8 +90,8 @@ class _RiskProbe:
 
         out = np.concatenate([predict({"images": self.images[i : i + 512], "asset_class": self.classes[i : i + 512]})
                               for i in range(0, len(self.images), 512)]).reshape(-1)
-        vol = np.sqrt(self.forecaster.calibration_ * self.forecaster.transform_.variance(out))
-        return {"qlike": float(np.mean(qlike_loss(self.target**2, vol**2))),
+        vol = self.forecaster.volatility_from_output(out, self.assets, self.classes)
+        return {"qlike": float(np.mean(qlike_loss(self.target**2, vol**2, self.floor))),
                 "rmse": float(np.sqrt(np.mean((vol - self.target) ** 2))),
                 "max_abs_diff": float(np.max(np.abs(out - self.reference)))}
 
@@ -122,11 +123,14 @@ def run(args: argparse.Namespace) -> int:
             candidates.append(Candidate(name, backend, lambda cls=cls, path=path: cls.load(path).predict, params,
                                         path.stat().st_size / 2**20, flops, probe.quality,
                                         extra={"precision": "fp32" if name == "fp32" else "int8"}))
-    config = BenchConfig(latency_seconds=0.5, throughput_seconds=0.3, batch_sizes=(1, 16, 64)) if args.quick else BenchConfig()
+    config = (BenchConfig(rounds=3, latency_seconds=0.1, throughput_seconds=0.05, batch_sizes=(1, 16, 64))
+              if args.quick else BenchConfig())
     limits = cpu_limits()
-    rows = [measure(c, probe.inputs, config, limits.fp32_theoretical_gflops)
-            for c in track(candidates, "measuring", total=len(candidates))]
-    payload = {"environment": environment(), "cpu": limits.to_dict(), "flops_peak_gflops": limits.fp32_theoretical_gflops,
+    # every row timed in the same interleaved rounds on the same inputs, as bench rec does
+    rows = measure_rows(candidates, probe.inputs, config, limits.fp32_measured_gflops)
+    payload = {"environment": environment(), "cpu": limits.to_dict(),
+               "flops_peak_gflops": limits.fp32_measured_gflops,  # % peak is against the measured sgemm
+               "rounds": config.rounds,  # each row timed this many times, interleaved round-robin
                "batch_sizes": list(config.batch_sizes), "data": str(args.data), "n_test_samples": int(len(probe.images)),
                "wall_seconds": time.perf_counter() - started}
     write_bench(args.out, payload, rows, rows[0], QUALITY_COLUMNS)

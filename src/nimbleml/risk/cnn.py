@@ -333,8 +333,14 @@ class CNNForecaster:
                 f"windows are {samples.windows.shape[1:]}, the model was fitted on {self.window_shape_}",
                 fix="build samples with the features and window used at fit time",
             )
-        variance = self.class_calibration_[samples.asset_class] * self._predict_variance(samples)
-        return np.sqrt(np.maximum(variance, self.floor_.rows(samples.asset)))
+        return self.volatility_from_output(self._predict_output(samples), samples.asset, samples.asset_class)
+
+    def volatility_from_output(self, output: np.ndarray, asset: np.ndarray, asset_class: np.ndarray) -> np.ndarray:
+        """(n,) network output (of this model or of its exported graph) -> (n,) forecast volatility:
+        the target transform undone, the class calibration applied, floored at each asset's floor."""
+        floor = self.floor_.rows(asset)
+        variance = self.class_calibration_[asset_class] * self.transform_.variance(output, floor)
+        return np.sqrt(np.maximum(variance, floor))
 
     def _class_factors(self, ratio: np.ndarray, asset_class: np.ndarray, pooled: float) -> np.ndarray:
         """(n_classes,) variance factors: the pooled one, or each class's own mean ratio."""
@@ -350,7 +356,11 @@ class CNNForecaster:
         return factors
 
     def _predict_variance(self, samples: RiskSamples) -> np.ndarray:
-        """(n,) uncalibrated forecast variance, in batches of 4 x batch_size."""
+        """(n,) uncalibrated forecast variance, floored at each asset's floor."""
+        return self.transform_.variance(self._predict_output(samples), self.floor_.rows(samples.asset))
+
+    def _predict_output(self, samples: RiskSamples) -> np.ndarray:
+        """(n,) float32 raw network output, in batches of 4 x batch_size."""
         self.model_.eval()
         step = 4 * self.config_.batch_size
         outputs = []
@@ -360,8 +370,7 @@ class CNNForecaster:
                 images, classes = self._batch(samples, index)
                 with self._autocast():
                     outputs.append(self.model_(images, classes).float().cpu().numpy())
-        output = np.concatenate(outputs) if outputs else np.empty(0, np.float32)
-        return self.transform_.variance(output, self.floor_.rows(samples.asset))
+        return np.concatenate(outputs) if outputs else np.empty(0, np.float32)
 
     def _autocast(self) -> torch.autocast:
         dtype = getattr(self, "autocast_dtype_", None)
