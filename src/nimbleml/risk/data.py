@@ -569,7 +569,9 @@ def _assemble(
         touched = sorted(((c[rule], a) for a, c in report.per_asset.items() if rule in c), reverse=True)
         worst = ", ".join(f"{a} {n}" for n, a in touched[:3])
         worst = f" ({worst})" if worst else ""
-        log.info("%s: %d in %d assets%s — %s", rule, totals[rule], len(touched), worst, what)
+        # a rule that changed nothing is debug detail (-v); one that fired is what a user reads
+        level = logging.INFO if totals[rule] else logging.DEBUG
+        log.log(level, "%s: %d in %d assets%s — %s", rule, totals[rule], len(touched), worst, what)
     log.info(
         "loaded %d assets, %d rows, %s to %s from %s",
         report.n_assets,
