@@ -127,6 +127,8 @@ VARIANTS = {
     "rare": {"min_input_count": 2},
     "unknown": {"unknown_input_alpha": 0.5},
     "repeats": {"repeat_scores": True, "repeat_counts": True, "repeat_decay": True, "exclude_history": False},
+    "mixture": {"repeat_scores": True, "repeat_counts": True, "repeat_decay": True, "exclude_history": False,
+                "repeat_mode": "mixture"},
 }
 
 
@@ -291,3 +293,35 @@ def test_serving_ranker_exports_every_variant_with_parity(name: str, tmp_path) -
     assert [i.name for i in onnx.load(str(path)).graph.input] == keep
     report = parity(ServingRanker(model), path, {k: v for k, v in _inputs(7).items() if k in keep})
     assert report.max_abs_diff < 1e-4 and report.top10_overlap == 1.0
+
+
+def test_mixture_scores_are_log_probabilities_split_by_the_gate() -> None:
+    """Scores are log P(item): they sum to 1 over the catalogue, the history items' share is
+    P(repeat) = sigmoid(gate), a row without history is all explore, and the ranking among the
+    items outside the history is the tied dot products' (the explore softmax)."""
+    model = _variant("mixture")
+    with torch.no_grad():
+        model.repeat_gate.bias.fill_(0.7)
+        history = torch.tensor([[0, 0, 5, 9, 5, 3, 9, 9, 1, 2, 2, 7], [0] * 12, [0] * 11 + [4]])
+        scores = model.score_all(history)
+        probs = scores.exp()
+        torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+        state = model.last_state(history)
+        _, _, _, share = model.history_columns(history)
+        gate = torch.sigmoid(model.repeat_gate(state).squeeze(-1) + model.repeat_share_weight * share)
+        torch.testing.assert_close(probs[0, [1, 2, 3, 5, 7, 9]].sum(), gate[0])
+        torch.testing.assert_close(probs[2, 4], gate[2])
+        assert torch.isinf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+        others = torch.tensor([i for i in range(1, N_ITEMS + 1) if i not in (1, 2, 3, 5, 7, 9)])
+        dots = (state @ model.item_emb.weight.T)[0, others]
+        torch.testing.assert_close(scores[0, others] - scores[0, others].max(), dots - dots.max())
+        torch.testing.assert_close(scores[1, 1:], torch.log_softmax(state[1] @ model.item_emb.weight[1:].T, -1))
+
+
+def test_mixture_config_checks() -> None:
+    with pytest.raises(ValueError, match="repeat_mode"):
+        SeqRecConfig.small(N_ITEMS, repeat_mode="copy")
+    with pytest.raises(ValueError, match="mixture"):
+        SeqRecConfig.small(N_ITEMS, repeat_mode="mixture")  # no repeat_scores
+    with pytest.raises(ValueError, match="mixture"):
+        SeqRecConfig.small(N_ITEMS, repeat_scores=True, exclude_history=True, repeat_mode="mixture")

@@ -15,6 +15,7 @@ from nimbleml.rec.train import (
     TrainConfig,
     TrainingWindows,
     _ce_loss,
+    _mixture_sampled_loss,
     _proposal_log_q,
     _sampled_softmax_loss,
     load_checkpoint,
@@ -196,6 +197,89 @@ def test_sampled_softmax_with_repeats_tends_to_the_full_softmax() -> None:
     assert sampled_loss == pytest.approx(full_loss, abs=2e-3)
     for full, sampled in zip(full_grads, sampled_grads):
         torch.testing.assert_close(sampled, full, atol=2e-3, rtol=0)
+
+
+MIXTURE = dict(repeat_scores=True, repeat_counts=True, repeat_decay=True, repeat_mode="mixture")
+
+
+def _mixture_model() -> SeqRec:
+    torch.manual_seed(0)
+    model = SeqRec(SeqRecConfig.small(20, **MIXTURE)).eval()
+    with torch.no_grad():
+        model.repeat_recency.weight.normal_()
+        model.repeat_count.weight.normal_()
+        model.repeat_decay_weight.fill_(2.0)
+        model.repeat_share_weight.fill_(1.5)
+        model.mixture_query.weight.add_(0.3 * torch.randn_like(model.mixture_query.weight))
+    return model
+
+
+def _mixture_repeats(model: SeqRec, inputs: torch.Tensor, hidden: torch.Tensor) -> PrefixRepeats:
+    mask = inputs != 0
+    repeats = PrefixRepeats.from_inputs(inputs, mask, model.decay_gamma())
+    repeats.dots = torch.bmm(model.mixture_query(hidden), model.item_emb(inputs).transpose(1, 2))[mask]
+    return repeats
+
+
+def test_mixture_training_log_probs_equal_the_served_scores() -> None:
+    """The mixture's training log-probabilities at a row's last position are score_all's for
+    that row (same gate features, same history columns), and sum to 1 over the catalogue."""
+    model = _mixture_model()
+    inputs = torch.tensor([[0, 0, 3, 4, 3, 3, 8, 4], [1, 2, 3, 1, 2, 3, 1, 2]])
+    mask = inputs != 0
+    with torch.no_grad():
+        hidden = model.encode(inputs)
+        repeats = _mixture_repeats(model, inputs, hidden)
+        states = hidden[mask]
+        log_probs = model.mixture_log_probs(states, states @ model.item_emb.weight.T, repeats.items, repeats.recency,
+                                            repeats.count, repeats.decayed, repeats.dots, repeats.share)  # fmt: skip
+        torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(len(states)))
+        last = torch.cumsum(mask.flatten(), 0).view(2, 8)[:, -1] - 1
+        served = model.score_all(inputs)
+        torch.testing.assert_close(log_probs[last, 1:], served[:, 1:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(repeats.share[last].numpy(), [3 / 6, 5 / 8])  # events whose item came earlier
+
+
+def test_mixture_sampled_loss_tends_to_the_full_softmax() -> None:
+    """With many negatives the mixture's sampled loss and its gradients match its exact NLL."""
+    model = _mixture_model()
+    inputs = torch.tensor([[0, 0, 3, 4, 3, 3, 8, 4], [1, 2, 3, 1, 2, 3, 1, 2]])
+    targets = torch.tensor([[0, 0, 4, 3, 3, 8, 4, 9], [2, 3, 1, 2, 3, 1, 2, 11]])  # novel and repeat targets
+    mask = inputs != 0
+
+    def loss_and_grads(full: bool) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        hidden = model.encode(inputs)
+        repeats = _mixture_repeats(model, inputs, hidden)
+        if full:
+            loss = _ce_loss(model, hidden[mask], targets[mask], 5, repeats)  # several chunks
+        else:
+            seen_dots = torch.bmm(hidden, model.item_emb(inputs).transpose(1, 2))[mask]
+            loss = _mixture_sampled_loss(model, hidden[mask], targets[mask], 200_000, _proposal_log_q(np.ones(21), "uniform"),
+                                         torch.Generator().manual_seed(0), repeats, seen_dots)  # fmt: skip
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for n, p in model.named_parameters() if p.grad is not None]
+
+    full_loss, full_grads = loss_and_grads(full=True)
+    sampled_loss, sampled_grads = loss_and_grads(full=False)
+    assert sampled_loss == pytest.approx(full_loss, abs=2e-3)
+    assert len(full_grads) == len(sampled_grads)
+    for full, sampled in zip(full_grads, sampled_grads):
+        torch.testing.assert_close(sampled, full, atol=3e-3, rtol=0)
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled_softmax"])
+def test_mixture_trains(loss: str) -> None:
+    data = make_data()
+    for u in range(0, data.n_users, 2):  # half the users revisit their first item
+        data.items[data.offsets[u] + 2] = data.items[data.offsets[u]]
+    model = SeqRec(SeqRecConfig.small(data.n_items, **MIXTURE))
+    learnt = [model.repeat_gate.weight, model.repeat_share_weight, model.mixture_query.weight, model.repeat_recency.weight]
+    before = [p.detach().clone() for p in learnt]
+    result = train(model, data, TrainConfig(epochs=1, batch_size=16, loss=loss, n_negatives=16, threads=1))
+    assert 0.0 <= result.best_valid["ndcg@10"] <= 1.0
+    for old, new in zip(before, learnt):
+        assert not torch.equal(old, new) and torch.isfinite(new).all()
 
 
 @pytest.mark.parametrize("loss", ["ce", "sampled_softmax"])

@@ -67,6 +67,14 @@ class SeqRecConfig:
     # `recent` baseline ranks by. Recency and count bonuses add up; this one lets frequency and
     # recency trade off (three views 10 back against one view 2 back) the way `recent` does.
     repeat_decay: bool = False
+    # with repeat_scores: how history items are scored. "bonus": the additive bonus above on the
+    # tied dot product. "mixture": RepeatNet's decomposition (Ren et al., AAAI 2019), scores are
+    # log-probabilities log P(item) = log P(repeat | state) + log P(item | repeat) for a history
+    # item and log P(explore | state) + log P(item | explore) for any other: a learnt gate mixes
+    # a softmax over the window's distinct items (a query from the state against their
+    # embeddings, plus the recency, count and decayed-count features above) and a softmax over
+    # the items not in the window (the tied dot products). Old checkpoints load as "bonus".
+    repeat_mode: str = "bonus"
     # inputs: an item seen fewer than this many times in training enters the history as one
     # shared learnt "rare item" vector (its category and behaviour embeddings still added).
     # Why: on a long-tail log the item a user touched last is often new. On the Taobao head 60%
@@ -115,6 +123,10 @@ class SeqRecConfig:
             raise ValueError("repeat_counts needs repeat_scores")
         if self.repeat_decay and not self.repeat_scores:
             raise ValueError("repeat_decay needs repeat_scores")
+        if self.repeat_mode not in ("bonus", "mixture"):
+            raise ValueError(f"repeat_mode must be 'bonus' or 'mixture', got {self.repeat_mode!r}")
+        if self.repeat_mode == "mixture" and (not self.repeat_scores or self.exclude_history):
+            raise ValueError("repeat_mode 'mixture' needs repeat_scores and exclude_history off (it scores history items)")
         if self.min_input_count < 0:
             raise ValueError(f"min_input_count must be >= 0, got {self.min_input_count}")
         if self.unknown_input_alpha < 0:
@@ -312,7 +324,15 @@ class SeqRec(nn.Module):
         # and w * log(decayed count): gamma = 0.5 + 0.5 * sigmoid(logit), 0.8 at the start, w = 1
         self.repeat_decay_logit = nn.Parameter(torch.tensor(0.405)) if config.repeat_decay else None
         self.repeat_decay_weight = nn.Parameter(torch.tensor(1.0)) if config.repeat_decay else None
+        # repeat_mode "mixture": repeat_gate is the logit of P(repeat | state), plus a learnt weight on
+        # the window's repeat share; the repeat channel's query against the history items' embeddings
+        # starts as the identity (the tied similarity) and learns at the base rate (not repeat_lr)
+        mixture = config.repeat_scores and config.repeat_mode == "mixture"
+        self.repeat_share_weight = nn.Parameter(torch.tensor(0.0)) if mixture else None
+        self.mixture_query = nn.Linear(config.dim, config.dim) if mixture else None
         self.apply(self._init_weights)
+        if self.mixture_query is not None:
+            nn.init.eye_(self.mixture_query.weight)
         if self.rare_emb is not None:
             nn.init.normal_(self.rare_emb, std=0.02)
 
@@ -429,7 +449,10 @@ class SeqRec(nn.Module):
 
     def score_candidates(self, state: torch.Tensor, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """state: (B, D) user state; candidates: (B, C) item ids -> (B, C) scores (-inf for a
-        candidate in the history when ``exclude_history``)."""
+        candidate in the history when ``exclude_history``). The mixture's log-probabilities need
+        the explore softmax's normaliser, so it scores the whole catalogue and gathers."""
+        if self.mixture_query is not None:
+            return torch.gather(self.mixture_scores(state, history), 1, candidates)
         scores = torch.einsum("bd,bcd->bc", state, self.item_emb(candidates))
         if self.config.repeat_scores:
             history = history[:, -self.config.max_len :]
@@ -457,21 +480,83 @@ class SeqRec(nn.Module):
         ages = torch.arange(length - 1, -1, -1, device=self.repeat_decay_logit.device, dtype=torch.float32)
         return self.decay_gamma().float() ** ages
 
+    def repeat_features(
+        self, recency: torch.Tensor, count: torch.Tensor | None, decayed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """recency: (N, C) int64 events since each item was last seen (1 = the latest event, 0 =
+        not in the history); count: (N, C) int64 occurrences in the history (read only with
+        ``repeat_counts``); decayed: (N, C) float Σ gamma^age over the item's occurrences (read
+        only with ``repeat_decay``) -> (N, C) the learnt recency + count + decayed-count terms
+        (meaningless where recency is 0: callers mask those)."""
+        features = self.repeat_recency(recency).squeeze(-1)
+        if self.repeat_count is not None:
+            features = features + self.repeat_count(count.clamp(max=self.config.max_len)).squeeze(-1)
+        if self.repeat_decay_weight is not None:  # log(1) = 0 for unseen items: no inf, no NaN gradient
+            features = features + self.repeat_decay_weight * torch.log(torch.where(recency == 0, 1.0, decayed.float()))
+        return features
+
     def repeat_bonus(
         self, state: torch.Tensor, recency: torch.Tensor, count: torch.Tensor | None,
         decayed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """state: (N, D); recency: (N, C) int64 events since each item was last seen (1 = the
-        latest event, 0 = not in the history); count: (N, C) int64 occurrences in the history
-        (read only with ``repeat_counts``); decayed: (N, C) float Σ gamma^age over the item's
-        occurrences (read only with ``repeat_decay``) -> (N, C) score bonus, 0 where recency is 0."""
-        unseen = recency == 0
-        bonus = self.repeat_recency(recency).squeeze(-1) + self.repeat_gate(state)
-        if self.repeat_count is not None:
-            bonus = bonus + self.repeat_count(count.clamp(max=self.config.max_len)).squeeze(-1)
-        if self.repeat_decay_weight is not None:  # log(1) = 0 for unseen items: no inf, no NaN gradient
-            bonus = bonus + self.repeat_decay_weight * torch.log(torch.where(unseen, 1.0, decayed.float()))
-        return bonus.masked_fill(unseen, 0.0)
+        """state: (N, D); recency, count, decayed as :meth:`repeat_features` -> (N, C) the
+        ``"bonus"`` mode's score bonus (those features plus the user's propensity), 0 where recency is 0."""
+        bonus = self.repeat_features(recency, count, decayed) + self.repeat_gate(state)
+        return bonus.masked_fill(recency == 0, 0.0)
+
+    def history_columns(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """window: (B, L) left-padded ids (at most max_len) -> per column, for the mixture:
+        recency (B, L) int64 = L - p on the column p that holds its item's last occurrence, else 0;
+        count (B, L) int64 occurrences of that item in the window (0 elsewhere); decayed (B, L)
+        float32 Σ gamma^age over them (None without ``repeat_decay``); share (B,) float32 the
+        window's repeat share, events whose item occurred earlier in it over events."""
+        length = window.shape[1]
+        column = torch.arange(length, device=window.device)
+        real = window != 0
+        same = (window.unsqueeze(2) == window.unsqueeze(1)) & real.unsqueeze(1) & real.unsqueeze(2)  # (B, p, q)
+        later = (same & (column.view(1, 1, -1) > column.view(1, -1, 1))).any(-1)
+        earlier = (same & (column.view(1, 1, -1) < column.view(1, -1, 1))).any(-1)
+        latest = real & ~later
+        recency = torch.where(latest, length - column, 0)
+        count = torch.where(latest, same.sum(-1), 0)
+        decayed = None
+        if self.repeat_decay_logit is not None:
+            decayed = torch.where(latest, same.float() @ self.decay_weights(length), 0.0)
+        share = earlier.sum(-1).float() / real.sum(-1).clamp(min=1).float()
+        return recency, count, decayed, share
+
+    def mixture_log_probs(
+        self, state: torch.Tensor, explore: torch.Tensor, items: torch.Tensor, recency: torch.Tensor,
+        count: torch.Tensor | None, decayed: torch.Tensor | None, dots: torch.Tensor, share: torch.Tensor,
+    ) -> torch.Tensor:
+        """The mixture's log P(item) over the catalogue (``repeat_mode="mixture"``).
+
+        state: (N, D); explore: (N, n_items + 1) tied dot products; items: (N, T) history column
+        ids; recency, count, decayed: (N, T) as :meth:`repeat_features`, recency > 0 exactly on the
+        column holding each distinct history item's latest occurrence; dots: (N, T)
+        ``mixture_query(state)`` · the column's item embedding; share: (N,) repeat share.
+        Returns (N, n_items + 1) float32: log P(repeat) + log softmax over the distinct history
+        items for those, log P(explore) + log softmax over the other items for the rest, -inf
+        for padding. A row without history is all explore."""
+        latest = recency > 0
+        index = torch.where(latest, items, 0)
+        pad = torch.zeros_like(items[:, :1])
+        explore = explore.float().scatter(1, torch.cat([index, pad], 1), float("-inf"))  # history items and padding
+        gate = self.repeat_gate(state).squeeze(-1).float() + self.repeat_share_weight * share.float()
+        has_history = latest.any(-1)
+        log_explore = torch.log_softmax(explore, -1) - torch.where(has_history, F.softplus(gate), 0.0).unsqueeze(-1)
+        # a finite floor, not -inf: a row without history must not give NaN
+        repeat = (dots.float() + self.repeat_features(recency, count, decayed).float()).masked_fill(~latest, -1e4)
+        log_repeat = torch.log_softmax(repeat, -1) - F.softplus(-gate).unsqueeze(-1)
+        scores = log_explore.scatter(1, index, log_repeat)  # columns that are not latest write padding's slot
+        return scores.scatter(1, pad, float("-inf"))
+
+    def mixture_scores(self, state: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """state: (B, D); history: (B, L) -> (B, n_items + 1) the mixture's log-probabilities."""
+        window = history[:, -self.config.max_len :]
+        recency, count, decayed, share = self.history_columns(window)
+        dots = torch.einsum("bd,bld->bl", self.mixture_query(state), self.item_emb(window))
+        return self.mixture_log_probs(state, state @ self.item_emb.weight.T, window, recency, count, decayed, dots, share)
 
     def forward(
         self, history: torch.Tensor, candidates: torch.Tensor, behaviors: torch.Tensor | None = None
@@ -485,6 +570,8 @@ class SeqRec(nn.Module):
     def score_all(self, history: torch.Tensor, behaviors: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) history -> (B, n_items + 1) scores over the whole catalogue (column 0 = padding)."""
         state = self.last_state(history, behaviors)
+        if self.mixture_query is not None:
+            return self.mixture_scores(state, history)
         scores = state @ self.item_emb.weight.T
         if self.config.repeat_scores:
             window = history[:, -self.config.max_len :]

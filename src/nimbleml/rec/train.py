@@ -198,6 +198,14 @@ class PrefixRepeats:
     recency: torch.Tensor
     count: torch.Tensor
     decayed: torch.Tensor | None = None
+    share: torch.Tensor | None = None  # (N,) float32 repeat share of the history so far (the mixture's gate feature)
+    dots: torch.Tensor | None = None  # (N, T) mixture_query(state) · each column's item embedding (set by the loss step)
+
+    def rows(self, rows: slice) -> PrefixRepeats:
+        """The same for a slice of the N trained positions."""
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return PrefixRepeats(self.items[rows], self.recency[rows], self.count[rows], pick(self.decayed),
+                             pick(self.share), pick(self.dots))
 
     @classmethod
     def from_inputs(cls, inputs: torch.Tensor, mask: torch.Tensor, gamma: torch.Tensor | None = None) -> PrefixRepeats:
@@ -213,6 +221,9 @@ class PrefixRepeats:
         recency = torch.where(valid, t - p + 1, 0)
         count = torch.where(valid, same.to(torch.int64).cumsum(-1).transpose(1, 2), 0)  # (B, t, p): same items in 0..t
         items = inputs.unsqueeze(1).expand(-1, width, -1)[mask]
+        real = inputs != 0
+        repeated = (same & (column.view(1, 1, -1) < column.view(1, -1, 1))).any(-1) & real  # (B, T): item seen earlier
+        share = repeated.cumsum(1).float() / real.cumsum(1).clamp(min=1).float()
         decayed = None
         if gamma is not None:  # (B, p, q) @ (q, t): Σ_q same[p, q] gamma^(t - q) over q <= t
             age = column.view(-1, 1) - column.view(1, -1)  # (t, q)
@@ -220,22 +231,25 @@ class PrefixRepeats:
                 powers = torch.where(age >= 0, gamma.float() ** age.clamp(min=0).float(), 0.0)
                 sums = (same.float() @ powers.T).transpose(1, 2)  # (B, t, p)
             decayed = torch.where(valid, sums, 0.0)[mask]
-        return cls(items=items, recency=recency[mask], count=count[mask], decayed=decayed)
+        return cls(items=items, recency=recency[mask], count=count[mask], decayed=decayed, share=share[mask])
 
     def bonus(self, model: SeqRec, states: torch.Tensor) -> torch.Tensor:
         """(N, D) states -> (N, T) repeat bonus of each row's history items."""
         return model.repeat_bonus(states, self.recency, self.count, self.decayed)
 
 
-def _ce_chunk(
-    model: SeqRec, states: torch.Tensor, targets: torch.Tensor, items: torch.Tensor | None,
-    recency: torch.Tensor | None, count: torch.Tensor | None, decayed: torch.Tensor | None,
-) -> torch.Tensor:
-    """Summed cross-entropy of a chunk of rows over the whole catalogue (plus repeat bonuses)."""
+def _ce_chunk(model: SeqRec, states: torch.Tensor, targets: torch.Tensor, repeats: PrefixRepeats | None) -> torch.Tensor:
+    """Summed cross-entropy of a chunk of rows over the whole catalogue (plus repeat bonuses,
+    or the mixture's log-probabilities)."""
     logits = states @ model.item_emb.weight.T
-    if items is not None:
-        bonus = model.repeat_bonus(states, recency, count, decayed)
-        logits = logits.scatter_add(1, items, bonus.to(logits.dtype))
+    if repeats is not None and model.mixture_query is not None:
+        log_probs = model.mixture_log_probs(
+            states, logits, repeats.items, repeats.recency, repeats.count, repeats.decayed, repeats.dots, repeats.share
+        )
+        return F.nll_loss(log_probs, targets, reduction="sum")
+    if repeats is not None:
+        bonus = model.repeat_bonus(states, repeats.recency, repeats.count, repeats.decayed)
+        logits = logits.scatter_add(1, repeats.items, bonus.to(logits.dtype))
     logits[:, 0] = float("-inf")  # never predict padding
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
@@ -247,17 +261,12 @@ def _ce_loss(
     checkpointing: each chunk's (rows, n_items) logits are dropped after its forward and
     recomputed in backward, so memory stays at one chunk while the loss is a single graph
     (which DistributedDataParallel needs). ``repeats`` adds the repeat bonus of each row's
-    history items to their logits."""
+    history items to their logits (or, for the mixture, makes the loss its exact NLL)."""
     total = states.new_zeros((), dtype=torch.float32)
     for start in range(0, len(states), chunk_rows):
         rows = slice(start, start + chunk_rows)
-        items, recency, count, decayed = (None,) * 4
-        if repeats is not None:
-            items, recency, count = repeats.items[rows], repeats.recency[rows], repeats.count[rows]
-            decayed = None if repeats.decayed is None else repeats.decayed[rows]
-        total = total + checkpoint(
-            _ce_chunk, model, states[rows], targets[rows], items, recency, count, decayed, use_reentrant=False
-        )
+        chunk = None if repeats is None else repeats.rows(rows)
+        total = total + checkpoint(_ce_chunk, model, states[rows], targets[rows], chunk, use_reentrant=False)
     return total / max(len(states), 1)
 
 
@@ -318,6 +327,40 @@ def _sampled_softmax_loss(
     return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.int64, device=states.device))
 
 
+def _mixture_sampled_loss(
+    model: SeqRec, states: torch.Tensor, targets: torch.Tensor, n_negatives: int, log_q: torch.Tensor,
+    generator: torch.Generator, repeats: PrefixRepeats, seen_dots: torch.Tensor,
+) -> torch.Tensor:
+    """The mixture's NLL (``repeat_mode="mixture"``) with the explore normaliser estimated from
+    shared logQ-corrected negatives. The repeat channel is exact: its softmax runs over every
+    distinct history item of the row. A novel target's explore probability is its exact term
+    over the estimate of Σ exp(s) over the items outside the history: the target's exact term
+    plus the negatives' corrected sum without the target's draws and without the history items'
+    sampled copies (the draw count times the corrected term, as in :func:`_sampled_softmax_loss`),
+    so the loss tends to the full-softmax mixture as the negatives grow."""
+    weight = model.item_emb.weight
+    negatives = torch.multinomial(log_q.exp().cpu(), n_negatives, replacement=True, generator=generator)
+    negatives = negatives.to(states.device)
+    target_dot = (states * weight[targets]).sum(-1).float()
+    negative = (states @ weight[negatives].T).float() - log_q[negatives]
+    negative = negative.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
+    latest = repeats.recency > 0
+    draws = torch.bincount(negatives, minlength=weight.shape[0]).float()[repeats.items]
+    copies = torch.where(~latest | (draws == 0), -1e4, seen_dots.float() - log_q[repeats.items] + torch.log(draws.clamp(min=1.0)))
+    sampled = torch.logsumexp(negative.clamp(min=-1e4), dim=1)  # finite even if every draw was the target
+    share = torch.exp(torch.logsumexp(copies, dim=1) - sampled).clamp(max=1.0 - 1e-6)
+    rest = sampled + torch.log1p(-share)  # log of the negatives' sum outside the history
+    log_n = math.log(n_negatives)
+    log_z = torch.logaddexp(target_dot + log_n, rest) - log_n  # log Σ exp(s) outside the history (estimate)
+    gate = model.repeat_gate(states).squeeze(-1).float() + model.repeat_share_weight * repeats.share
+    log_explore = target_dot - log_z - F.softplus(gate)
+    repeat = (repeats.dots.float() + model.repeat_features(repeats.recency, repeats.count, repeats.decayed).float())
+    log_repeat = torch.log_softmax(repeat.masked_fill(~latest, -1e4), -1) - F.softplus(-gate).unsqueeze(-1)
+    is_target = latest & (repeats.items == targets.unsqueeze(1))
+    log_p = torch.where(is_target.any(-1), log_repeat.masked_fill(~is_target, 0.0).sum(-1), log_explore)
+    return -log_p.mean()
+
+
 def _bce_loss(
     model: SeqRec, states: torch.Tensor, targets: torch.Tensor, sequence: torch.Tensor, mask: torch.Tensor,
     generator: torch.Generator,
@@ -363,13 +406,16 @@ class LossStep(nn.Module):
             if model.config.repeat_scores:
                 gamma = model.decay_gamma() if model.config.repeat_decay else None
                 repeats = PrefixRepeats.from_inputs(inputs, mask, gamma)
+                if model.mixture_query is not None:  # (B, T, T) in batch space, then the trained rows
+                    repeats.dots = torch.bmm(model.mixture_query(hidden), model.item_emb(inputs).transpose(1, 2))[mask]
             if config.loss == "ce":
                 loss = _ce_loss(model, hidden[mask], targets[mask], config.ce_chunk_rows, repeats)
             elif config.loss == "sampled_softmax":
                 seen_dots = None
                 if repeats is not None:  # (B, T, T) in batch space, then the trained rows
                     seen_dots = torch.bmm(hidden, model.item_emb(inputs).transpose(1, 2))[mask]
-                loss = _sampled_softmax_loss(
+                sampled_loss = _mixture_sampled_loss if model.mixture_query is not None else _sampled_softmax_loss
+                loss = sampled_loss(
                     model, hidden[mask], targets[mask], config.n_negatives, self.log_q, self.generator, repeats, seen_dots
                 )
             else:
