@@ -113,6 +113,26 @@ def test_protocols_split_repeat_targets() -> None:
     np.testing.assert_array_equal(repeat_targets(targets, seen), [True, True, False, False])
     results = evaluate_protocols(scorer, history, targets, np.ones(n_items + 1), seen=seen)
     assert results["candidates50"].n_users == 4 and results["candidates50_novel"].n_users == 2
+    # every protocol is split by target: the same ranks, so the groups' means make up the whole
+    for protocol in ("full", "sampled100", "candidates50"):
+        out = results[protocol].to_dict()
+        assert out["repeat"]["n_users"] == 2 and out["novel"]["n_users"] == 2
+        for metric in ("hr@10", "ndcg@10", "mrr"):
+            assert out[metric] == pytest.approx((out["repeat"][metric] + out["novel"][metric]) / 2)
+    # full ranking by weight, 0-based: item j has rank j - 1 (every lower id scores higher)
+    full = results["full"].to_dict()
+    assert full["repeat"]["mrr"] == pytest.approx((1 / 10 + 1 / 4) / 2)
+    assert full["novel"]["mrr"] == pytest.approx((1 / 50 + 1 / 60) / 2)
+    assert "repeat" not in results["candidates50_novel"].to_dict()  # the older form is not split
+
+
+def test_split_by_target_keeps_both_keys_when_a_group_is_empty() -> None:
+    scorer = FixedScorer(np.linspace(1.0, 0.0, 31))
+    result = evaluate_full(scorer, np.array([[0, 3], [0, 4]]), np.array([7, 8]), repeat=np.array([False, False]))
+    out = result.to_dict()
+    assert out["repeat"] == {"hr@10": None, "hr@50": None, "ndcg@10": None, "ndcg@50": None, "mrr": None, "n_users": 0}
+    assert out["novel"]["n_users"] == 2 and out["novel"]["mrr"] == out["mrr"]
+    assert "repeat" not in evaluate_full(scorer, np.array([[0, 3]]), np.array([7])).to_dict()  # no split asked
 
 
 def test_constant_scores_get_no_credit() -> None:

@@ -1,12 +1,15 @@
 """`nimbleml rec prepare | train | evaluate`, and the recommendation part of the demo.
 
 Every metric is computed on the TEST targets (each user's last event) after early stopping
-on the validation targets, for the model and for every baseline under every protocol, with
+on the validation targets (``--targets valid`` scores the validation targets instead, to compare
+configurations), for the model and for every baseline under every protocol, with
 the same history mask for all (see ``rec.evaluate``). metrics.json keys:
 ``full.{hr@10,hr@50,ndcg@10,ndcg@50,mrr}``, ``sampled100.{hr@10,ndcg@10,mrr}``,
-``candidates50.{hr@10,ndcg@10,mrr}``, ``candidates50_novel.{...}`` (users whose target is not
-a repeat), ``baselines.<name>.<protocol>.{...}``, ``baselines.<name>.selected`` (validation
-choice), ``exclude_history``, ``repeat_target_share``,
+``candidates50.{hr@10,ndcg@10,mrr}``, each with ``repeat`` and ``novel`` (the same metrics and
+``n_users`` on the users whose target is / is not a repeat), ``candidates50_novel.{...}`` (the
+older novel split, re-drawn), ``baselines.<name>.<protocol>.{...}`` (split alike),
+``baselines.<name>.selected`` (validation choice), ``targets``, ``repeat_mode``,
+``exclude_history``, ``repeat_target_share``,
 ``n_users``, ``n_items``, ``epochs``, ``train_seconds``, ``precision``, ``processes``.
 
 Multi-process training: ``rec train --nproc N`` starts N local processes itself. On many
@@ -35,7 +38,7 @@ from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
 from nimbleml.rec.baselines import BASELINES, fit_on_validation
 from nimbleml.rec.data import FORMATS, PrepareReport, SequenceData, leave_last_out, prepare
-from nimbleml.rec.evaluate import SeqRecScorer, evaluate_protocols, repeat_targets
+from nimbleml.rec.evaluate import TARGET_GROUPS, SeqRecScorer, evaluate_protocols, repeat_targets
 from nimbleml.rec.model import SeqRec, SeqRecConfig
 from nimbleml.rec.retrieve import IndexSpec, ItemIndex, item_table, recommend
 from nimbleml.rec.train import (
@@ -126,14 +129,16 @@ def singleton_share(data: SequenceData) -> float:
     return float(counts[counts == 1].sum() / total) if total else 0.0
 
 
-def model_config(preset: str, data: SequenceData) -> SeqRecConfig:
+def model_config(preset: str, data: SequenceData, repeat_mode: str = "bonus") -> SeqRecConfig:
     """The preset's SeqRecConfig for this data: behaviour and category embeddings are used
     only when the data has more than one behaviour type / has categories; history items are
     ranked last only when the training data (almost) never repeats an item; where it does, the
     model gets repeat-aware scores (by recency, count and decayed count) instead; on a long-tail
     log (many items seen once) rare items share one input vector and the embedding stays
     narrow (LONG_TAIL_DIM; DEFAULT_DIM elsewhere); elsewhere the default preset learns that
-    vector by item-frequency aware input dropout (UNKNOWN_INPUT_ALPHA)."""
+    vector by item-frequency aware input dropout (UNKNOWN_INPUT_ALPHA). ``repeat_mode`` says how
+    the repeat scores work (``SeqRecConfig.repeat_mode``); it has no effect where history is
+    excluded (no repeats)."""
     share = repeat_share(data)
     repeats = share >= REPEAT_SHARE_TO_KEEP_HISTORY
     long_tail = singleton_share(data) >= SINGLETON_SHARE_FOR_RARE_INPUTS
@@ -145,6 +150,7 @@ def model_config(preset: str, data: SequenceData) -> SeqRecConfig:
         repeat_scores=repeats,
         repeat_counts=repeats,
         repeat_decay=repeats,
+        repeat_mode=repeat_mode if repeats else "bonus",
         min_input_count=2 if long_tail else 0,
     )
     if preset == "small":
@@ -155,46 +161,61 @@ def model_config(preset: str, data: SequenceData) -> SeqRecConfig:
     )
 
 
-def build_model(preset: str, data: SequenceData) -> SeqRec:
-    model = SeqRec(model_config(preset, data))
+def build_model(preset: str, data: SequenceData, repeat_mode: str = "bonus") -> SeqRec:
+    model = SeqRec(model_config(preset, data, repeat_mode))
     if model.config.use_category:
         model.set_item_category(data.item_category)
     model.set_item_counts(data.item_popularity("train"))
     return model
 
 
-def evaluate_all(model: SeqRec, data: SequenceData, seed: int = 0) -> dict:
+TARGETS = ("test", "valid")  # which held-out event evaluate_all scores: the last, or the second-to-last
+
+
+def evaluate_all(model: SeqRec, data: SequenceData, seed: int = 0, targets: str = "test") -> dict:
     """Model and baselines under every protocol on the test targets -> metrics dict.
 
     Every scorer gets the same inputs, the same sampled negatives and the same history mask
     (on when the model was built with ``exclude_history``); baseline hyperparameters are
-    chosen on the validation targets."""
+    chosen on the validation targets. ``targets="valid"`` scores the validation targets instead
+    (each user's second-to-last event, the test event never read): for choosing between
+    configurations. The model's early stopping and the baselines' hyperparameters were chosen
+    on those same targets, so they are a selection score, not an estimate of test quality."""
+    if targets not in TARGETS:
+        raise NimbleError(f"unknown targets {targets!r}", fix=f"use one of {', '.join(TARGETS)}")
     split = leave_last_out(data, max_len=model.config.max_len)
     popularity = data.item_popularity()
-    behaviors = split.test_behaviors if model.config.use_behavior else None
+    held_out = 1 if targets == "test" else 2  # events from the end: the target and what follows it
+    inputs = split.test_input if targets == "test" else split.valid_input
+    target = split.test_target if targets == "test" else split.valid_target
+    behaviors = None
+    if model.config.use_behavior:
+        behaviors = split.test_behaviors if targets == "test" else split.valid_behaviors
     exclude_history = model.config.exclude_history
-    # every item before the test target (validation item included), not only the input window
-    seen = [data.items[start : end - 1] for start, end in zip(data.offsets[:-1], data.offsets[1:])]
+    # every item before the target (for test, the validation item included), not only the input window
+    seen = [data.items[start : end - held_out] for start, end in zip(data.offsets[:-1], data.offsets[1:])]
     results = evaluate_protocols(
-        SeqRecScorer(model), split.test_input, split.test_target, popularity, behaviors, seed, seen, exclude_history
+        SeqRecScorer(model), inputs, target, popularity, behaviors, seed, seen, exclude_history
     )
     metrics: dict = {name: result.to_dict() for name, result in results.items()}
     metrics["baselines"] = {}
     for name in BASELINES:
         baseline, selection = fit_on_validation(name, data, exclude_history, seed=seed)
-        results = evaluate_protocols(
-            baseline, split.test_input, split.test_target, popularity, None, seed, seen, exclude_history
-        )
+        results = evaluate_protocols(baseline, inputs, target, popularity, None, seed, seen, exclude_history)
         metrics["baselines"][name] = {protocol: result.to_dict() for protocol, result in results.items()}
         metrics["baselines"][name]["selected"] = selection.to_dict()
         if hasattr(baseline, "coverage_"):  # EASE on the most popular items only: their share of events
             metrics["baselines"][name]["selected"]["event_coverage"] = baseline.coverage_
+    metrics["targets"] = targets
+    metrics["repeat_mode"] = model.config.repeat_mode if model.config.repeat_scores else None
     metrics["exclude_history"] = exclude_history
-    metrics["repeat_target_share"] = float(repeat_targets(split.test_target, seen).mean())
+    metrics["repeat_target_share"] = float(repeat_targets(target, seen).mean())
     metrics["n_users"] = data.n_users
     metrics["n_items"] = data.n_items
     metrics["protocol_notes"] = {
-        "targets": "test = each user's last event; early stopping on the second-to-last",
+        "targets": "test = each user's last event; early stopping on the second-to-last (valid)",
+        "repeat/novel": "each protocol's metrics on the users whose target they had (had not) seen before: "
+                        "the same ranks and negatives; null metrics when a group is empty",
         "full": "rank among all items but padding; ties pessimistic",
         "exclude_history": "when true, every scorer's input-window items score -inf (a repeat target is a miss)",
         "sampled100": "SASRec protocol: target + 100 uniform negatives not in the whole history, <= 10,000 users",
@@ -207,25 +228,38 @@ def evaluate_all(model: SeqRec, data: SequenceData, seed: int = 0) -> dict:
 
 
 def _metrics_table(metrics: dict) -> Table:
-    """One row per protocol and metric, one column per model (test targets)."""
+    """One row per protocol and metric, one column per model; then the split by target
+    (repeat / novel rows of each protocol's NDCG@10 and HR@10, full MRR)."""
     rows = [
         ("full", "hr@10"), ("full", "hr@50"), ("full", "ndcg@10"), ("full", "ndcg@50"), ("full", "mrr"),
         ("sampled100", "hr@10"), ("sampled100", "ndcg@10"),
         ("candidates50", "hr@10"), ("candidates50", "ndcg@10"), ("candidates50", "mrr"),
         ("candidates50_novel", "hr@10"), ("candidates50_novel", "ndcg@10"), ("candidates50_novel", "mrr"),
     ]  # fmt: skip
-    rows = [(protocol, metric) for protocol, metric in rows if protocol in metrics]
+    rows = [(protocol, None, metric) for protocol, metric in rows if protocol in metrics]
+    split = [("full", "ndcg@10"), ("full", "hr@10"), ("full", "mrr"), ("sampled100", "ndcg@10"),
+             ("candidates50", "ndcg@10")]  # fmt: skip
+    rows += [(protocol, group, metric) for group in TARGET_GROUPS for protocol, metric in split
+             if group in metrics.get(protocol, {})]  # fmt: skip
     models = [("SeqRec", metrics)] + list(metrics["baselines"].items())
+    targets = metrics.get("targets", "test")
     table = Table(
-        title=f"test metrics ({metrics['n_users']:,} users, {metrics['n_items']:,} items; "
-        f"repeat targets {metrics['repeat_target_share']:.1%}; history excluded: {metrics['exclude_history']})"
+        title=f"{targets} metrics ({metrics['n_users']:,} users, {metrics['n_items']:,} items; "
+        f"repeat targets {metrics['repeat_target_share']:.1%}; history excluded: {metrics['exclude_history']}); "
+        "/repeat, /novel: users whose target they had, had not seen"
     )
     table.add_column("protocol")
     table.add_column("metric")
     for name, _ in models:
         table.add_column(name, justify="right")
-    for protocol, metric in rows:
-        table.add_row(protocol, metric, *(f"{m[protocol][metric]:.4f}" for _, m in models))
+
+    def cell(m: dict, protocol: str, group: str | None, metric: str) -> str:
+        value = (m[protocol] if group is None else m[protocol][group])[metric]
+        return "-" if value is None else f"{value:.4f}"
+
+    for protocol, group, metric in rows:
+        table.add_row(protocol if group is None else f"{protocol}/{group}", metric,
+                      *(cell(m, protocol, group, metric) for _, m in models))
     return table
 
 
@@ -267,8 +301,10 @@ def run_prepare(args: argparse.Namespace) -> int:
 def train_and_evaluate(
     data: SequenceData, out: Path, preset: str = "default", seed: int = 0, epochs: int | None = None,
     loss: str | None = None, threads: int | None = None, precision: str | None = None, ema_decay: float | None = None,
+    repeat_mode: str = "bonus", targets: str = "test",
 ) -> tuple[dict, TrainResult]:
-    """Train the preset on ``data``, save the checkpoint and metrics.json under ``out``.
+    """Train the preset on ``data``, save the checkpoint and metrics.json under ``out``
+    (on the ``targets``: "test", or "valid" to compare configurations without reading the test).
     In a multi-process group only rank 0 evaluates and writes; the others return ({}, result)."""
     if preset not in TRAIN_PRESETS:
         raise NimbleError(f"unknown preset {preset!r}", fix=f"use one of {', '.join(TRAIN_PRESETS)}")
@@ -284,13 +320,13 @@ def train_and_evaluate(
         config.precision = precision  # type: ignore[assignment]
     if ema_decay is not None:
         config.ema_decay = ema_decay
-    model = build_model(preset, data)
+    model = build_model(preset, data, repeat_mode)
     result = train(model, data, config)
     rank, world = process_group()
     metrics: dict = {}
     if rank == 0:
         save_checkpoint(model, {"preset": preset, "train": config.to_dict(), "result": result.to_dict()}, out)
-        metrics = evaluate_all(model, data, seed=seed)
+        metrics = evaluate_all(model, data, seed=seed, targets=targets)
         metrics.update(epochs=result.epochs_run, best_epoch=result.best_epoch, train_seconds=result.train_seconds,
                        loss=config.loss, precision=config.precision, processes=world, preset=preset,
                        environment=environment())
@@ -314,7 +350,8 @@ def run_train(args: argparse.Namespace) -> int:
         init_process_group()
     data = SequenceData.load(Path(args.data))
     metrics, result = train_and_evaluate(
-        data, Path(args.out), args.preset, args.seed, args.epochs, args.loss, args.threads, args.precision, args.ema_decay
+        data, Path(args.out), args.preset, args.seed, args.epochs, args.loss, args.threads, args.precision, args.ema_decay,
+        args.repeat_mode, args.targets,
     )
     if not metrics:  # not rank 0: it wrote nothing
         return 0
@@ -336,7 +373,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"model has {model.config.n_items} items, data has {data.n_items}",
             path=args.data, fix="evaluate on the prepared data the model was trained on",
         )
-    metrics = evaluate_all(model, data, seed=args.seed)
+    metrics = evaluate_all(model, data, seed=args.seed, targets=args.targets)
     saved = json.loads((Path(args.model) / "config.json").read_text()).get("result", {})
     metrics.update(epochs=saved.get("epochs_run"), train_seconds=saved.get("train_seconds"), environment=environment())
     _write_json(Path(args.out) / METRICS_FILE, metrics)
@@ -429,6 +466,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="bf16 = torch.autocast mixed precision")
     p.add_argument("--ema-decay", type=float, default=None,
                    help="exponential moving average of the weights (0 = off); default: the preset's (default 0.999, small off)")
+    p.add_argument("--repeat-mode", default="bonus", choices=["bonus", "mixture"],
+                   help="on logs with repeats: additive recency bonus, or RepeatNet's repeat/explore mixture")
+    p.add_argument("--targets", default="test", choices=TARGETS,
+                   help="evaluate on the test targets, or on the validation ones (to compare configurations)")
     p.add_argument("--out", required=True, help="output folder for the model and metrics.json")
     p.set_defaults(func=run_train)
 
@@ -436,6 +477,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--model", required=True, help="folder written by `rec train`")
     p.add_argument("--data", required=True, help="folder written by `rec prepare`")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--targets", default="test", choices=TARGETS,
+                   help="evaluate on the test targets, or on the validation ones (to compare configurations)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=run_evaluate)
 

@@ -21,6 +21,12 @@ Anything with ``score_all(history, behaviors)`` and ``score(history, candidates,
 returning numpy arrays can be evaluated: the model through :class:`SeqRecScorer`, the
 baselines in ``rec.baselines`` directly.
 
+Every protocol can split its result by target (``repeat``: a (U,) bool from
+:func:`repeat_targets`): the same ranks, so the same negatives, on the users whose target they
+had interacted with before ("repeat") and on the rest ("novel"). The split matters on repeat-heavy
+logs: the sampled protocols never draw a history item as a negative, so a history item among the
+candidates *is* the target, which inflates every scorer that ranks the history first.
+
 Every protocol takes ``exclude_history``: when True, every item in the user's input window
 is scored -inf by :func:`mask_seen` *here*, for every scorer alike (a repeat target is then a
 miss, as it is for a model that never recommends seen items); when False nothing is removed,
@@ -77,29 +83,49 @@ def mrr(ranks: np.ndarray) -> float:
     return float(np.mean(1.0 / (np.asarray(ranks, dtype=np.float64) + 1.0)))
 
 
+TARGET_GROUPS = ("repeat", "novel")  # the split by target: items the user had before, and new ones
+
+
 @dataclass
 class RankingResult:
-    """Metrics of one protocol. to_dict() gives {"hr@10": ..., "ndcg@10": ..., "mrr": ..., "n_users": ...}."""
+    """Metrics of one protocol. to_dict() gives {"hr@10": ..., "ndcg@10": ..., "mrr": ...,
+    "n_users": ...}, and with the split by target also "repeat" and "novel", each the same
+    metrics on the users whose target the user had (had not) interacted with before; both keys
+    are always there, an empty group with n_users 0 and null metrics."""
 
     protocol: str  # "full", "sampled100" or "candidates50"
     n_users: int  # users evaluated
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    by_target: dict[str, RankingResult] | None = None  # "repeat" / "novel" -> the same protocol on those users
 
     @classmethod
-    def from_ranks(cls, protocol: str, ranks: np.ndarray, ks: tuple[int, ...]) -> RankingResult:
-        metrics: dict[str, float] = {}
+    def from_ranks(
+        cls, protocol: str, ranks: np.ndarray, ks: tuple[int, ...], repeat: np.ndarray | None = None
+    ) -> RankingResult:
+        """ranks: (U,) 0-based; repeat: (U,) bool, True where the target is a repeat (None: no split)."""
+        ranks = np.asarray(ranks)
+        metrics: dict[str, float | None] = {}
         for k in ks:
-            metrics[f"hr@{k}"] = hit_rate(ranks, k)
+            metrics[f"hr@{k}"] = hit_rate(ranks, k) if len(ranks) else None
         for k in ks:
-            metrics[f"ndcg@{k}"] = ndcg(ranks, k)
-        metrics["mrr"] = mrr(ranks)
-        return cls(protocol=protocol, n_users=len(ranks), metrics=metrics)
+            metrics[f"ndcg@{k}"] = ndcg(ranks, k) if len(ranks) else None
+        metrics["mrr"] = mrr(ranks) if len(ranks) else None
+        by_target = None
+        if repeat is not None:
+            repeat = np.asarray(repeat, dtype=bool)
+            by_target = {
+                group: cls.from_ranks(protocol, ranks[repeat == (group == "repeat")], ks) for group in TARGET_GROUPS
+            }
+        return cls(protocol=protocol, n_users=len(ranks), metrics=metrics, by_target=by_target)
 
-    def __getitem__(self, key: str) -> float:
+    def __getitem__(self, key: str) -> float | None:
         return self.metrics[key]
 
     def to_dict(self) -> dict:
-        return {**self.metrics, "n_users": self.n_users}
+        out: dict = {**self.metrics, "n_users": self.n_users}
+        if self.by_target is not None:
+            out.update({group: result.to_dict() for group, result in self.by_target.items()})
+        return out
 
 
 def checked_scores(scores: np.ndarray) -> np.ndarray:
@@ -216,13 +242,16 @@ def evaluate_full(
     exclude_history: bool = False,
     ks: tuple[int, ...] = (10, 50),
     batch_size: int = 1024,
+    repeat: np.ndarray | None = None,
 ) -> RankingResult:
     """Rank each target against the full catalogue (every item but the padding id 0).
 
     inputs: (U, L) left-padded histories; targets: (U,) held-out item ids (1..n_items);
-    exclude_history: score the input window's items -inf (:func:`mask_seen`).
+    exclude_history: score the input window's items -inf (:func:`mask_seen`); repeat: (U,)
+    bool, repeat targets (:func:`repeat_targets`), for the split by target (None: no split).
     """
-    return RankingResult.from_ranks("full", full_ranks(scorer, inputs, targets, behaviors, exclude_history, batch_size), ks)
+    ranks = full_ranks(scorer, inputs, targets, behaviors, exclude_history, batch_size)
+    return RankingResult.from_ranks("full", ranks, ks, repeat)
 
 
 def full_ranks(
@@ -305,6 +334,7 @@ def _evaluate_on_candidates(
     behaviors: np.ndarray | None,
     ks: tuple[int, ...],
     exclude_history: bool,
+    repeat: np.ndarray | None = None,
     batch_size: int = 1024,
 ) -> RankingResult:
     candidates = np.concatenate([targets[:, None], negatives], axis=1)
@@ -317,7 +347,7 @@ def _evaluate_on_candidates(
         if exclude_history:
             mask_seen(scores, inputs[rows], candidates[rows])
         ranks[rows] = _ranks_of_first(scores)
-    return RankingResult.from_ranks(protocol, ranks, ks)
+    return RankingResult.from_ranks(protocol, ranks, ks, repeat)
 
 
 def _user_subset(n_users: int, max_users: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -338,9 +368,11 @@ def evaluate_sampled(
     ks: tuple[int, ...] = (10,),
     seen: Sequence[np.ndarray] | None = None,
     exclude_history: bool = False,
+    repeat: np.ndarray | None = None,
 ) -> RankingResult:
     """SASRec's protocol: target + ``n_negatives`` items drawn uniformly from items the user
     has not interacted with (and not the target), on a random subset of at most ``max_users`` users.
+    repeat: (U,) bool repeat targets for the split by target (None: no split).
 
     seen: per user, every item id interacted with before the target (SASRec excludes the
     whole history, not only the model's input window); None uses the input rows, which
@@ -357,6 +389,7 @@ def evaluate_sampled(
     return _evaluate_on_candidates(
         scorer, f"sampled{n_negatives}", inputs[users], targets[users], negatives,
         None if behaviors is None else behaviors[users], ks, exclude_history,
+        None if repeat is None else np.asarray(repeat)[users],
     )
 
 
@@ -373,12 +406,13 @@ def evaluate_candidates(
     seen: Sequence[np.ndarray] | None = None,
     exclude_history: bool = False,
     name: str | None = None,
+    repeat: np.ndarray | None = None,
 ) -> RankingResult:
     """The serving task: re-rank ``n_candidates`` items, the target plus ``n_candidates - 1``
     negatives drawn in proportion to ``popularity`` ((n_items + 1,) training counts), never
     the target nor an item the user has seen (``seen`` as in :func:`evaluate_sampled`; None =
     the history row). Reports HR@k, NDCG@k and MRR under protocol ``name`` (default
-``candidates{n_candidates}``)."""
+    ``candidates{n_candidates}``), split by target when ``repeat`` ((U,) bool) is given."""
     rng = np.random.default_rng(seed)
     inputs = np.asarray(inputs, dtype=np.int64)
     targets = np.asarray(targets, dtype=np.int64)
@@ -391,6 +425,7 @@ def evaluate_candidates(
     return _evaluate_on_candidates(
         scorer, name or f"candidates{n_candidates}", inputs[users], targets[users], negatives,
         None if behaviors is None else behaviors[users], ks, exclude_history,
+        None if repeat is None else np.asarray(repeat)[users],
     )
 
 
@@ -410,23 +445,29 @@ def evaluate_protocols(
     exclude_history: bool = False,
 ) -> dict[str, RankingResult]:
     """Every protocol on one set of targets: {"full", "sampled100", "candidates50",
-    "candidates50_novel"}. The last is the 50-candidate task on the users whose target is
-    not a repeat (not in ``seen``), since repeat targets inflate it on repeat-heavy data.
-    The same seed gives every scorer the same sampled negatives; ``seen`` (per user, every
-    item before the target; None = the input rows) keeps the sampled negatives out of the
-    whole history; ``exclude_history`` masks the input window for every scorer alike."""
+    "candidates50_novel"}, each split by target ("repeat" / "novel" inside each: the same
+    ranks, so the same negatives, on the users whose target is / is not in ``seen``).
+    "candidates50_novel" is the older form of the novel split, the 50-candidate task re-drawn on
+    the novel users only (kept so earlier runs compare); it differs from ``candidates50.novel``
+    only in the negatives' draw. The same seed gives every scorer the same sampled negatives;
+    ``seen`` (per user, every item before the target; None = the input rows) keeps the sampled
+    negatives out of the whole history; ``exclude_history`` masks the input window for every
+    scorer alike."""
     n_items = len(popularity) - 1
     inputs = np.asarray(inputs, dtype=np.int64)
     targets = np.asarray(targets, dtype=np.int64)
     seen = list(inputs) if seen is None else seen
-    novel = np.flatnonzero(~repeat_targets(targets, seen))
+    repeat = repeat_targets(targets, seen)
+    novel = np.flatnonzero(~repeat)
     results = {
-        "full": evaluate_full(scorer, inputs, targets, behaviors, exclude_history),
+        "full": evaluate_full(scorer, inputs, targets, behaviors, exclude_history, repeat=repeat),
         "sampled100": evaluate_sampled(
-            scorer, inputs, targets, n_items, behaviors, seed=seed, seen=seen, exclude_history=exclude_history
+            scorer, inputs, targets, n_items, behaviors, seed=seed, seen=seen, exclude_history=exclude_history,
+            repeat=repeat,
         ),
         "candidates50": evaluate_candidates(
-            scorer, inputs, targets, popularity, behaviors, seed=seed, seen=seen, exclude_history=exclude_history
+            scorer, inputs, targets, popularity, behaviors, seed=seed, seen=seen, exclude_history=exclude_history,
+            repeat=repeat,
         ),
     }
     if len(novel):
