@@ -106,7 +106,7 @@ def start_server(model: Path, tmp: Path, *args: str, keys: bool = True, timeout_
     if keys:
         env["NIMBLEML_API_KEYS"] = KEYS_ENV
     cmd = [sys.executable, "-m", "nimbleml.cli", "serve", "--model", str(model), "--port", "0",
-           "--ready-file", str(ready), "--workers", "1", *args]
+           "--ready-file", str(ready), "--frontends", "1", "--workers", "1", *args]
     process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout_s
     while not ready.exists():

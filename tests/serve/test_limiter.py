@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nimbleml.serve.limiter import AdmissionController, ShedConfig, TierPolicy, TokenBucket
+from nimbleml.serve.limiter import AdmissionController, SharedBuckets, ShedConfig, TierPolicy, TokenBucket
 
 
 def test_bucket_grants_burst_then_refills_at_rate():
@@ -95,3 +95,28 @@ def test_default_tiers_have_per_key_limits_below_the_tier() -> None:
 
     for name, policy in default_tiers().items():
         assert policy.key_rate_rps is not None and policy.key_rate_rps < policy.rate_rps, name
+
+
+def _spend_in_child(buckets, tier: str, key: str, tries: int, out) -> None:
+    """Another process's admission controller on the same shared buckets (spawned)."""
+    ctl = AdmissionController(shared=buckets)
+    out.value = sum(ctl.admit(tier, 0, key=key).admitted for _ in range(tries))
+
+
+def test_front_ends_share_one_bucket_per_tier_and_key() -> None:
+    """Two processes on SharedBuckets: a key's burst is spent once for both, not once each."""
+    import multiprocessing as mp
+
+    tiers = {"free": TierPolicy(rate_rps=0.001, burst=100, priority=2, shed_rank=0, key_rate_rps=0.001, key_burst=5)}
+    ctx = mp.get_context("spawn")
+    buckets = SharedBuckets(tiers, [("free", "k1")], ctx)
+    here = AdmissionController(shared=buckets)
+    assert sum(here.admit("free", 0, key="k1").admitted for _ in range(3)) == 3
+    granted = ctx.Value("i", -1)
+    child = ctx.Process(target=_spend_in_child, args=(buckets, "free", "k1", 10, granted))
+    child.start()
+    child.join(60)
+    assert granted.value == 2  # 5 for the key across both processes: 3 here, 2 there
+    assert here.admit("free", 0, key="k1").reason == "key_rate"
+    assert sum(here.admit("free", 0, key="k2").admitted for _ in range(10)) == 5  # an unknown key: a bucket of its own
+

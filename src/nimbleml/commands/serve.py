@@ -20,6 +20,7 @@ from pathlib import Path
 from nimbleml.errors import NimbleError
 from nimbleml.serve.batcher import BatcherConfig
 from nimbleml.serve.bundle import MANIFEST, Bundle
+from nimbleml.serve.frontends import Shared, Supervisor, default_frontends
 from nimbleml.serve.history import MAX_USERS, open_store
 from nimbleml.serve.keys import load_keyring
 from nimbleml.serve.limiter import AdmissionController, ShedConfig
@@ -54,7 +55,9 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def build_service(args: argparse.Namespace) -> Service:
+def build_service(args: argparse.Namespace, shared: Shared | None = None) -> Service:
+    """shared: this process is one of several front ends (``serve/frontends.py``): the model runs
+    in process, the rate buckets are the shared ones, admin calls are repeated on the siblings."""
     from nimbleml.runtime.backends import available_backends, best_backend
 
     backend = args.backend or best_backend()
@@ -64,17 +67,22 @@ def build_service(args: argparse.Namespace) -> Service:
     admission = AdmissionController(shed=ShedConfig(target_p99_ms=args.target_p99_ms, soft_queue_depth=args.shed_queue[0],
                                                     hard_queue_depth=args.shed_queue[1],
                                                     soft_loop_lag_ms=args.shed_loop_lag_ms[0],
-                                                    hard_loop_lag_ms=args.shed_loop_lag_ms[1]))
+                                                    hard_loop_lag_ms=args.shed_loop_lag_ms[1]),
+                                    shared=shared.buckets if shared else None)
     risk_limits = json.loads(Path(args.risk_limits).read_text()) if args.risk_limits else {}
     config = ServeConfig(
         batcher=BatcherConfig(max_batch_size=args.max_batch, max_queue_delay_ms=args.max_wait_ms),
-        pool=PoolConfig(workers=args.workers or default_workers(), backend=backend, threads=args.threads,
+        pool=PoolConfig(workers=0 if shared else default_workers() if args.workers is None else args.workers,
+                        backend=backend, threads=args.threads,
                         warm_batches=(1, args.max_batch), batch_timeout_s=args.batch_timeout_s,
                         admin_timeout_s=args.admin_timeout_s),
         deadline_ms=args.deadline_ms,
         risk_limits={str(k): float(v) for k, v in risk_limits.items()},
         lane=args.lane,
         peers=list(args.peers),
+        peers_file=shared.peers_file if shared else None,
+        peer_token=shared.token if shared else None,
+        versions_file=shared.versions_file if shared else None,
     )
     keys = load_keyring(args.keys, set(admission.tiers))
     store = open_store(args.redis, max_users=args.history_users)
@@ -103,7 +111,12 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder (rec checkpoint, risk model, or bundle)")
-    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: cores - 1, at least 1)")
+    parser.add_argument("--frontends", type=int, default=0,
+                        help="front-end processes on the port, each batching and running its model in process "
+                             "(default 0: one per core with --redis or a risk model, else 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes behind a single front end (default: cores - 1, at least 1; "
+                             "0: the front end runs the model itself)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs API keys)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0 = any free port)")
     parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: no gRPC; 0 = any free)")
@@ -145,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _lane_command(args: argparse.Namespace, ready: Path) -> list[str]:
     """The same server as a premium lane: one worker, no gRPC, the same keys, store and limits."""
     cmd = [sys.executable, "-m", "nimbleml.cli", "serve", "--model", str(args.model), "--host", args.host,
-           "--port", str(args.premium_port), "--workers", "1", "--max-batch", str(args.max_batch),
+           "--port", str(args.premium_port), "--frontends", "1", "--workers", "1", "--max-batch", str(args.max_batch),
            "--max-wait-ms", str(args.max_wait_ms), "--deadline-ms", str(args.deadline_ms),
            "--target-p99-ms", str(args.target_p99_ms), "--shed-queue", "{},{}".format(*args.shed_queue),
            "--shed-loop-lag-ms", "{},{}".format(*args.shed_loop_lag_ms),
@@ -178,6 +191,16 @@ def start_lane(args: argparse.Namespace, timeout_s: float = 300.0) -> tuple[subp
     return process, int(json.loads(ready.read_text())["http"])
 
 
+def check_frontends(args: argparse.Namespace, count: int) -> None:
+    """Several front ends need a shared history store for a recommender, and run the model in process."""
+    if args.workers:
+        raise NimbleError(f"--workers {args.workers} with {count} front ends: each front end runs its model itself",
+                          fix="leave out --workers, or pass --frontends 1 for one front end with worker processes")
+    if args.redis is None and Bundle.load(prepare_model(args.model)).operation == "recommend":
+        raise NimbleError(f"{count} front ends each keep their own users' histories without a shared store",
+                          fix="add --redis redis://127.0.0.1:6379/0, or pass --frontends 1")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     lane, extra = None, {}
     if args.premium_port is not None and args.lane is None:
@@ -188,6 +211,11 @@ def run_serve(args: argparse.Namespace) -> int:
                  port, lane.pid, args.bulk_nice)
         os.nice(args.bulk_nice)  # the workers started below inherit it: the lane wins the CPU under overload
     try:
+        frontends = args.frontends or default_frontends(args.redis, Bundle.load(prepare_model(args.model)).operation)
+        if frontends > 1:
+            check_frontends(args, frontends)
+            Supervisor(args, frontends, hung_after_s=args.batch_timeout_s).serve_forever(args.ready_file, extra)
+            return 0
         service = build_service(args)
         run(service, ListenConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, http=args.http,
                                   ready_file=args.ready_file, ready_extra=extra, parent_pid=args.parent_pid))

@@ -5,10 +5,12 @@
   an ``async def`` route, a plain ``def`` route, the async route with one torch thread, and
   ``naive_workers``: one uvicorn worker process per core, one torch thread each (what
   ``uvicorn --workers N`` or gunicorn gives). ``ratio`` is taken against the best of them.
-- **nimbleml**: ``nimbleml serve`` on the same model (fastest runtime backend, workers,
-  dynamic batching, our httptools hot path); also behind uvicorn with the lean ASGI hot path
-  (``nimbleml_asgi``) and with every route through FastAPI (``nimbleml_fastapi_route``), to
-  show what each HTTP layer costs.
+- **nimbleml**: ``nimbleml serve`` on the same model as a user runs it with Redis (the bench
+  starts a private ``redis-server``): one front end per core, each batching and running its
+  model in process, our httptools hot path, the fastest runtime backend; also behind uvicorn
+  with the lean ASGI hot path (``nimbleml_asgi``) and with every route through FastAPI
+  (``nimbleml_fastapi_route``), to show what each HTTP layer costs, and as one front end with
+  worker processes (``nimbleml_one_frontend``, the design before ``--frontends``).
 - **ray_serve**: the same bundle as a Ray Serve deployment (``serve/ray_app.py``).
 
 For each, its capacity (``nimbleml.bench.capacity``): the highest offered rate (Poisson, open
@@ -39,7 +41,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -51,6 +53,7 @@ from nimbleml.bench.capacity import Capacity, SearchConfig, Step, find_capacity
 from nimbleml.bench.wrk import CONNECTIONS, wrk_available, wrk_sweep
 from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
+from nimbleml.serve.frontends import default_frontends
 from nimbleml.serve.loadgen import LoadPlan, ResponseSample, http_request, loopback_target, request_bodies, run_load
 
 log = logging.getLogger(__name__)
@@ -478,6 +481,57 @@ def _save(result: dict, out: Path) -> None:
     (out / "serve_bench.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _run_ours(args: argparse.Namespace, result: dict, bodies: list[bytes], keys: dict[str, str], key_env: dict,
+              serve_cmd: list[str], measure: Callable, redis_url: str | None) -> None:
+    """Our variants' capacities, the ratio, the 2x overloads and the two Recommend paths."""
+    variants = [("nimbleml", ["--http", "fast"])]
+    if not args.skip_fastapi_route:
+        variants += [("nimbleml_asgi", ["--http", "asgi"]), ("nimbleml_fastapi_route", ["--http", "fastapi"])]
+    if not args.skip_one_frontend and result["frontends"] > 1:  # the design before --frontends, for the record
+        variants.append(("nimbleml_one_frontend", ["--frontends", "1"]))
+    for name, extra in variants:
+        port = _free_port()
+        measure(name, [*serve_cmd, "--port", str(port), *extra], f"http://127.0.0.1:{port}", "/readyz",
+                keys["standard"], key_env)
+    result["ratio"] = capacity_ratio(result["nimbleml"], result["naive"])
+    if result["naive"]["cpu_ms_per_request"] and result["nimbleml"]["cpu_ms_per_request"]:
+        result["cpu_ratio"] = round(result["naive"]["cpu_ms_per_request"] / result["nimbleml"]["cpu_ms_per_request"], 2)
+    _save(result, args.out)
+
+    port = _free_port()
+    process = _start([*serve_cmd, "--port", str(port)], args.out / "overload.log", key_env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(f"{url}/readyz", process)
+        rate = 2 * max(result["nimbleml"]["max_rps"], 1.0)
+        result["overload"] = overload(url, bodies, keys, rate, args.overload_s, args.processes,
+                                      sample_every=args.sample_every)
+        time.sleep(2.0)  # let the overload's queues drain before measuring the two Recommend paths
+        _save(result, args.out)
+        result["state_paths"] = state_paths(url, process.pid, bodies, keys["standard"], keys["premium"],
+                                            max(25.0, result["nimbleml"]["max_rps"] / 2), args.step_s, args.processes)
+    finally:
+        _stop(process)
+
+    if redis_url is None:
+        log.warning("no Redis (--redis or Debian's redis-server): the premium-lane overload is left out")
+        result["overload_premium_lane"] = {"skipped": "no Redis to share histories between the two processes"}
+    else:
+        port, lane_port = _free_port(), _free_port()
+        process = _start([*serve_cmd, "--port", str(port), "--premium-port", str(lane_port)],
+                         args.out / "overload_lane.log", key_env)
+        try:
+            url, lane_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{lane_port}"
+            _wait_http(f"{url}/readyz", process)
+            _wait_http(f"{lane_url}/readyz", process)
+            rate = 2 * max(result["nimbleml"]["max_rps"], 1.0)
+            result["overload_premium_lane"] = overload(url, bodies, keys, rate, args.overload_s, args.processes,
+                                                       lane_url=lane_url, sample_every=args.sample_every)
+        finally:
+            _stop(process)
+        _save(result, args.out)
+
+
 def search_config(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(start_rps=args.start_rps, factor=args.factor, max_rps=args.max_rps, grid_s=args.grid_s,
                         tolerance=args.tolerance, step_s=args.step_s, warmup_s=args.warmup_s, repeats=args.repeats,
@@ -558,57 +612,20 @@ def run(args: argparse.Namespace) -> int:
     best_naive = best_variant({n: result[n] for n in args.naive_variants})
     result["naive_variants"] = list(args.naive_variants)
     result["naive"] = {**result[best_naive], "endpoint": best_naive}  # the ratio's denominator: the best naive
-    serve_cmd = [sys.executable, "-m", "nimbleml.cli", "serve", "--model", str(bundle_dir), "--backend", backend,
-                 "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
-    if args.workers:
-        serve_cmd += ["--workers", str(args.workers)]
-    variants = [("nimbleml", "fast")] + ([] if args.skip_fastapi_route else [
-        ("nimbleml_asgi", "asgi"), ("nimbleml_fastapi_route", "fastapi")])
-    for name, http in variants:
-        port = _free_port()
-        measure(name, [*serve_cmd, "--port", str(port), "--http", http], f"http://127.0.0.1:{port}", "/readyz",
-                keys["standard"], key_env)
-    result["ratio"] = capacity_ratio(result["nimbleml"], result["naive"])
-    if result["naive"]["cpu_ms_per_request"] and result["nimbleml"]["cpu_ms_per_request"]:
-        result["cpu_ratio"] = round(result["naive"]["cpu_ms_per_request"] / result["nimbleml"]["cpu_ms_per_request"], 2)
-    _save(result, args.out)
-
-    port = _free_port()
-    process = _start([*serve_cmd, "--port", str(port)], args.out / "overload.log", key_env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/readyz", process)
-        rate = 2 * max(result["nimbleml"]["max_rps"], 1.0)
-        result["overload"] = overload(url, bodies, keys, rate, args.overload_s, args.processes,
-                                      sample_every=args.sample_every)
-        time.sleep(2.0)  # let the overload's queues drain before measuring the two Recommend paths
-        _save(result, args.out)
-        result["state_paths"] = state_paths(url, process.pid, bodies, keys["standard"], keys["premium"],
-                                            max(25.0, result["nimbleml"]["max_rps"] / 2), args.step_s, args.processes)
-    finally:
-        _stop(process)
-
+    # with a shared history store, `serve` runs one front end per core (serve/frontends.py)
     redis_url, redis_process = _bench_redis(args.redis, args.out)
-    if redis_url is None:
-        log.warning("no Redis (--redis or Debian's redis-server): the premium-lane overload is left out")
-        result["overload_premium_lane"] = {"skipped": "no Redis to share histories between the two processes"}
-    else:
-        port, lane_port = _free_port(), _free_port()
-        process = _start([*serve_cmd, "--port", str(port), "--premium-port", str(lane_port), "--redis", redis_url],
-                         args.out / "overload_lane.log", key_env)
-        try:
-            url, lane_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{lane_port}"
-            _wait_http(f"{url}/readyz", process)
-            _wait_http(f"{lane_url}/readyz", process)
-            rate = 2 * max(result["nimbleml"]["max_rps"], 1.0)
-            result["overload_premium_lane"] = overload(url, bodies, keys, rate, args.overload_s, args.processes,
-                                                       lane_url=lane_url, sample_every=args.sample_every)
-        finally:
-            _stop(process)
-            if redis_process is not None:
-                redis_process.terminate()
-                redis_process.wait(10)
-        _save(result, args.out)
+    try:
+        serve_cmd = [sys.executable, "-m", "nimbleml.cli", "serve", "--model", str(bundle_dir), "--backend", backend,
+                     "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+        serve_cmd += ["--redis", redis_url] if redis_url else []
+        serve_cmd += ["--frontends", str(args.frontends)] if args.frontends else []
+        serve_cmd += ["--workers", str(args.workers)] if args.workers is not None else []
+        result["frontends"] = args.frontends or default_frontends(redis_url, "recommend")
+        _run_ours(args, result, bodies, keys, key_env, serve_cmd, measure, redis_url)
+    finally:
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait(10)
 
     if not args.skip_ray:
         try:
@@ -651,7 +668,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="a `nimbleml rec train` model folder")
     parser.add_argument("--out", type=Path, default=Path("reports/bench/serve"), help="output folder")
     parser.add_argument("--backend", default=None, help="runtime backend for ours (default: fastest available)")
-    parser.add_argument("--workers", type=int, default=0, help="our worker processes (default: cores - 1)")
+    parser.add_argument("--frontends", type=int, default=0,
+                        help="our front-end processes (default 0: serve's default, one per core with the bench's Redis)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="our worker processes behind one front end (default: serve's default)")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--slo-ms", type=float, default=defaults.slo_ms, help="p99 objective over every request, ms")
@@ -677,9 +697,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument("--skip-ray", action="store_true", help="leave out Ray Serve")
     parser.add_argument("--redis", default=None,
-                        help="Redis URL for the premium-lane overload run (default: a private redis-server if installed)")
+                        help="Redis URL for our servers and the premium-lane overload run (default: a private "
+                             "redis-server if installed)")
     parser.add_argument("--skip-fastapi-route", action="store_true",
                         help="leave out ours behind uvicorn (lean ASGI and all-FastAPI variants)")
+    parser.add_argument("--skip-one-frontend", action="store_true",
+                        help="leave out ours as one front end with worker processes (nimbleml_one_frontend)")
 
 
 def _main() -> None:

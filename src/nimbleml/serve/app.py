@@ -16,6 +16,7 @@ FastAPI for every route).
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from nimbleml.serve.service import Rejected, Service
 
 log = logging.getLogger(__name__)
 
+PEER_HEADER = "x-nimbleml-peer"  # see serve/frontends.py
 MAX_BODY_BYTES = 64 * 1024  # a Recommend with 100 history ids and 50 candidates is ~1.5 KiB
 JSON = b"application/json"
 _encoder = msgspec.json.Encoder()
@@ -105,8 +107,9 @@ class Handler:
                 except msgspec.DecodeError as exc:
                     raise Rejected(400, f"malformed JSON: {exc}") from exc
             answer = await route.call(caller, request)
-            if route.forward and self.service.config.peers:
-                await self._forward(path, head.key, body)
+            if route.forward:
+                self.service.save_versions()
+                await self._forward(path, head.key, body, self.service.peer_urls(self._from_sibling(head)))
             status, payload, headers = 200, _encoder.encode(answer), []
         except Rejected as err:
             status, payload = err.status, _encoder.encode(ErrorResponse(err.message, err.status))
@@ -117,20 +120,26 @@ class Handler:
         self.service.observe(route.name, tier, status, time.perf_counter() - started)
         return status, payload, headers
 
-    async def _forward(self, path: str, key: str | None, body: bytes) -> None:
-        """Repeat an admin model operation on each premium lane, after it succeeded here."""
+    def _from_sibling(self, head: RequestHead) -> bool:
+        token = self.service.config.peer_token
+        return token is not None and head.peer is not None and secrets.compare_digest(head.peer, token)
+
+    async def _forward(self, path: str, key: str | None, body: bytes, peers: list[str]) -> None:
+        """Repeat an admin model operation on each premium lane and sibling front end, after it succeeded here."""
         import httpx
 
-        for url in self.service.config.peers:
+        token = self.service.config.peer_token
+        for url in peers:
             try:
                 async with httpx.AsyncClient(timeout=300.0) as client:
                     answer = await client.post(f"{url}{path}", content=body, headers={
-                        "x-api-key": key or "", "content-type": "application/json"})
+                        "x-api-key": key or "", "content-type": "application/json",
+                        **({PEER_HEADER: token} if token else {})})
             except httpx.HTTPError as exc:
-                raise Rejected(502, f"done on this port, but the premium lane at {url} is unreachable ({exc}); "
+                raise Rejected(502, f"done here, but the premium lane or front end at {url} is unreachable ({exc}); "
                                     f"repeat the call there") from exc
             if answer.status_code >= 400:
-                raise Rejected(502, f"done on this port, but the premium lane at {url} answered "
+                raise Rejected(502, f"done here, but the premium lane or front end at {url} answered "
                                     f"{answer.status_code}: {answer.text[:300]}")
 
 
@@ -145,6 +154,7 @@ class RequestHead:
     key: str | None = None  # 'x-api-key' or 'Authorization: Bearer'
     host: bytes = b""  # 'Host' (empty when absent: not loopback, refused in open mode)
     content_type: bytes = b""
+    peer: str | None = None  # the run's token on an admin call repeated from a sibling front end
 
 
 def read_head(headers: list[tuple[bytes, bytes]]) -> RequestHead:
@@ -161,6 +171,8 @@ def read_head(headers: list[tuple[bytes, bytes]]) -> RequestHead:
             head.host = value
         elif name == b"content-type":
             head.content_type = value
+        elif name == b"x-nimbleml-peer":
+            head.peer = value.decode("latin-1")
     return head
 
 

@@ -310,7 +310,7 @@ class FastHttpServer:
         self.connections: set[HttpConnection] = set()
         self.tasks: set[asyncio.Task] = set()
         self.stopping = False
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []
         self._sweeper: asyncio.Task | None = None
 
     async def _sweep(self) -> None:
@@ -354,9 +354,10 @@ class FastHttpServer:
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         return int(start.get("status", 500)), b"".join(chunks), headers
 
-    async def start(self, sock) -> None:
+    async def start(self, *socks) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: HttpConnection(self), sock=sock, backlog=4096)
+        for sock in socks:
+            self._servers.append(await loop.create_server(lambda: HttpConnection(self), sock=sock, backlog=4096))
         self._sweeper = loop.create_task(self._sweep())
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -364,8 +365,8 @@ class FastHttpServer:
         self.stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=grace_s)
         for connection in list(self.connections):

@@ -84,6 +84,10 @@ class KeyRing:
         """No keys configured: everyone is an anonymous standard caller (loopback only), nobody admin."""
         return not self._keys
 
+    def callers(self) -> list[Caller]:
+        """Every caller a key can be (the anonymous one in open mode), each once."""
+        return list(dict.fromkeys(self._keys.values())) if self._keys else [Caller(tier="standard")]
+
     def caller(self, presented: str | None, admin: bool = False, host: bytes | None = None) -> Caller:
         """The caller for a presented key; AuthError 401/403 otherwise.
 

@@ -5,6 +5,11 @@ one free key cannot spend the whole free tier's budget and starve the other free
 shedder protects
 latency when the machine is saturated anyway: it refuses the lowest tiers first (HTTP 429 /
 gRPC RESOURCE_EXHAUSTED with a Retry-After), so premium and priority traffic keeps its p99.
+
+Several front-end processes on one port (``serve/frontends.py``) share their buckets
+(``SharedBuckets``: each bucket's tokens and time stamp in shared memory under one lock), so
+a tier's and a key's rates hold for the server as a whole, whichever process a connection
+lands on. The shedder stays per process: it guards that process's own queue and loop.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from array import array
 from collections import deque
+from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,25 +28,66 @@ import numpy as np
 class TokenBucket:
     """``rate`` tokens per second up to ``burst``; one request takes one token."""
 
-    def __init__(self, rate: float, burst: float):
+    def __init__(self, rate: float, burst: float, state: MutableSequence[float] | None = None, at: int = 0,
+                 lock=None):
+        """state, at, lock: where its (tokens, time stamp) pair lives and what guards it (shared
+        memory and a process lock for ``SharedBuckets``); default: its own, full."""
         if rate <= 0 or burst < 1:
             raise ValueError(f"token bucket needs rate > 0 and burst >= 1, got {rate}, {burst}")
         self.rate = rate
         self.burst = burst
-        self._tokens = burst
-        self._stamp = time.monotonic()
-        self._lock = threading.Lock()  # the gRPC front end takes tokens from its own threads
+        self._state = array("d", [burst, time.monotonic()]) if state is None else state
+        self._at = at
+        self._lock = lock or threading.Lock()  # the gRPC front end takes tokens from its own threads
 
     def take(self, now: float | None = None) -> float:
         """Take a token: 0.0 when granted, else the seconds until one will be there (Retry-After)."""
+        state, at = self._state, self._at
         with self._lock:
             now = time.monotonic() if now is None else now
-            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._stamp) * self.rate)
-            self._stamp = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
+            tokens = min(self.burst, state[at] + max(0.0, now - state[at + 1]) * self.rate)
+            state[at + 1] = now
+            if tokens >= 1.0:
+                state[at] = tokens - 1.0
                 return 0.0
-            return (1.0 - self._tokens) / self.rate
+            state[at] = tokens
+            return (1.0 - tokens) / self.rate
+
+
+def _key_policy(policy: TierPolicy) -> tuple[float, float]:
+    """One key's (rate, burst) in a tier."""
+    rate = policy.key_rate_rps if policy.key_rate_rps is not None else policy.rate_rps
+    burst = policy.key_burst if policy.key_burst is not None else policy.burst
+    return rate, burst
+
+
+class SharedBuckets:
+    """Every tier's bucket and every known key's, in shared memory for several processes.
+
+    Made in the parent before the front ends start (``ctx``: the multiprocessing context that
+    starts them) and handed to each; keys are known at start (the key file), so each gets a slot."""
+
+    def __init__(self, tiers: dict[str, TierPolicy], keys: list[tuple[str, str]], ctx):
+        """keys: (tier, key id) pairs that get a bucket of their own."""
+        self.tiers = tiers
+        self.slots: dict[tuple[str, ...], tuple[int, float, float]] = {}  # name -> (slot, rate, burst)
+        for tier, policy in tiers.items():
+            self.slots[(tier,)] = (len(self.slots), policy.rate_rps, policy.burst)
+        for tier, key in keys:
+            self.slots.setdefault((tier, key), (len(self.slots), *_key_policy(tiers[tier])))
+        self.state = ctx.RawArray("d", 2 * len(self.slots))
+        now = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
+        for slot, _, burst in self.slots.values():
+            self.state[2 * slot], self.state[2 * slot + 1] = burst, now
+        self.lock = ctx.Lock()
+
+    def bucket(self, *name: str) -> TokenBucket | None:
+        """The shared bucket of a tier (``bucket(tier)``) or a key (``bucket(tier, key)``); None if unknown."""
+        found = self.slots.get(name)
+        if found is None:
+            return None
+        slot, rate, burst = found
+        return TokenBucket(rate, burst, self.state, 2 * slot, self.lock)
 
 
 @dataclass
@@ -148,10 +196,14 @@ class LoopLag:
 class AdmissionController:
     """Token buckets per tier and per key + load shedding: ``admit(tier, queue_depth, key=...)``."""
 
-    def __init__(self, tiers: dict[str, TierPolicy] | None = None, shed: ShedConfig | None = None):
-        self.tiers = tiers or default_tiers()
+    def __init__(self, tiers: dict[str, TierPolicy] | None = None, shed: ShedConfig | None = None,
+                 shared: SharedBuckets | None = None):
+        """shared: buckets in shared memory (several front-end processes); its tiers are used."""
+        self.tiers = shared.tiers if shared is not None else tiers or default_tiers()
         self.shed = shed or ShedConfig()
-        self.buckets = {name: TokenBucket(p.rate_rps, p.burst) for name, p in self.tiers.items()}
+        self.shared = shared
+        self.buckets = {name: (shared and shared.bucket(name)) or TokenBucket(p.rate_rps, p.burst)
+                        for name, p in self.tiers.items()}
         self.key_buckets: dict[tuple[str, str], TokenBucket] = {}  # (tier, key id) -> bucket; keys are few and known
         self.latency = LatencyWindow(self.shed.window_s)
         self.loop_lag = LoopLag()
@@ -175,10 +227,8 @@ class AdmissionController:
     def _key_bucket(self, tier: str, key: str) -> TokenBucket:
         bucket = self.key_buckets.get((tier, key))
         if bucket is None:
-            policy = self.tiers[tier]
-            rate = policy.key_rate_rps if policy.key_rate_rps is not None else policy.rate_rps
-            burst = policy.key_burst if policy.key_burst is not None else policy.burst
-            bucket = self.key_buckets[(tier, key)] = TokenBucket(rate, burst)
+            bucket = (self.shared and self.shared.bucket(tier, key)) or TokenBucket(*_key_policy(self.tiers[tier]))
+            self.key_buckets[(tier, key)] = bucket
         return bucket
 
     def admit(self, tier: str, queue_depth: int, now: float | None = None, key: str | None = None) -> Decision:

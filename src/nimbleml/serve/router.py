@@ -12,6 +12,12 @@ front end writes to a worker's pipe without ever blocking: messages wait in a bu
 own while the pipe is full, and a worker whose buffer passes ``max_buffered_bytes`` counts as
 hung. Admin broadcasts (load, unload) and drains give up after ``admin_timeout_s``.
 
+``InProcessPool`` has the same face with no worker process: the front end runs each batch on
+its own runtime sessions, in its own thread (``--workers 0``). That is what several front
+ends on one port use (``serve/frontends.py``): no pickling, no pipe, no second process on the
+hot path; a hung model stalls its whole front end, which the front ends' supervisor finds by
+its heartbeat and replaces.
+
 ``ModelVersions`` holds the stable version and an optional candidate that gets a share of
 traffic (grey release); promote and roll back only switch which version new requests pick,
 and the old version's sessions are unloaded once its in-flight batches are done, so no
@@ -25,8 +31,11 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import queue
 import random
+import signal
 import struct
+import threading
 import time
 from multiprocessing.reduction import ForkingPickler
 from collections.abc import Callable
@@ -35,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nimbleml.errors import NimbleError
-from nimbleml.serve.worker import worker_main
+from nimbleml.serve.worker import LoadedBundle, run_in_time, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,7 @@ class WorkerError(Exception):
 class PoolConfig:
     """How many workers, on which runtime, with how many threads each."""
 
-    workers: int = 1  # worker processes; on 2 cores one worker beside the front end keeps both busy
+    workers: int = 1  # worker processes; 0 = none, the front end runs the model itself (InProcessPool)
     backend: str = "onnxruntime"  # a file backend of nimbleml.runtime.backends
     threads: int = 1  # intra-op threads per worker session
     warm_batches: tuple[int, ...] = (1, 16)  # dummy batch sizes run at load, before traffic
@@ -290,6 +299,10 @@ class WorkerPool:
     def ready_workers(self) -> list[_Worker]:
         return [w for w in self.workers if w.alive and not w.draining and w.ready.done() and not w.ready.exception()]
 
+    def ready_count(self) -> int:
+        """Model runners ready for traffic (the workers_ready metric; 0 means nothing can be answered)."""
+        return len(self.ready_workers())
+
     def inflight(self, version: str | None = None) -> int:
         """Batches in flight, all or of one version."""
         return sum(1 for w in self.workers for _, v, sent in w.inflight.values()
@@ -381,6 +394,129 @@ class WorkerPool:
         workers, self.workers = list(self.workers), []
         for worker in workers:
             worker.stop()
+
+
+def _load_warm(folder: str, config: PoolConfig) -> LoadedBundle:
+    bundle = LoadedBundle(folder, config.backend, config.threads)
+    bundle.warm(config.warm_batches)
+    return bundle
+
+
+class _ModelThread:
+    """One daemon thread that runs batches in order (ONNX Runtime releases the GIL while it
+    computes, so the event loop keeps parsing and queueing the next batch meanwhile). A daemon:
+    a run that never returns cannot keep the process from exiting."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="nimbleml-model", daemon=True).start()
+
+    def submit(self, fn: Callable, *args) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            loop, future, fn, args = self._jobs.get()
+            try:
+                outcome, error = fn(*args), None
+            except Exception as exc:  # handed to the awaiting coroutine
+                outcome, error = None, exc
+            loop.call_soon_threadsafe(_settle, future, outcome, error)
+
+
+def _settle(future: asyncio.Future, outcome: object, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(outcome)
+    else:
+        future.set_exception(error)
+
+
+class InProcessPool:
+    """WorkerPool's face, no worker processes: batches run on this process's own sessions, on a
+    model thread of its own, while the event loop keeps serving; no pickling, no pipe.
+
+    A batch unanswered for ``batch_timeout_s`` means a hung model: its callers get 503, and the
+    process stops itself (SIGTERM: the others' requests finish or get 503 too), so that its
+    supervisor (``serve/frontends.py``) or the orchestrator starts a fresh one."""
+
+    def __init__(self, config: PoolConfig | None = None):
+        self.config = config or PoolConfig(workers=0)
+        self.bundles: dict[str, str] = {}  # version -> bundle folder
+        self.loaded: dict[str, LoadedBundle] = {}
+        self.workers: list[_Worker] = []  # none: kept for the callers that list workers
+        self.restarts = 0
+        self.hung = 0
+        self._running = 0  # batches handed to the model thread and not yet back
+        self._thread = _ModelThread()
+
+    async def start(self, bundles: dict[str, str]) -> None:
+        import torch  # the backends module imports it: keep its thread pool to what the sessions use
+
+        torch.set_num_threads(max(1, self.config.threads))
+        for version, folder in bundles.items():
+            await self.load(version, folder)
+        log.info("model runs in this process (%d) on %s", os.getpid(), self.config.backend)
+
+    def ready_count(self) -> int:
+        return 1 if self.loaded and not self.hung else 0
+
+    def inflight(self, version: str | None = None) -> int:
+        return self._running
+
+    async def run(self, version: str, graph: str, inputs: dict[str, np.ndarray], priority: int = 1,
+                  deadlines: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """As ``WorkerPool.run``; priority is the batcher's business here (it hands over one or
+        two batches at a time, the premium lane first)."""
+        bundle = self.loaded.get(version)
+        if bundle is None:
+            raise WorkerError(f"version {version} is not loaded")
+        self._running += 1
+        try:
+            running = self._thread.submit(run_in_time, bundle, graph, inputs, deadlines)
+            return await asyncio.wait_for(running, self.config.batch_timeout_s)
+        except asyncio.TimeoutError as exc:
+            self._hung()
+            raise WorkerCrashed(f"the model did not answer within {self.config.batch_timeout_s:g} s: "
+                                f"this front end restarts") from exc
+        except Exception as exc:  # answered 500 to this batch's callers, as a worker's error is
+            raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._running -= 1
+
+    def _hung(self) -> None:
+        if not self.hung:
+            log.error("a batch ran past %g s: the model is hung; stopping this front end", self.config.batch_timeout_s)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.hung += 1
+
+    async def load(self, version: str, folder: str) -> None:
+        """Load and warm on a side thread (the loop keeps serving), at most ``admin_timeout_s``."""
+        loop = asyncio.get_running_loop()
+        try:
+            bundle = await asyncio.wait_for(loop.run_in_executor(None, _load_warm, folder, self.config),
+                                            self.config.admin_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise WorkerCrashed(f"loading {version}: not loaded within {self.config.admin_timeout_s:g} s") from exc
+        except Exception as exc:
+            raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
+        self.loaded[version] = bundle
+        self.bundles[version] = folder
+
+    async def unload(self, version: str) -> None:
+        self.bundles.pop(version, None)
+        self.loaded.pop(version, None)
+
+    async def drain(self, index: int) -> int:
+        raise NimbleError("there are no worker processes to drain: the model runs in the front end (--workers 0)",
+                          fix="restart the front end instead (with several front ends, stop one: it is replaced)")
+
+    async def close(self) -> None:
+        self.loaded.clear()
 
 
 @dataclass

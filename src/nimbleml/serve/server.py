@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import uvicorn
 from nimbleml.errors import NimbleError
 from nimbleml.serve.app import build_api, build_app
 from nimbleml.serve.http_server import FastHttpServer, HttpLimits
-from nimbleml.serve.service import Service
+from nimbleml.serve.service import Rejected, Service
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ class ListenConfig:
     ready_extra: dict = field(default_factory=dict)  # more entries for the ready file (e.g. the premium lane's port)
     parent_pid: int | None = None  # a premium lane stops when this process (the main server) is gone
     http_limits: HttpLimits = field(default_factory=HttpLimits)  # what one client may hold ("fast" server)
+    # several front ends on one port (serve/frontends.py):
+    reuse_port: bool = False  # bind with SO_REUSEPORT: sibling processes listen on the same port
+    peer_listener: bool = False  # also listen on a private loopback port (its URL is the ready file's "peer")
+    heartbeat: Callable[[], None] | None = None  # called every HEARTBEAT_S while the loop runs
+    restore: dict | None = None  # versions.json of the siblings: load its candidate before serving
 
 
 class _Server(uvicorn.Server):
@@ -66,8 +72,22 @@ async def serve(service: Service, listen: ListenConfig) -> None:
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if listen.reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((listen.host, listen.port))
     http_port = sock.getsockname()[1]
+    sockets = [sock]
+    extra = dict(listen.ready_extra)
+    if listen.peer_listener:
+        private = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        private.bind(("127.0.0.1", 0))
+        sockets.append(private)
+        extra["peer"] = service.own_url = f"http://127.0.0.1:{private.getsockname()[1]}"
+    if listen.restore and listen.restore.get("candidate"):
+        try:
+            await service.load_model(listen.restore["candidate"], float(listen.restore["share"]))
+        except Rejected as err:
+            log.error("could not load the siblings' candidate %s: %s", listen.restore["candidate"], err.message)
     if listen.http == "fast":
         handler, app = build_api(service)
         http_server: FastHttpServer | _Server = FastHttpServer(handler, app, listen.http_limits)
@@ -87,20 +107,22 @@ async def serve(service: Service, listen: ListenConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     orphan_watch = loop.create_task(_watch_parent(listen.parent_pid, stop)) if listen.parent_pid else None
+    beating = loop.create_task(_beat(listen.heartbeat)) if listen.heartbeat else None
     try:
         if isinstance(http_server, FastHttpServer):
-            await http_server.start(sock)
+            await http_server.start(*sockets)
         else:
-            serving = loop.create_task(http_server.serve(sockets=[sock]))
+            serving = loop.create_task(http_server.serve(sockets=sockets))
             while not http_server.started and not serving.done():
                 await asyncio.sleep(0.01)
         if listen.ready_file is not None:  # written once the port accepts connections
             partial = listen.ready_file.with_name(listen.ready_file.name + ".partial")
-            partial.write_text(json.dumps({"http": http_port, "grpc": grpc_port, "pid": os.getpid(), **listen.ready_extra}))
+            partial.write_text(json.dumps({"http": http_port, "grpc": grpc_port, "pid": os.getpid(), **extra}))
             partial.replace(listen.ready_file)  # atomic: a watcher never reads half a file
-        log.info("serving %s on http://%s:%d (%s)%s with %d worker(s) on %s", service.operation, listen.host,
-                 http_port, listen.http, f" and gRPC port {grpc_port}" if grpc_port else "",
-                 service.config.pool.workers, service.config.pool.backend)
+        runs = (f"{service.config.pool.workers} worker(s)" if service.config.pool.workers else "the model in process")
+        log.info("serving %s on http://%s:%d (%s)%s with %s on %s", service.operation, listen.host,
+                 http_port, listen.http, f" and gRPC port {grpc_port}" if grpc_port else "", runs,
+                 service.config.pool.backend)
         await stop.wait()
         service.begin_shutdown()  # /readyz and gRPC health say NOT_SERVING while requests in flight finish
         if grpc_health is not None:
@@ -111,12 +133,22 @@ async def serve(service: Service, listen: ListenConfig) -> None:
             http_server.should_exit = True
             await serving
     finally:
-        if orphan_watch is not None:
-            orphan_watch.cancel()
+        for task in (orphan_watch, beating):
+            if task is not None:
+                task.cancel()
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
         await service.close()
         log.info("server stopped")
+
+
+async def _beat(heartbeat: Callable[[], None]) -> None:
+    """Stamp the heartbeat while the loop turns: a hung model (a stalled loop) stops it."""
+    from nimbleml.serve.frontends import HEARTBEAT_S
+
+    while True:
+        heartbeat()
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from nimbleml.serve.history import History, HistoryStore, InProcessHistory, Stor
 from nimbleml.serve.keys import AuthError, Caller, KeyRing
 from nimbleml.serve.limiter import AdmissionController
 from nimbleml.serve.metrics import ServerMetrics
-from nimbleml.serve.router import ModelVersions, PoolConfig, WorkerCrashed, WorkerError, WorkerPool
+from nimbleml.serve.router import InProcessPool, ModelVersions, PoolConfig, WorkerCrashed, WorkerError, WorkerPool
 from nimbleml.serve.schemas import (
     IngestRequest,
     IngestResponse,
@@ -71,6 +72,12 @@ class ServeConfig:
     # main one runs niced: it answers only callers whose tier rides priority 0 (and admin calls)
     lane: str | None = None  # None = the main server; "premium" = this process is the premium lane
     peers: list[str] = field(default_factory=list)  # lane URLs that admin model operations are repeated on
+    # several front ends on one port (serve/frontends.py): the siblings' private URLs (a JSON list,
+    # re-read at each admin call: a restarted sibling has a new one), the token that marks a call
+    # repeated from a sibling (not repeated again), and where the served versions are written
+    peers_file: Path | None = None
+    peer_token: str | None = None
+    versions_file: Path | None = None
 
 
 @dataclass
@@ -168,7 +175,9 @@ class Service:
         if isinstance(self.store, InProcessHistory):
             self.store.on_evict = self.metrics.history_evictions.inc
         self.prepare = prepare  # model folder -> bundle folder, from the workload adapter (admin load)
-        self.pool = WorkerPool(self.config.pool, on_restart=self.metrics.worker_restarts.inc)
+        self.pool: WorkerPool | InProcessPool = (
+            InProcessPool(self.config.pool) if self.config.pool.workers == 0
+            else WorkerPool(self.config.pool, on_restart=self.metrics.worker_restarts.inc))
         self.bundles: dict[str, Bundle] = {bundle.version: bundle}
         self.versions = ModelVersions(stable=bundle.version, folders={bundle.version: str(bundle.folder)})
         self.operation = bundle.operation
@@ -180,6 +189,7 @@ class Service:
         self._admin_lock = asyncio.Lock()
         self._using: Counter = Counter()  # requests in progress per version (a retired version waits for 0)
         self._observers: dict[tuple[str, str, int], tuple] = {}  # metric series per (route, tier, status)
+        self.own_url: str | None = None  # a front end's private URL (set by the server), left out of its siblings
         self.started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -187,9 +197,10 @@ class Service:
         self._open_tables(self.bundles[self.versions.stable])
         await self.pool.start(self.versions.folders)
         self.metrics.set_versions(self.versions.stable, None)
-        lag = asyncio.get_running_loop().create_task(self.admission.loop_lag.run())
-        self._background.add(lag)
-        lag.add_done_callback(self._background.discard)
+        for job in (self.admission.loop_lag.run(), self._publish_gauges()):
+            task = asyncio.get_running_loop().create_task(job)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         self.started = True
 
     async def close(self) -> None:
@@ -208,7 +219,7 @@ class Service:
             self.indexes[bundle.version] = open_index(bundle)
 
     def ready(self) -> bool:
-        return self.started and bool(self.pool.ready_workers())
+        return self.started and self.pool.ready_count() > 0
 
     def begin_shutdown(self) -> None:
         """Readiness is false from now on; requests in flight still finish (``close`` ends the rest)."""
@@ -577,9 +588,40 @@ class Service:
                 raise Rejected(503, str(exc), 1.0) from exc
             return self.models()
 
-    def render_metrics(self) -> bytes:
+    def peer_urls(self, forwarded: bool) -> list[str]:
+        """Where an admin model operation answered here is repeated: nowhere for a call a sibling
+        repeated (it does that itself), else the lanes and the sibling front ends."""
+        if forwarded:
+            return []
+        siblings = []
+        if self.config.peers_file is not None and self.config.peers_file.is_file():
+            siblings = [url for url in json.loads(self.config.peers_file.read_text()) if url != self.own_url]
+        return [*self.config.peers, *siblings]
+
+    def save_versions(self) -> None:
+        """Write the served versions for a front end that restarts later (atomic replace)."""
+        if self.config.versions_file is None:
+            return
+        folders = self.versions.folders
+        saved = {"stable": folders[self.versions.stable], "candidate": folders.get(self.versions.candidate or ""),
+                 "share": self.versions.share}
+        partial = self.config.versions_file.with_suffix(".partial")
+        partial.write_text(json.dumps(saved))
+        partial.replace(self.config.versions_file)
+
+    def _set_gauges(self) -> None:
         self.metrics.queue_depth.set(self.queue_depth())
         self.metrics.loop_lag.set(self.admission.loop_lag.value())
         self.metrics.inflight_batches.set(self.pool.inflight())
-        self.metrics.workers_ready.set(len(self.pool.ready_workers()))
+        self.metrics.workers_ready.set(self.pool.ready_count())
+
+    async def _publish_gauges(self, period_s: float = 1.0) -> None:
+        """With several front ends, /metrics is rendered by whichever one a scrape reaches: each
+        writes its gauges every ``period_s`` for the others to sum."""
+        while self.metrics.multiprocess:
+            self._set_gauges()
+            await asyncio.sleep(period_s)
+
+    def render_metrics(self) -> bytes:
+        self._set_gauges()
         return self.metrics.render()
