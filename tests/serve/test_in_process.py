@@ -51,3 +51,35 @@ def test_a_hung_model_is_answered_503_and_stops_the_process(rec_bundle, monkeypa
             await pool.drain(0)
 
     asyncio.run(main())
+
+
+def test_waiting_batches_run_premium_first(rec_bundle, monkeypatch):
+    """The model thread takes the lowest priority number first: a premium batch waits for the
+    running batch only, not for the bulk batches queued before it."""
+    import threading
+
+    ran, started, release = [], threading.Event(), threading.Event()
+
+    def record(bundle, graph, inputs, deadlines):
+        if graph == "running":
+            started.set()
+            release.wait(10)
+        ran.append(graph)
+        return np.zeros(1, dtype=np.float32), None
+
+    monkeypatch.setattr(router, "run_in_time", record)
+
+    async def main() -> None:
+        pool = InProcessPool(PoolConfig(workers=0, warm_batches=(1,)))
+        await pool.start({"v1": str(rec_bundle)})
+        runs = [asyncio.ensure_future(pool.run("v1", "running", {}, 1))]
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        runs += [asyncio.ensure_future(pool.run("v1", name, {}, priority))
+                 for name, priority in (("bulk-1", 1), ("bulk-2", 2), ("premium", 0))]
+        await asyncio.sleep(0.1)  # the three wait behind the running one
+        release.set()
+        await asyncio.gather(*runs)
+
+    asyncio.run(main())
+    assert ran == ["running", "premium", "bulk-1", "bulk-2"]

@@ -7,8 +7,8 @@ core where they can share the state that matters, see ``default_frontends``), ea
 
 - its own listening socket on the same port (``SO_REUSEPORT``: the kernel spreads new
   connections over them) and its own gRPC listener on the gRPC port (gRPC sets it too);
-- its own dynamic batcher and runtime sessions (``InProcessPool``, one intra-op thread): a
-  request never leaves the process that parsed it;
+- its own dynamic batcher and runtime sessions (``InProcessPool``, one intra-op thread, on a
+  model thread beside the event loop): a request never leaves the process that parsed it;
 - a private loopback port that its siblings repeat admin model operations on.
 
 What is per process and how it stays right across them:
@@ -26,11 +26,12 @@ What is per process and how it stays right across them:
 - **Metrics**: prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set here
   for the children): any front end's ``/metrics`` shows the sum over all of them (gauges: the
   live ones' sum, the loop lag their maximum).
-- **Watchdog**: the supervisor (this parent process) restarts a front end that dies, and kills
-  and restarts one whose heartbeat (a time stamp each front end's loop writes to shared memory
-  every 0.25 s) is older than ``--batch-timeout-s``: a hung model stalls its whole process.
-  The requests that process held get a dropped connection rather than a 503: nobody else holds
-  them. A restart counts in ``nimbleml_worker_restarts_total``.
+- **Watchdog**: a batch that runs past ``--batch-timeout-s`` is answered 503 and its front end
+  stops itself (``InProcessPool``); the supervisor (this parent process) restarts a front end
+  that exits, and kills and restarts one whose heartbeat (a time stamp its event loop writes to
+  shared memory every 0.25 s) is older than ``--batch-timeout-s`` (a stopped or deadlocked
+  process: the requests it held get a dropped connection, nobody else holds them). A restart
+  counts in ``nimbleml_worker_restarts_total``.
 """
 
 from __future__ import annotations

@@ -403,28 +403,33 @@ def _load_warm(folder: str, config: PoolConfig) -> LoadedBundle:
 
 
 class _ModelThread:
-    """One daemon thread that runs batches in order (ONNX Runtime releases the GIL while it
-    computes, so the event loop keeps parsing and queueing the next batch meanwhile). A daemon:
-    a run that never returns cannot keep the process from exiting."""
+    """One daemon thread that runs batches, lowest priority number first and in order within one
+    (ONNX Runtime releases the GIL while it computes, so the event loop keeps parsing and queueing
+    the next batch meanwhile; a premium batch waits for the running one only). A daemon: a run
+    that never returns cannot keep the process from exiting."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
         threading.Thread(target=self._serve, name="nimbleml-model", daemon=True).start()
 
-    def submit(self, fn: Callable, *args) -> asyncio.Future:
+    def submit(self, priority: int, fn: Callable, *args) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._jobs.put((loop, future, fn, args))
+        self._jobs.put((priority, next(self._order), loop, future, fn, args))
         return future
 
     def _serve(self) -> None:
         while True:
-            loop, future, fn, args = self._jobs.get()
+            _, _, loop, future, fn, args = self._jobs.get()
             try:
                 outcome, error = fn(*args), None
             except Exception as exc:  # handed to the awaiting coroutine
                 outcome, error = None, exc
-            loop.call_soon_threadsafe(_settle, future, outcome, error)
+            try:
+                loop.call_soon_threadsafe(_settle, future, outcome, error)
+            except RuntimeError:  # the loop has closed (a run that outlived its server): nobody waits
+                pass
 
 
 def _settle(future: asyncio.Future, outcome: object, error: Exception | None) -> None:
@@ -470,14 +475,13 @@ class InProcessPool:
 
     async def run(self, version: str, graph: str, inputs: dict[str, np.ndarray], priority: int = 1,
                   deadlines: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """As ``WorkerPool.run``; priority is the batcher's business here (it hands over one or
-        two batches at a time, the premium lane first)."""
+        """As ``WorkerPool.run``: waiting batches run lowest ``priority`` first."""
         bundle = self.loaded.get(version)
         if bundle is None:
             raise WorkerError(f"version {version} is not loaded")
         self._running += 1
         try:
-            running = self._thread.submit(run_in_time, bundle, graph, inputs, deadlines)
+            running = self._thread.submit(priority, run_in_time, bundle, graph, inputs, deadlines)
             return await asyncio.wait_for(running, self.config.batch_timeout_s)
         except asyncio.TimeoutError as exc:
             self._hung()
