@@ -24,6 +24,23 @@ def test_naive_server_ranks_the_candidates(rec_model: Path, endpoint: str) -> No
         assert client.post("/v1/recommend", json={"history": "x"}).status_code == 422
 
 
+def test_naive_server_serves_a_model_with_behaviour_embeddings(tmp_path: Path) -> None:
+    """Such a model needs a behaviour code per event: the naive server sends 'clicked' where there
+    is an item, as ours does when a request leaves them out (it answered 500 before)."""
+    import torch
+
+    from nimbleml.rec.model import SeqRec, SeqRecConfig
+    from nimbleml.rec.train import save_checkpoint
+
+    torch.manual_seed(0)
+    model = SeqRec(SeqRecConfig.small(300, max_len=100, use_behavior=True)).eval()
+    folder = save_checkpoint(model, {"note": "test model"}, tmp_path / "behaviour")
+    with TestClient(naive_app(folder, "async", threads=1)) as client:
+        answer = client.post("/v1/recommend", json=BODY)
+        assert answer.status_code == 200, answer.text
+        assert check_ranking(json.dumps(BODY).encode(), answer.content) is None
+
+
 def test_naive_workers_build_their_app_from_the_environment(rec_model: Path, monkeypatch) -> None:
     """uvicorn --workers needs an import string: each worker builds the app from $NIMBLEML_NAIVE."""
     assert NAIVE_VARIANTS["naive_workers"] == ("async", 1, 0)  # one torch thread, one process per core

@@ -157,10 +157,13 @@ def naive_app(model_dir: Path, endpoint: str = "async", threads: int | None = No
     length = model.config.max_len
     app = FastAPI()
 
+    behaviour = model.config.use_behavior  # then one code per event: "clicked" (1) where there is an item, as ours
+
     def answer(request: NaiveRecommendIn) -> dict:
         history = ([0] * length + request.history)[-length:]
+        behaviors = torch.tensor([[int(h != 0) for h in history]]) if behaviour else None
         with torch.no_grad():
-            scores = model(torch.tensor([history]), torch.tensor([request.candidates]))[0]
+            scores = model(torch.tensor([history]), torch.tensor([request.candidates]), behaviors)[0]
         order = torch.argsort(scores, descending=True).tolist()
         values = scores.tolist()
         items = [{"item": request.candidates[i], "score": values[i] if math.isfinite(values[i]) else None}
@@ -447,7 +450,8 @@ def _ray_serve(bundle: Path, backend: str, bodies: list[bytes]) -> Iterator[str]
         ray.shutdown()
 
 
-SERVERS = ("generator", *NAIVE_VARIANTS, "nimbleml", "nimbleml_asgi", "nimbleml_fastapi_route", "ray_serve")
+SERVERS = ("generator", *NAIVE_VARIANTS, "nimbleml", "nimbleml_asgi", "nimbleml_fastapi_route", "nimbleml_one_frontend",
+           "ray_serve")
 
 
 def _table(result: dict) -> Table:
