@@ -10,6 +10,11 @@ Positions count back from the most recent event: with left padding the last even
 sits at column ``max_len - 1``, so a shorter window of L columns uses positions
 ``max_len - L .. max_len - 1`` (SASRec's layout, which lets training trim padding columns).
 
+On logs with repeats, history items get repeat scores (``repeat_scores``): an additive bonus
+by recency and count (``repeat_mode="bonus"``), or RepeatNet's repeat/explore mixture
+(``"mixture"``), whose scores are log-probabilities from a learnt gate over a softmax on the
+history's distinct items and a softmax on every other item.
+
 Lightweight attention is a set of config switches of the block (grouped or low-rank Q/K/V
 projections, a local window with a few global events), structured sizes (heads and FFN width
 per block) let a physically pruned model rebuild from ``config.json``, and
