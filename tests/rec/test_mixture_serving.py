@@ -15,13 +15,14 @@ from nimbleml.rec.compression import HISTORY_WIDTH, export_serving
 from nimbleml.rec.model import SeqRec, SeqRecConfig
 from nimbleml.rec.serving import prepare_bundle
 from nimbleml.rec.train import save_checkpoint
-from nimbleml.runtime.backends import get_backend
+from nimbleml.runtime.backends import available_backends, get_backend
 from nimbleml.runtime.padding import trim_left_padding
 from nimbleml.serve.bundle import Bundle
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
 
 N_ITEMS = 200
+FILE_BACKENDS = [name for name in available_backends() if not get_backend(name).needs_module]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,14 @@ def _batch(rng: np.random.Generator, lengths: list[int], n_candidates: int) -> d
     return {"history": history, "candidates": rng.integers(1, N_ITEMS + 1, (len(lengths), n_candidates))}
 
 
-def test_onnx_graph_matches_eager_on_trimmed_histories(model: SeqRec, tmp_path) -> None:
-    runner = get_backend("onnxruntime").load(export_serving(model, tmp_path / "ranker.onnx"))
+@pytest.fixture(scope="module")
+def graph(model: SeqRec, tmp_path_factory):
+    return export_serving(model, tmp_path_factory.mktemp("mixture") / "ranker.onnx")
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_onnx_graph_matches_eager_on_trimmed_histories(model: SeqRec, graph, backend: str) -> None:
+    runner = get_backend(backend).load(graph)
     rng = np.random.default_rng(1)
     for lengths, n_candidates in (([3, 7, 1], 50), ([40, 2], 50), ([100, 5], N_ITEMS), ([1], 9)):
         inputs = _batch(rng, lengths, n_candidates)

@@ -544,17 +544,21 @@ class SeqRec(nn.Module):
         items for those, log P(explore) + log softmax over the other items for the rest, -inf
         for padding. A row without history is all explore."""
         latest = recency > 0
+        # onto item ids by scatter_add (each history item has one latest column; the other columns
+        # add 0 to padding's slot), so no index is written twice: defined in every ONNX runtime
         index = torch.where(latest, items, 0)
-        pad = torch.zeros_like(items[:, :1])
-        explore = explore.float().scatter(1, torch.cat([index, pad], 1), float("-inf"))  # history items and padding
+        explore = explore.float()
+        in_history = torch.zeros_like(explore).scatter_add(1, index, latest.float()) > 0
+        padding = torch.arange(explore.shape[1], device=explore.device) == 0
+        explore = explore.masked_fill(in_history | padding, float("-inf"))
         gate = self.repeat_gate(state).squeeze(-1).float() + self.repeat_share_weight * share.float()
         has_history = latest.any(-1)
         log_explore = torch.log_softmax(explore, -1) - torch.where(has_history, F.softplus(gate), 0.0).unsqueeze(-1)
         # a finite floor, not -inf: a row without history must not give NaN
         repeat = (dots.float() + self.repeat_features(recency, count, decayed).float()).masked_fill(~latest, -1e4)
         log_repeat = torch.log_softmax(repeat, -1) - F.softplus(-gate).unsqueeze(-1)
-        scores = log_explore.scatter(1, index, log_repeat)  # columns that are not latest write padding's slot
-        return scores.scatter(1, pad, float("-inf"))
+        on_items = torch.zeros_like(explore).scatter_add(1, index, torch.where(latest, log_repeat, 0.0))
+        return torch.where(in_history, on_items, log_explore).masked_fill(padding, float("-inf"))
 
     def mixture_scores(self, state: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """state: (B, D); history: (B, L) -> (B, n_items + 1) the mixture's log-probabilities."""

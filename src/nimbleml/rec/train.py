@@ -203,9 +203,8 @@ class PrefixRepeats:
 
     def rows(self, rows: slice) -> PrefixRepeats:
         """The same for a slice of the N trained positions."""
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return PrefixRepeats(self.items[rows], self.recency[rows], self.count[rows], pick(self.decayed),
-                             pick(self.share), pick(self.dots))
+        optional = [None if t is None else t[rows] for t in (self.decayed, self.share, self.dots)]
+        return PrefixRepeats(self.items[rows], self.recency[rows], self.count[rows], *optional)
 
     @classmethod
     def from_inputs(cls, inputs: torch.Tensor, mask: torch.Tensor, gamma: torch.Tensor | None = None) -> PrefixRepeats:
