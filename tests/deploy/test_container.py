@@ -130,3 +130,16 @@ def test_the_deployment_asks_for_no_more_than_its_limits():
 
     assert 0 < cores(resources["requests"]["cpu"]) <= cores(resources["limits"]["cpu"])
     assert 0 < gib(resources["requests"]["memory"]) <= gib(resources["limits"]["memory"])
+
+
+def test_the_deployment_runs_no_more_front_ends_than_its_cpu_limit():
+    """The default front-end count is the cores the process may run on: in a pod that is the node's, not the limit's."""
+    container = serve_deployment()["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(["serve", *container["args"]])
+    limit = container["resources"]["limits"]["cpu"]
+    cores = float(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+    assert args.frontends >= 1, "pass --frontends explicitly: the default counts the node's cores"
+    assert args.frontends <= max(1, int(cores))
+    if args.frontends > 1:
+        assert args.redis, "several front ends share users' histories only through --redis"
+        assert not args.workers, "with several front ends each runs its model itself: --workers is refused"
