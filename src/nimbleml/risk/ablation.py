@@ -47,7 +47,9 @@ VARIANTS: dict[str, dict] = {
     "robust_scale": {"scaler": "robust"},  # median / IQR instead of min-max
     "winsorize": {"outliers": "winsorize"},  # clip inputs at the training 0.5% / 99.5% quantiles
     # one variance factor per asset class, fitted (like the pooled one) on the early-stopping slice
+    # (the default since issue 25: then this variant equals the base, and the next one is the change)
     "class_calibration": {"cnn_calibration": "class"},
+    "pooled_calibration": {"cnn_calibration": "pooled"},  # one variance factor for every asset
 }
 DEFAULT_VARIANTS: tuple[str, ...] = ("base", "rates", "pca", "class_scale")
 

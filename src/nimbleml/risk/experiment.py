@@ -83,7 +83,9 @@ class RiskRunConfig:
     cnn_overrides: dict = field(default_factory=dict)  # RiskCNNConfig fields set on top (e.g. the tuner's kernel, pool, lr, dropout)
     max_train_samples: int | None = 25_000  # CNN samples drawn per epoch (overlapping windows are redundant); raise on a GPU
     max_val_samples: int | None = 20_000  # CNN validation rows scored per epoch (early stopping and calibration)
-    cnn_calibration: str = "pooled"  # CNN variance factor fitted on validation: "pooled" or one per asset "class"
+    # CNN variance factor fitted on validation: one per asset "class" or one "pooled". "class" since
+    # issue 25: lowest QLIKE of the pre-2007 ablation (docs/results/risk-ablate-pre2007-h5.json)
+    cnn_calibration: str = "class"
     models: tuple[str, ...] = MODEL_NAMES  # which forecasters to run
     seed: int = 0
     weights: str | None = None  # CSV (asset,weight) of portfolio weights; None: equal weights
