@@ -291,3 +291,32 @@ def test_every_model_floors_at_the_floor_the_samples_carry(panel: RiskSamples) -
     cnn = CNNForecaster(config, get_encoder("heatmap", image_size=16), max_train_samples=500).fit(train, val)
     np.testing.assert_array_equal(cnn.floor_.by_asset, shared)
     assert (cnn.predict(val) ** 2 >= shared[val.asset] * (1 - 1e-6)).all()
+
+
+def test_har_insanity_filter_replaces_forecasts_outside_the_fitted_range() -> None:
+    """Issue 25: a levels fit fed inputs far outside its sample forecasts nonsense; the filter
+    (Bollerslev, Patton & Quaedvlieg 2016) replaces it with the asset's mean fitted variance."""
+    samples = har_panel(np.array([2e-5, 0.1, 0.4, 0.3]), "levels", n=1500)
+    days = np.unique(samples.dates)
+    train, test = split(samples, days[1000])
+    wild = replace(test, har=test.har * np.where(test.asset == 0, 1e3, 1.0)[:, None], har_range=test.har_range.copy())
+    raw = HARBaseline(form="levels", features="cc", insanity_filter=False).fit(train)
+    sane = HARBaseline(form="levels", features="cc").fit(train)
+    v_raw, v_sane = raw.predict(wild) ** 2, sane.predict(wild) ** 2
+    a0 = wild.asset == 0
+    hi = (train.target_variance[train.asset == 0]).max()
+    assert (v_raw[a0] > hi).mean() > 0.9  # without the filter: far above anything seen
+    mean0 = np.maximum(train.target_variance, sane.var_floor_[train.asset])[train.asset == 0].mean()
+    np.testing.assert_allclose(v_sane[a0 & (v_raw > hi)], mean0, rtol=1e-12)
+    np.testing.assert_array_equal(v_sane[~a0], v_raw[~a0])  # sane inputs are untouched
+    assert sane.filtered_ == int((v_sane != v_raw).sum()) > 0
+
+
+def test_har_records_the_end_of_the_data_its_coefficients_saw() -> None:
+    """Issue 25: HAR refits on train + val after choosing its form; metrics.json's fit_data_end must say so."""
+    samples = har_panel(np.array([-1.0, 0.3, 0.4, 0.2]), "log", n=1200)
+    days = np.unique(samples.dates)
+    train, val = split(samples, days[900])
+    model = HARBaseline().fit(train, val)
+    assert model.selection_ == "val" and model.train_end_ == val.dates.max()
+    assert HARBaseline(form="log", features="cc").fit(train, val).train_end_ == train.dates.max()  # nothing chosen, no refit
