@@ -142,8 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
     parser.add_argument("--keys", type=Path, default=None, help="API keys JSON file (default: $NIMBLEML_API_KEYS)")
     parser.add_argument("--risk-limits", type=Path, default=None, help='JSON {"ASSET": volatility limit} for breach flags')
-    parser.add_argument("--http", choices=("fast", "asgi", "fastapi"), default="fast",
-                        help="HTTP server: fast (httptools, hot routes direct), asgi (uvicorn + lean ASGI), fastapi")
+    parser.add_argument("--http", choices=("asgi", "fastapi"), default="asgi",
+                        help="HTTP front end, both uvicorn with the HTTP limits: asgi (lean ASGI hot path), "
+                             "fastapi (every route through FastAPI, for comparison)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here once serving")
     parser.add_argument("--premium-port", type=int, default=None,
                         help="also serve premium callers from a second process on this port (0 = any free), at "

@@ -7,10 +7,10 @@
   ``uvicorn --workers N`` or gunicorn gives). ``ratio`` is taken against the best of them.
 - **nimbleml**: ``nimbleml serve`` on the same model as a user runs it with Redis (the bench
   starts a private ``redis-server``): one front end per core, each batching and running its
-  model in process, our httptools hot path, the fastest runtime backend; also behind uvicorn
-  with the lean ASGI hot path (``nimbleml_asgi``) and with every route through FastAPI
-  (``nimbleml_fastapi_route``), to show what each HTTP layer costs, and as one front end with
-  worker processes (``nimbleml_one_frontend``, the design before ``--frontends``).
+  model in process, uvicorn with the lean ASGI hot path and nimbleml's HTTP limits, the fastest
+  runtime backend; also with every route through FastAPI (``nimbleml_fastapi_route``), to show
+  what that layer costs, and as one front end with worker processes (``nimbleml_one_frontend``,
+  the design before ``--frontends``).
 - **ray_serve**: the same bundle as a Ray Serve deployment (``serve/ray_app.py``).
 
 For each, its capacity (``nimbleml.bench.capacity``): the highest offered rate (Poisson, open
@@ -450,8 +450,7 @@ def _ray_serve(bundle: Path, backend: str, bodies: list[bytes]) -> Iterator[str]
         ray.shutdown()
 
 
-SERVERS = ("generator", *NAIVE_VARIANTS, "nimbleml", "nimbleml_asgi", "nimbleml_fastapi_route", "nimbleml_one_frontend",
-           "ray_serve")
+SERVERS = ("generator", *NAIVE_VARIANTS, "nimbleml", "nimbleml_fastapi_route", "nimbleml_one_frontend", "ray_serve")
 
 
 def _table(result: dict) -> Table:
@@ -488,9 +487,9 @@ def _save(result: dict, out: Path) -> None:
 def _run_ours(args: argparse.Namespace, result: dict, bodies: list[bytes], keys: dict[str, str], key_env: dict,
               serve_cmd: list[str], measure: Callable, redis_url: str | None) -> None:
     """Our variants' capacities, the ratio, the 2x overloads and the two Recommend paths."""
-    variants = [("nimbleml", ["--http", "fast"])]
+    variants = [("nimbleml", [])]
     if not args.skip_fastapi_route:
-        variants += [("nimbleml_asgi", ["--http", "asgi"]), ("nimbleml_fastapi_route", ["--http", "fastapi"])]
+        variants.append(("nimbleml_fastapi_route", ["--http", "fastapi"]))
     if not args.skip_one_frontend and result["frontends"] > 1:  # the design before --frontends, for the record
         variants.append(("nimbleml_one_frontend", ["--frontends", "1"]))
     for name, extra in variants:
@@ -704,7 +703,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Redis URL for our servers and the premium-lane overload run (default: a private "
                              "redis-server if installed)")
     parser.add_argument("--skip-fastapi-route", action="store_true",
-                        help="leave out ours behind uvicorn (lean ASGI and all-FastAPI variants)")
+                        help="leave out ours with every route through FastAPI (nimbleml_fastapi_route)")
     parser.add_argument("--skip-one-frontend", action="store_true",
                         help="leave out ours as one front end with worker processes (nimbleml_one_frontend)")
 

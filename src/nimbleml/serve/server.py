@@ -1,4 +1,5 @@
-"""Run the service: workers, the HTTP front end (uvicorn on uvloop + httptools) and gRPC.
+"""Run the service: workers, the HTTP front end (uvicorn on uvloop + httptools, within
+``http_limits.HttpLimits``) and gRPC.
 
 Stops cleanly on SIGINT/SIGTERM: the listeners close, running requests finish, workers stop.
 With no API keys configured it refuses to bind anywhere but loopback.
@@ -20,8 +21,8 @@ from pathlib import Path
 import uvicorn
 
 from nimbleml.errors import NimbleError
-from nimbleml.serve.app import build_api, build_app
-from nimbleml.serve.http_server import FastHttpServer, HttpLimits
+from nimbleml.serve.app import build_app
+from nimbleml.serve.http_limits import HttpLimits, uvicorn_config
 from nimbleml.serve.service import Rejected, Service
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,11 @@ class ListenConfig:
     host: str = "127.0.0.1"  # loopback by default; other addresses need API keys
     port: int = 8000  # HTTP port; 0 picks a free one
     grpc_port: int | None = None  # gRPC port; None = no gRPC, 0 picks a free one
-    http: str = "fast"  # "fast" (our httptools server), "asgi" (uvicorn + lean ASGI), "fastapi" (uvicorn + FastAPI)
+    http: str = "asgi"  # "asgi" (uvicorn + lean ASGI hot path), "fastapi" (uvicorn + FastAPI for every route)
     ready_file: Path | None = None  # written with {"http": port, "grpc": port, "pid": pid} once serving
     ready_extra: dict = field(default_factory=dict)  # more entries for the ready file (e.g. the premium lane's port)
     parent_pid: int | None = None  # a premium lane stops when this process (the main server) is gone
-    http_limits: HttpLimits = field(default_factory=HttpLimits)  # what one client may hold ("fast" server)
+    http_limits: HttpLimits = field(default_factory=HttpLimits)  # what one client may hold (either mode)
     # several front ends on one port (serve/frontends.py):
     reuse_port: bool = False  # bind with SO_REUSEPORT: sibling processes listen on the same port
     peer_listener: bool = False  # also listen on a private loopback port (its URL is the ready file's "peer")
@@ -88,14 +89,7 @@ async def serve(service: Service, listen: ListenConfig) -> None:
             await service.load_model(listen.restore["candidate"], float(listen.restore["share"]))
         except Rejected as err:
             log.error("could not load the siblings' candidate %s: %s", listen.restore["candidate"], err.message)
-    if listen.http == "fast":
-        handler, app = build_api(service)
-        http_server: FastHttpServer | _Server = FastHttpServer(handler, app, listen.http_limits)
-    else:
-        config = uvicorn.Config(build_app(service, lean=listen.http == "asgi"), loop="none", http="httptools",
-                                lifespan="off", access_log=False, log_level="warning", timeout_keep_alive=30,
-                                backlog=4096)
-        http_server = _Server(config)
+    http_server = _Server(uvicorn_config(build_app(service, lean=listen.http == "asgi"), listen.http_limits))
     stop = asyncio.Event()
     grpc_server = grpc_health = None
     grpc_port = None
@@ -109,12 +103,9 @@ async def serve(service: Service, listen: ListenConfig) -> None:
     orphan_watch = loop.create_task(_watch_parent(listen.parent_pid, stop)) if listen.parent_pid else None
     beating = loop.create_task(_beat(listen.heartbeat)) if listen.heartbeat else None
     try:
-        if isinstance(http_server, FastHttpServer):
-            await http_server.start(*sockets)
-        else:
-            serving = loop.create_task(http_server.serve(sockets=sockets))
-            while not http_server.started and not serving.done():
-                await asyncio.sleep(0.01)
+        serving = loop.create_task(http_server.serve(sockets=sockets))
+        while not http_server.started and not serving.done():
+            await asyncio.sleep(0.01)
         if listen.ready_file is not None:  # written once the port accepts connections
             partial = listen.ready_file.with_name(listen.ready_file.name + ".partial")
             partial.write_text(json.dumps({"http": http_port, "grpc": grpc_port, "pid": os.getpid(), **extra}))
@@ -127,11 +118,8 @@ async def serve(service: Service, listen: ListenConfig) -> None:
         service.begin_shutdown()  # /readyz and gRPC health say NOT_SERVING while requests in flight finish
         if grpc_health is not None:
             await grpc_health.shutdown()
-        if isinstance(http_server, FastHttpServer):
-            await http_server.stop()
-        else:
-            http_server.should_exit = True
-            await serving
+        http_server.should_exit = True
+        await serving
     finally:
         for task in (orphan_watch, beating):
             if task is not None:

@@ -1,5 +1,6 @@
-"""The httptools front end against hostile clients: each gets a status (or a closed idle
-connection), never a hang or a dropped answer, and the server keeps serving others.
+"""The default front end (uvicorn + ``http_limits.LimitedHttpToolsProtocol``, the lean ASGI hot
+path in front) against hostile clients: each gets a status (or a closed idle connection), never a
+hang or a dropped answer, and the server keeps serving others (issue 24 item 11).
 
 The server runs in process on a loopback port with a stub handler and short limits, so each
 attack takes about a second."""
@@ -13,7 +14,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from nimbleml.serve.http_server import FastHttpServer, HttpLimits
+from nimbleml.serve.app import HotRoutes
+from nimbleml.serve.http_limits import HttpLimits, uvicorn_config
+from nimbleml.serve.server import _Server
 
 LIMITS = HttpLimits(header_timeout_s=1.0, body_timeout_s=1.0, idle_timeout_s=1.5, max_url_bytes=4096, max_headers=50,
                     max_header_bytes=8192, max_connections=20, max_pipelined=4, max_write_buffer_bytes=1 << 16)
@@ -35,21 +38,41 @@ class StubHandler:
 
 
 async def stub_app(scope: dict, receive: Callable, send: Callable) -> None:
+    """The FastAPI face: every other route answers ``ok``."""
     await receive()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def with_server(test: Callable[[int, FastHttpServer], Awaitable[None]], limits: HttpLimits = LIMITS) -> None:
+class Served:
+    """The running server as a test sees it: the stub handler and uvicorn's open connections."""
+
+    def __init__(self, handler: StubHandler, server: _Server):
+        self.handler = handler
+        self.server = server
+
+    @property
+    def connections(self) -> set:
+        return self.server.server_state.connections
+
+
+def with_server(test: Callable[[int, Served], Awaitable[None]], limits: HttpLimits = LIMITS) -> None:
     async def main() -> None:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-        server = FastHttpServer(StubHandler(), stub_app, limits)
-        await server.start(sock)
+        handler = StubHandler()
+        server = _Server(uvicorn_config(HotRoutes(handler, stub_app), limits, max_body_bytes=handler.max_body_bytes))
+        serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            assert not serving.done(), serving
+            await asyncio.sleep(0.01)
         try:
-            await asyncio.wait_for(test(sock.getsockname()[1], server), 30)
+            await asyncio.wait_for(test(sock.getsockname()[1], Served(handler, server)), 30)
         finally:
-            await server.stop(grace_s=1)
+            server.should_exit = True
+            server.force_exit = True
+            await serving
 
     asyncio.run(main())
 
@@ -129,7 +152,7 @@ async def answer_to(port: int, attack: bytes) -> bytes:
 @pytest.mark.parametrize(("attack", "status"), [
     (b"GET /" + b"a" * 2_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),  # a 2 MB URL
     (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(5000)) + b"\r\n", 431),  # header count
-    (b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 2_000_000 + b"\r\n\r\n", 431),  # one endless header
+    (b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 2_000_000, 431),  # one endless header, never ended (httptools buffers it)
     (b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
      + b"x" * 5000, 413),
     (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
@@ -221,11 +244,11 @@ def test_connection_limit_answers_503():
 
 
 def test_pipelined_flood_pauses_reading_and_every_request_is_answered_in_order(monkeypatch):
-    from nimbleml.serve.http_server import HttpConnection
+    from nimbleml.serve.http_limits import _Flow
 
     pauses = []
-    original = HttpConnection._pause
-    monkeypatch.setattr(HttpConnection, "_pause", lambda self, why: (pauses.append(why), original(self, why)))
+    original = _Flow.hold
+    monkeypatch.setattr(_Flow, "hold", lambda self, why: (pauses.append(why), original(self, why)))
 
     async def test(port, server):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -239,7 +262,7 @@ def test_pipelined_flood_pauses_reading_and_every_request_is_answered_in_order(m
             answers += 1
         (connection,) = server.connections
         assert "pipelined" in pauses  # it stopped reading rather than queue all 200
-        assert not connection.pending and not connection.paused
+        assert not connection.pipeline and not connection.flow.held and not connection.flow.read_paused
         writer.close()
 
     with_server(test)
