@@ -293,23 +293,29 @@ def test_every_model_floors_at_the_floor_the_samples_carry(panel: RiskSamples) -
     assert (cnn.predict(val) ** 2 >= shared[val.asset] * (1 - 1e-6)).all()
 
 
-def test_har_insanity_filter_replaces_forecasts_outside_the_fitted_range() -> None:
-    """Issue 25: a levels fit fed inputs far outside its sample forecasts nonsense; the filter
-    (Bollerslev, Patton & Quaedvlieg 2016) replaces it with the asset's mean fitted variance."""
+@pytest.mark.parametrize(("rule", "scale"), [("floor", -1.0), ("range", -1.0), ("range", 1e3), ("floor", 1e3)])
+def test_har_insanity_filter_replaces_forecasts_outside_the_fitted_range(rule: str, scale: float) -> None:
+    """Issue 25: a levels fit fed inputs far outside its sample forecasts nonsense (below zero, or
+    far above); the filter replaces it with the asset's mean fitted variance ("floor": below the
+    variance floor, "range": outside the fitted targets' range, Bollerslev, Patton & Quaedvlieg)."""
     samples = har_panel(np.array([2e-5, 0.1, 0.4, 0.3]), "levels", n=1500)
     days = np.unique(samples.dates)
     train, test = split(samples, days[1000])
-    wild = replace(test, har=test.har * np.where(test.asset == 0, 1e3, 1.0)[:, None], har_range=test.har_range.copy())
-    raw = HARBaseline(form="levels", features="cc", insanity_filter=False).fit(train)
-    sane = HARBaseline(form="levels", features="cc").fit(train)
-    v_raw, v_sane = raw.predict(wild) ** 2, sane.predict(wild) ** 2
+    wild = replace(test, har=test.har * np.where(test.asset == 0, scale, 1.0)[:, None], har_range=test.har_range.copy())
+    raw = HARBaseline(form="levels", features="cc", insanity_filter="off").fit(train)
+    sane = HARBaseline(form="levels", features="cc", insanity_filter=rule).fit(train)
     a0 = wild.asset == 0
-    hi = (train.target_variance[train.asset == 0]).max()
-    assert (v_raw[a0] > hi).mean() > 0.9  # without the filter: far above anything seen
-    mean0 = np.maximum(train.target_variance, sane.var_floor_[train.asset])[train.asset == 0].mean()
-    np.testing.assert_allclose(v_sane[a0 & (v_raw > hi)], mean0, rtol=1e-12)
+    fitted = np.maximum(train.target_variance, sane.var_floor_[train.asset])[train.asset == 0]
+    z = raw.model_.asset[0][0]
+    ols = np.hstack([np.ones((a0.sum(), 1)), wild.har[a0]]) @ z  # the unfloored OLS forecast
+    lo, hi = (sane.var_floor_[0], np.inf) if rule == "floor" else (fitted.min(), fitted.max())
+    out = (ols < lo) | (ols > hi)
+    assert out.mean() > 0.9 or (scale > 1 and rule == "floor")
+    v_raw, v_sane = raw.predict(wild) ** 2, sane.predict(wild) ** 2
+    np.testing.assert_allclose(v_sane[a0][out], fitted.mean(), rtol=1e-12)
+    np.testing.assert_array_equal(v_sane[a0][~out], v_raw[a0][~out])
     np.testing.assert_array_equal(v_sane[~a0], v_raw[~a0])  # sane inputs are untouched
-    assert sane.filtered_ == int((v_sane != v_raw).sum()) > 0
+    assert sane.filtered_ == int(out.sum())
 
 
 def test_har_records_the_end_of_the_data_its_coefficients_saw() -> None:
