@@ -30,6 +30,10 @@ def test_bench_rec_runs_end_to_end(tiny_rec: tuple[Path, Path], tmp_path: Path) 
     assert rows[-1]["size_mb"] > 0  # the ORT-format file's size
     assert rows[-1]["flops_per_request"] == pytest.approx(rows[-2]["flops_per_request"], rel=0.5)  # trimmed too
     assert payload["bucket_window"] == 8
+    # by default the rows are timed on the real test users (short histories: the fixture's 8-30 events)
+    assert payload["timing_requests"]["source"] == "test-users" and payload["timing_requests"]["seed"] is None
+    assert payload["timing_requests"]["history_length"]["min"] < payload["timing_requests"]["history_length"]["max"]
+    assert "real test users" in (out / "bench.md").read_text().splitlines()[0]
     assert set(payload["summary"]["winners"]) == {"throughput", "p50_b1", "throughput_server_batch"}
     assert {"fp32_measured_gflops", "int8_measured_gops", "int8_instructions"} <= set(payload["cpu"])
     for row in rows:
@@ -60,6 +64,9 @@ def test_unknown_variant_is_a_clear_error(tiny_rec, tmp_path: Path, capsys) -> N
     assert main(["bench", "rec", "--model", str(model_dir), "--data", str(data_dir), "--out", str(tmp_path),
                  "--variants", "magic"]) == 2
     assert "unknown variant: magic" in capsys.readouterr().err
+    assert main(["bench", "rec", "--model", str(model_dir), "--data", str(data_dir), "--out", str(tmp_path),
+                 "--timing-users", "-5"]) == 2
+    assert "--timing-users -5" in capsys.readouterr().err
 
 
 def test_baseline_runs_trimmed_batches_and_baseline_padded_does_not(tiny_rec, monkeypatch) -> None:
@@ -153,3 +160,87 @@ def test_variant_presets_are_known_variants_and_in_the_help(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     for name in ("fast", "paper", "all"):
         assert f"{name} =" in text
+
+
+def test_synthetic_users_fill_the_window_inside_the_vocabulary_and_are_deterministic() -> None:
+    import numpy as np
+
+    from nimbleml.commands import bench_rec
+
+    n_items = 40
+    popularity = np.zeros(n_items + 1, dtype=np.int64)
+    popularity[1::2] = np.arange(1, n_items // 2 + 1)  # odd items only, more for the later ones
+    mix = np.array([0, 70, 0, 20, 10])  # padding, pv, (no cart), fav, buy
+    users = bench_rec.synthetic_users(300, 100, n_items, popularity, mix, 5, seed=3)
+    assert users.source == "synthetic-full-length" and users.seed == 3
+    assert users.history.shape == users.behaviors.shape == (300, 100)
+    assert (users.lengths == 100).all()  # every history fills the window: no padding
+    assert users.history.min() >= 1 and users.history.max() <= n_items
+    assert set(np.unique(users.history)) <= set(range(1, n_items + 1, 2))  # never an item without training events
+    counts = np.bincount(users.history.ravel(), minlength=n_items + 1)
+    assert counts[n_items - 1] > counts[1]  # by popularity: item 39 has 20x item 1's training events
+    assert set(np.unique(users.behaviors)) == {1, 3, 4}  # the training mix's codes only
+    again = bench_rec.synthetic_users(300, 100, n_items, popularity, mix, 5, seed=3)
+    assert np.array_equal(again.history, users.history) and np.array_equal(again.behaviors, users.behaviors)
+    other = bench_rec.synthetic_users(300, 100, n_items, popularity, mix, 5, seed=4)
+    assert not np.array_equal(other.history, users.history)
+    assert users.to_dict()["history_length"] == {"median": 100.0, "min": 100, "max": 100}
+    assert bench_rec.synthetic_users(10, 7, n_items, popularity).behaviors is None  # a model without behaviour codes
+
+
+def test_synthetic_users_without_counts_are_uniform_over_the_vocabulary_with_a_warning(caplog) -> None:
+    import numpy as np
+
+    from nimbleml.commands import bench_rec
+
+    with caplog.at_level("WARNING", logger="nimbleml.commands.bench_rec"):
+        users = bench_rec.synthetic_users(2_000, 50, 30, None)
+    assert "no training counts of items" in caplog.text
+    assert set(np.unique(users.history)) == set(range(1, 31))  # every item of the vocabulary, no other id
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nimbleml.commands.bench_rec"):
+        bench_rec.synthetic_users(10, 50, 30, np.arange(31))
+    assert "no training counts" not in caplog.text
+
+
+def test_bench_rec_times_every_row_on_synthetic_full_length_users(tiny_rec, tmp_path: Path, monkeypatch) -> None:
+    """--timing-users N: every request a row is timed on (latency, throughput, server batch) is a
+    synthetic user whose history fills the model's window; quality stays on the real test users."""
+    import numpy as np
+
+    from nimbleml.commands import bench_rec
+    from nimbleml.commands.model_folder import open_model_folder
+
+    data_dir, model_dir = tiny_rec
+    max_len = open_model_folder(model_dir).reference.config.max_len
+    timed: list[dict] = []
+    measure_rows = bench_rec.measure_rows
+
+    def recording(make):
+        return lambda batch: timed.append(make(batch)) or timed[-1]
+
+    def spy(candidates, make_inputs, config, peak, server=None, server_batch=None):
+        return measure_rows(candidates, recording(make_inputs), config, peak,
+                            server=(server[0], recording(server[1])), server_batch=server_batch)
+
+    monkeypatch.setattr(bench_rec, "measure_rows", spy)
+    out = tmp_path / "bench"
+    assert main(["bench", "rec", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+                 "--variants", "baseline-padded,serving+trim", "--backends", "torch,onnxruntime",
+                 "--timing-users", "200", "--quick"]) == 0
+    payload = json.loads((out / "bench.json").read_text())
+    assert payload["timing_requests"]["source"] == "synthetic-full-length"
+    assert payload["timing_requests"]["n_users"] == 200 and payload["timing_requests"]["seed"] == bench_rec.SYNTHETIC_SEED
+    assert payload["timing_requests"]["history_length"] == {"median": float(max_len), "min": max_len, "max": max_len}
+    assert "synthetic full-length users" in (out / "bench.md").read_text().splitlines()[0]
+    assert timed
+    for inputs in timed:
+        for name in ("history", "behaviors"):
+            if name in inputs:
+                assert ((inputs[name] != 0).sum(axis=1) == max_len).all(), name
+    rows = {(r["variant"], r["backend"]): r for r in payload["rows"]}
+    # full windows: trimming drops nothing, so the trimmed baseline computes what the padded one does
+    assert rows["baseline", "torch"]["flops_per_request"] == rows["baseline-padded", "torch"]["flops_per_request"]
+    # quality is on the real test users, as without --timing-users: the same scores through every row
+    for row in payload["rows"]:
+        assert row["full_ndcg@10"] == pytest.approx(rows["baseline", "torch"]["full_ndcg@10"], abs=1e-9)

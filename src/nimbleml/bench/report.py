@@ -49,9 +49,11 @@ def markdown(rows: list[BenchRow], baseline: BenchRow, quality: dict[str, str]) 
     return "\n".join(lines) + "\n"
 
 
-def write_bench(out: Path, payload: dict, rows: list[BenchRow], baseline: BenchRow, quality: dict[str, str]) -> Path:
-    """``out/bench.json`` (payload + rows) and ``out/bench.md`` (the table)."""
+def write_bench(out: Path, payload: dict, rows: list[BenchRow], baseline: BenchRow, quality: dict[str, str],
+                note: str = "") -> Path:
+    """``out/bench.json`` (payload + rows) and ``out/bench.md`` (the table, under ``note``: what
+    the rows were timed and scored on)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({**payload, "rows": [r.to_dict() for r in rows]}, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown(rows, baseline, quality))
+    (out / "bench.md").write_text((f"{note}\n\n" if note else "") + markdown(rows, baseline, quality))
     return out / "bench.json"

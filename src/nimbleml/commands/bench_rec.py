@@ -16,6 +16,12 @@ model gets; every ratio is against it. ``baseline-padded`` is the same forward o
 100-wide window, kept for the record. ``+trim`` rows run their graph on trimmed batches too, and
 throughput batches are cut from length-sorted queues of real requests (``--bucket-window``), as
 the server's batcher groups them; ``edge+trim`` is the ORT-format edge artefact.
+
+``--timing-users N`` times every row on N SYNTHETIC users instead, generated in memory, whose
+histories fill the model's window (``max_len`` events; the paper's workload is the last 100
+behaviours, while Video.txt's test users hold a few events in the 100-wide window, so trimming
+dominates there). Quality stays on the real test users of ``--data``. ``bench.json`` says which
+requests timed the rows: ``timing_requests``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random test users for the quality columns (same users for every row; 0 = all)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild variant folders that already exist")
     parser.add_argument("--bucket-window", type=int, default=8,
-                        help="throughput batches are cut from a queue of this many batches of real test requests "
+                        help="throughput batches are cut from a queue of this many batches of timing requests "
                              "sorted by history length, as a length-bucketing batcher does (1 = random batches)")
+    parser.add_argument("--timing-users", type=int, default=0,
+                        help="time every row on this many SYNTHETIC users whose histories fill the model's window "
+                             "(items by training popularity, behaviours by the training mix; the paper's shape); "
+                             "0 = the real test users' requests. Quality stays on the real test users")
     parser.add_argument("--rounds", type=int, default=BenchConfig.rounds,
                         help="times each row is timed, rows interleaved round-robin (medians and 95%% intervals over rounds)")
     parser.add_argument("--threads", type=int, default=0,
@@ -227,15 +238,96 @@ class _PredictScorer:
         return out
 
 
-def _real_inputs(probe: _QualityProbe, bucket_window: int = 1) -> Callable[[int], dict[str, np.ndarray]]:
-    """Batches of real test histories (not random ids): trimmed rows' cost depends on padding.
+SYNTHETIC_SEED = 0  # the synthetic timing users' generator seed (recorded in bench.json)
+N_TIMING_CANDIDATES = 50  # candidates per timed request, uniform over the catalogue
+
+
+@dataclass
+class TimingRequests:
+    """The users every row is timed on: left-padded (U, max_len) histories and behaviour codes
+    (None when the model uses none). source: "test-users" (the real test users of --data) or
+    "synthetic-full-length" (``synthetic_users``)."""
+
+    source: str
+    history: np.ndarray
+    behaviors: np.ndarray | None
+    seed: int | None = None
+    generate_seconds: float = 0.0
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return (self.history != 0).sum(axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        lengths = self.lengths
+        return {"source": self.source, "n_users": len(self.history),
+                "history_length": {"median": float(np.median(lengths)), "min": int(lengths.min()),
+                                   "max": int(lengths.max())},
+                "seed": self.seed, "generate_seconds": self.generate_seconds}
+
+    def describe(self, data: Path) -> str:
+        """One sentence for bench.md and the console: what the timings and the quality ran on."""
+        lengths = self.lengths
+        if self.source == "synthetic-full-length":
+            users = f"{len(lengths):,} synthetic full-length users ({int(np.median(lengths))} events each, seed {self.seed})"
+        else:
+            users = f"{len(lengths):,} real test users of {data} (history length median {np.median(lengths):.0f})"
+        return (f"Timings (latency, throughput, FLOPs) on {users}; quality columns (HR@10, NDCG@10, full "
+                f"HR@10 / NDCG@10) on the real test users of {data}.")
+
+
+def _draw_codes(rng: np.random.Generator, counts: np.ndarray | None, size: int, shape: tuple[int, ...],
+                what: str) -> np.ndarray:
+    """(shape) int64 codes in 1..size, drawn in proportion to ``counts`` ((size + 1,), index 0 =
+    padding, never drawn); uniform over 1..size, with a warning, when there are no counts."""
+    weights = None if counts is None else np.asarray(counts, dtype=np.float64)[1 : size + 1]
+    if weights is None or weights.sum() <= 0:
+        log.warning("no training counts of %s: drawing them uniformly over 1..%d", what, size)
+        weights = np.ones(size)
+    cdf = np.cumsum(weights)
+    # side="right": a code with zero count is never drawn (its cdf step is empty)
+    return 1 + np.searchsorted(cdf, rng.random(shape) * cdf[-1], side="right").astype(np.int64)
+
+
+def synthetic_users(n_users: int, max_len: int, n_items: int, popularity: np.ndarray | None,
+                    behavior_counts: np.ndarray | None = None, n_behaviors: int = 0,
+                    seed: int = SYNTHETIC_SEED) -> TimingRequests:
+    """``n_users`` SYNTHETIC users whose histories fill the window: (n_users, max_len) item ids in
+    1..n_items drawn by ``popularity`` ((n_items + 1,) training counts; None: uniform, with a
+    warning) and, when ``behavior_counts`` is given, behaviour codes in 1..n_behaviors - 1 by
+    that mix. Vectorised and seeded: the same seed gives the same users."""
+    began = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    history = _draw_codes(rng, popularity, n_items, (n_users, max_len), "items")
+    behaviors = (None if behavior_counts is None else
+                 _draw_codes(rng, behavior_counts, n_behaviors - 1, (n_users, max_len), "behaviour codes"))
+    return TimingRequests("synthetic-full-length", history, behaviors, seed, time.perf_counter() - began)
+
+
+def timing_requests(probe: _QualityProbe, n_users: int) -> TimingRequests:
+    """The requests every row is timed on: the real test users (n_users = 0) or ``n_users``
+    synthetic full-length users with the prepared data's training popularity and behaviour mix."""
+    config = probe.config
+    if n_users <= 0:
+        return TimingRequests("test-users", probe.split.test_input,
+                              probe.split.test_behaviors if config.use_behavior else None)
+    mix = (np.bincount(probe.split.train_behaviors, minlength=config.n_behaviors)
+           if config.use_behavior else None)
+    requests = synthetic_users(n_users, config.max_len, config.n_items, probe.popularity, mix, config.n_behaviors)
+    log.info("generated %d synthetic full-length timing users (%d events) in %.2f s", n_users, config.max_len,
+             requests.generate_seconds)
+    return requests
+
+
+def _timed_inputs(requests: TimingRequests, config, bucket_window: int = 1) -> Callable[[int], dict[str, np.ndarray]]:
+    """Batches of the timing users' histories (real or full-length synthetic, not random ids):
+    trimmed rows' cost depends on padding.
 
     bucket_window > 1: each draw of ``bucket_window`` x batch random users is sorted by history
     length and handed out one batch-sized slice at a time, as a batcher that groups queued
     requests by length does; untrimmed rows cost the same either way."""
     rng = np.random.default_rng(1)
-    n_items = probe.config.n_items
-    lengths = (probe.split.test_input != 0).sum(axis=1)
+    lengths = requests.lengths
     queued: dict[int, list[np.ndarray]] = {}
 
     def draw(batch: int) -> np.ndarray:
@@ -249,9 +341,9 @@ def _real_inputs(probe: _QualityProbe, bucket_window: int = 1) -> Callable[[int]
 
     def make(batch: int) -> dict[str, np.ndarray]:
         users = draw(batch)
-        candidates = rng.integers(1, n_items + 1, (batch, 50), dtype=np.int64)
-        return serving_inputs(probe.config, probe.split.test_input[users], candidates,
-                              probe.split.test_behaviors[users])
+        candidates = rng.integers(1, config.n_items + 1, (batch, N_TIMING_CANDIDATES), dtype=np.int64)
+        return serving_inputs(config, requests.history[users], candidates,
+                              None if requests.behaviors is None else requests.behaviors[users])
 
     return make
 
@@ -482,6 +574,9 @@ def run(args: argparse.Namespace) -> int:
     console = Console(width=max(Console().width, 260))  # the table has 17 columns, intervals included
     started = time.perf_counter()
     variants = _pick(args.variants, list(VARIANTS), "variant", PRESETS)
+    if args.timing_users < 0:  # checked before any variant is built
+        raise NimbleError(f"--timing-users {args.timing_users}",
+                          fix="use 0 (the real test users) or the number of synthetic full-length users")
     if "baseline" not in variants:
         variants.insert(0, "baseline")
     gpu = [b for b in ("onnxruntime-cuda", "onnxruntime-tensorrt") if b in available_backends()]
@@ -504,7 +599,8 @@ def run(args: argparse.Namespace) -> int:
     base_folder = open_model_folder(args.model)
     probe = _QualityProbe(args.data, base_folder, args.max_users)
     limits = cpu_limits(threads=threads)
-    make_inputs = _real_inputs(probe, args.bucket_window)
+    requests = timing_requests(probe, args.timing_users)
+    make_inputs = _timed_inputs(requests, probe.config, args.bucket_window)
     batcher = BatcherConfig()  # the server's defaults (`nimbleml serve`), read rather than copied
     server_batch = {"max_batch_size": batcher.max_batch_size, "group_window": batcher.group_window}
 
@@ -514,7 +610,7 @@ def run(args: argparse.Namespace) -> int:
         candidates += _candidates(name, folder, backends, work, probe, threads)
     log.info("timing %d rows x %d interleaved rounds on %d threads", len(candidates), config.rounds, threads)
     rows = measure_rows(candidates, make_inputs, config, limits.fp32_measured_gflops,
-                        server=(batcher.max_batch_size, _real_inputs(probe, batcher.group_window)),
+                        server=(batcher.max_batch_size, _timed_inputs(requests, probe.config, batcher.group_window)),
                         server_batch=server_batch)
     for row in rows:  # int8 rows are bounded by the int8 GEMM, not the sgemm: both fractions kept
         row.extra["fraction_of_measured_int8_gemm"] = row.flops_per_request * row.throughput_rps / (
@@ -539,7 +635,10 @@ def run(args: argparse.Namespace) -> int:
         "server_batch": server_batch,  # every row also timed at the server's batcher settings
         "batch_sizes": list(config.batch_sizes),
         "bucket_window": args.bucket_window,  # throughput batches: slices of this many batches sorted by length
-        "input_pool": config.input_pool,  # distinct real requests (batches) cycled per timed size
+        "input_pool": config.input_pool,  # distinct requests (batches) cycled per timed size
+        # what every row was timed on: the real test users, or synthetic users whose histories
+        # fill the window (--timing-users); quality is always on the real test users of --data
+        "timing_requests": requests.to_dict(),
         "model": str(args.model), "data": str(args.data),
         "summary": summary,
         "paper": PAPER_TABLE,
@@ -549,9 +648,11 @@ def run(args: argparse.Namespace) -> int:
         "measure_seconds": time.perf_counter() - timing_began,
         "wall_seconds": time.perf_counter() - started,
     }
-    write_bench(args.out, payload, rows, baseline, QUALITY_COLUMNS)
-    console.print(rows_table(rows, baseline, "recommender variants x runtimes (one request = 100 events + 50 candidates)",
-                             QUALITY_COLUMNS))
+    described = requests.describe(args.data)
+    write_bench(args.out, payload, rows, baseline, QUALITY_COLUMNS, note=described)
+    console.print(rows_table(rows, baseline, "recommender variants x runtimes (one request = one user's history "
+                             f"+ {N_TIMING_CANDIDATES} candidates)", QUALITY_COLUMNS))
+    console.print(described)
     paper = Table(title="the paper's Table I figures (not measured here)")
     for column in ("variant", "p50 ms", "req/s"):
         paper.add_column(column)
