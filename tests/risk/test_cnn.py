@@ -219,3 +219,16 @@ def test_a_model_saved_with_a_pooled_floor_is_refused_with_a_message(tmp_path: P
     (folder / "forecaster.json").write_text(json.dumps(meta))
     with pytest.raises(NimbleError, match="per-asset variance floors"):
         CNNForecaster.load(folder)
+
+
+def test_sqrt_class_sampling_gives_small_classes_their_share() -> None:
+    """Issue 25.10: with 444 equities a uniform epoch leaves bonds ~3% of its rows; "sqrt" shares by sqrt(rows)."""
+    from nimbleml.risk.cnn import _sqrt_class_draw
+
+    asset_class = np.repeat([0, 1, 2], [9000, 900, 100])
+    order = _sqrt_class_draw(asset_class, 2000, np.random.default_rng(0))
+    share = np.bincount(asset_class[order], minlength=3) / len(order)
+    expected = np.sqrt([9000, 900, 100]) / np.sqrt([9000, 900, 100]).sum()
+    assert len(order) == 2000 and np.abs(share - expected).max() < 1e-3
+    assert share[2] > 0.05 > 100 / 10000  # the small class is lifted well above its 1% of rows
+    assert len(np.unique(order[asset_class[order] == 0])) == (asset_class[order] == 0).sum()  # large class: no repeats

@@ -50,6 +50,8 @@ VARIANTS: dict[str, dict] = {
     # (the default since issue 25: then this variant equals the base, and the next one is the change)
     "class_calibration": {"cnn_calibration": "class"},
     "pooled_calibration": {"cnn_calibration": "pooled"},  # one variance factor for every asset
+    # an epoch's CNN rows per class by sqrt of the class's rows (issue 25.10: bonds ~3% of the full panel)
+    "class_sqrt_sampling": {"cnn_class_sampling": "sqrt"},
 }
 DEFAULT_VARIANTS: tuple[str, ...] = ("base", "rates", "pca", "class_scale")
 

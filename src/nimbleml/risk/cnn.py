@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 TARGETS: tuple[str, ...] = ("log_var", "qlike", "vol", "var")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32")
 CALIBRATE_BY: tuple[str, ...] = ("pooled", "class")
+CLASS_SAMPLING: tuple[str, ...] = ("proportional", "sqrt")
 MIN_CLASS_CALIBRATION_ROWS = 100  # validation rows a class needs for its own calibration factor
 MIN_CLASS_VAL_ROWS = 2_000  # validation rows each class keeps when the validation set is subsampled
 QLIKE_LINEAR_FROM = 4.0  # log-variance gap beyond which the QLIKE training loss grows linearly
@@ -132,6 +133,11 @@ class CNNForecaster:
         gets its own calibration factor (a pooled draw of 20k rows left FX 44 rows).
     precision : "auto" (bfloat16 autocast on CPUs with native bf16, ~1.9x faster here; float16
         autocast on CUDA), or "fp32". Weights and the optimiser stay float32 either way.
+    class_sampling : how an epoch's ``max_train_samples`` rows are shared among asset classes:
+        "proportional" (a uniform draw: on the full panel 444 equities leave bonds ~3% of the
+        rows) or "sqrt" (each class's share proportional to the square root of its rows, the
+        usual rebalancing of long-tailed classes; rows within a class uniform). The loss per
+        row is unchanged, so "sqrt" shifts the network's capacity toward the small classes.
 
     Fitted attributes: ``model_``, ``config_``, ``transform_``, ``floor_`` (the per-asset
     ``VarianceFloor`` of the training rows: targets and forecasts), ``calibration_`` (pooled),
@@ -153,7 +159,11 @@ class CNNForecaster:
         max_val_samples: int | None = 50_000,
         precision: str = "auto",
         calibrate_by: str = "pooled",
+        class_sampling: str = "proportional",
     ):
+        if class_sampling not in CLASS_SAMPLING:
+            raise NimbleError(f"unknown class sampling {class_sampling!r}", fix=f"use one of {', '.join(CLASS_SAMPLING)}")
+        self.class_sampling = class_sampling
         if calibrate_by not in CALIBRATE_BY:
             raise NimbleError(f"unknown calibration {calibrate_by!r}", fix=f"use one of {', '.join(CALIBRATE_BY)}")
         self.calibrate_by = calibrate_by
@@ -233,7 +243,9 @@ class CNNForecaster:
                 for epoch in range(1, cfg.max_epochs + 1):
                     task = progress.add_task(f"epoch {epoch}/{cfg.max_epochs}", total=n_batches, info="")
                     epoch_started = time.perf_counter()
-                    if n_train < len(train):
+                    if self.class_sampling == "sqrt":
+                        order = _sqrt_class_draw(train.asset_class, n_train, rng)
+                    elif n_train < len(train):
                         order = rng.choice(len(train), size=n_train, replace=False)
                     else:
                         order = rng.permutation(len(train))
@@ -434,6 +446,7 @@ class CNNForecaster:
             "max_train_samples": self.max_train_samples,
             "calibrate": self.calibrate,
             "calibrate_by": self.calibrate_by,
+            "class_sampling": self.class_sampling,
             "class_calibration": [float(c) for c in self.class_calibration_],
             "calibration_fallback": self.calibration_fallback_,
             "precision": self.precision,
@@ -463,6 +476,7 @@ class CNNForecaster:
         forecaster = cls(
             config, encoder, meta["target"], meta["seed"], meta["max_train_samples"], device, meta["calibrate"],
             precision=meta.get("precision", "auto"), calibrate_by=meta.get("calibrate_by", "pooled"),
+            class_sampling=meta.get("class_sampling", "proportional"),
         )
         forecaster.config_ = config
         forecaster.device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -480,6 +494,17 @@ class CNNForecaster:
         forecaster.best_epoch_ = meta["best_epoch"]
         forecaster.history_ = meta["history"]
         return forecaster
+
+
+def _sqrt_class_draw(asset_class: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` shuffled row indices whose class shares are proportional to sqrt(rows per class);
+    a class with fewer rows than its share is drawn with replacement (its rows repeat)."""
+    classes, counts = np.unique(asset_class, return_counts=True)
+    weight = np.sqrt(counts.astype(np.float64))
+    quota = np.floor(size * weight / weight.sum()).astype(int)
+    quota[np.argmax(quota)] += size - quota.sum()
+    picks = [rng.choice(np.flatnonzero(asset_class == c), q, replace=q > n) for c, n, q in zip(classes, counts, quota)]
+    return rng.permutation(np.concatenate(picks))
 
 
 def _per_class_subset(asset_class: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -47,6 +47,7 @@ _FLAG_FIELDS: dict[str, tuple[str, object]] = {
     "max_train_samples": ("max_train_samples", int),
     "max_val_samples": ("max_val_samples", int),
     "cnn_calibration": ("cnn_calibration", str),
+    "cnn_class_sampling": ("cnn_class_sampling", str),
     "models": ("models", lambda v: tuple(m.strip() for m in v.split(",") if m.strip())),
     "outliers": ("features.outliers", str),
     "scaler": ("features.scaler", str),
@@ -124,6 +125,8 @@ def _run_options(p: argparse.ArgumentParser, d: RiskRunConfig) -> None:
     p.add_argument("--max-val-samples", type=int, help=f"CNN validation rows scored per epoch (default {d.max_val_samples})")
     p.add_argument("--cnn-calibration", choices=("pooled", "class"),
                    help=f"CNN variance factor fitted on validation: one, or one per asset class (default {d.cnn_calibration})")
+    p.add_argument("--cnn-class-sampling", choices=("proportional", "sqrt"),
+                   help=f"CNN rows per asset class in an epoch: as in the data, or by sqrt of each class's rows (default {d.cnn_class_sampling})")
     p.add_argument("--models", help=f"comma list from {','.join(MODEL_NAMES)} (default all)")
     p.add_argument("--outliers", choices=("winsorize", "zscore", "none"), help=f"default {d.features.outliers} (cap-free)")
     p.add_argument("--scaler", choices=("minmax", "robust"), help=f"default {d.features.scaler}")

@@ -86,6 +86,7 @@ class RiskRunConfig:
     # CNN variance factor fitted on validation: one per asset "class" or one "pooled". "class" since
     # issue 25: lowest QLIKE of the pre-2007 ablation (docs/results/risk-ablate-pre2007-h5.json)
     cnn_calibration: str = "class"
+    cnn_class_sampling: str = "proportional"  # an epoch's rows per asset class: "proportional" or "sqrt" (CNNForecaster)
     models: tuple[str, ...] = MODEL_NAMES  # which forecasters to run
     seed: int = 0
     weights: str | None = None  # CSV (asset,weight) of portfolio weights; None: equal weights
@@ -283,7 +284,8 @@ def make_model(name: str, cfg: RiskRunConfig, n_features: int):
     cnn_cfg.linear_skip = cfg.linear_skip
     cnn_cfg = dataclasses.replace(cnn_cfg, **cfg.cnn_overrides)
     return CNNForecaster(cnn_cfg, encoder, target=cfg.cnn_target, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
-                         max_val_samples=cfg.max_val_samples, calibrate_by=cfg.cnn_calibration)
+                         max_val_samples=cfg.max_val_samples, calibrate_by=cfg.cnn_calibration,
+                         class_sampling=cfg.cnn_class_sampling)
 
 
 def _fallback_assets(name: str, model, test_assets: set[str]) -> list[str]:
