@@ -25,6 +25,9 @@ def test_experts_refit_each_fold_on_all_past_data_and_count_fallbacks():
         # experts see every sample before the fold (train + validation), as the CNN's fold does
         assert split["fit_data_end"]["garch"] == split["val"]["end"]
         assert split["fit_data_end"]["garch"] < split["test"]["start"]
+        # HAR chooses its form on validation and refits on train + val (issue 25): its record says so
+        assert split["fit_data_end"]["har"] == split["val"]["end"]
+        assert split["har_filtered_test_forecasts"] >= 0
     metrics = result.metrics()
     in_test = {fold: set(g["asset"]) for fold, g in result.predictions.groupby("fold")}
     folds_with_eq1 = sum("EQ1" in assets for assets in in_test.values())

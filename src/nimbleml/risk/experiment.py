@@ -373,6 +373,8 @@ def run_risk_evaluation(cfg: RiskRunConfig, panel: MarketPanel | None = None, ch
             frame[name] = forecast
             log.info("%s %s: fit %.1fs, test QLIKE %.4f", split.name, name, f_s,
                      qlike_loss(test.target**2, forecast**2, frame["var_floor"].to_numpy()).mean())
+            if name == "har":  # test forecasts its insanity filter replaced (HARBaseline docstring)
+                info["har_filtered_test_forecasts"] = int(model.filtered_)
             if name == "cnn":
                 cnn = model
                 extras["cnn_history"].append({"split": split.name, "warm_started": model.warm_started_,
