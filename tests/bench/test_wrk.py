@@ -43,3 +43,19 @@ def test_lua_strings_hold_any_bytes() -> None:
     with pytest.raises(NimbleError):
         lua_script("/", [], {})
 
+
+
+def test_sweep_goes_on_doubling_while_within_the_objective(monkeypatch) -> None:
+    """A server still inside the objective at the last count gets more connections, so "wrk's best
+    within the objective" is not capped by the sweep (fake wrk: p99 = connections ms)."""
+    import nimbleml.bench.wrk as wrk
+
+    def fake(url, bodies, headers, connections, duration_s, threads=2, timeout_s=2.0):
+        return wrk.WrkRun(connections, 100.0 * connections, 1.0, float(connections), 1000, 0,
+                          {"connect": 0, "read": 0, "write": 0, "timeout": 0}, 100.0 * connections)
+
+    monkeypatch.setattr(wrk, "run_wrk", fake)
+    assert list(wrk.wrk_sweep("http://127.0.0.1:1/", [b"{}"], {}, 1.0, (4, 8, 32, 16))) == ["4", "8", "16", "32"]
+    assert list(wrk.wrk_sweep("http://127.0.0.1:1/", [b"{}"], {}, 1.0, (4, 32), slo_ms=100.0)) == ["4", "32", "64", "128"]
+    assert list(wrk.wrk_sweep("http://127.0.0.1:1/", [b"{}"], {}, 1.0, (4, 32), slo_ms=500.0)) == [
+        "4", "32", "64", "128", "256"]  # max_connections

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -82,21 +84,27 @@ class _Echo(asyncio.Protocol):
         self.body = b""
 
 
-def test_sampled_answers_name_their_requests():
+@contextlib.contextmanager
+def _serving(protocol: type[asyncio.Protocol]) -> Iterator[int]:
+    """``protocol`` on a loopback port on a thread of its own; yields the port."""
     loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(_Echo, "127.0.0.1", 0))
-    port = server.sockets[0].getsockname()[1]
+    server = loop.run_until_complete(loop.create_server(protocol, "127.0.0.1", 0))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def test_sampled_answers_name_their_requests():
+    with _serving(_Echo) as port:
         target = loopback_target(f"http://127.0.0.1:{port}/echo")
         bodies = {"a": [b"a%d" % i for i in range(7)], "b": [b"b%d" % i for i in range(5)]}
         requests = {tier: [http_request(target, body, None) for body in options] for tier, options in bodies.items()}
         plan = LoadPlan(target, 200.0, 0.5, requests, {"a": 0.5, "b": 0.5}, processes=1, timeout_s=2.0, sample_every=3)
         result = run_load(plan)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
     assert result.summary()["ok"] == len(result.status) > 30
     assert len(result.samples) == pytest.approx(len(result.status) / 3, abs=1)
     for sample in result.samples:
@@ -118,3 +126,39 @@ def test_loadtest_command_writes_the_report(server, tmp_path, monkeypatch):
     assert set(report["by_tier"]) == {"premium", "standard", "free"}
     assert report["by_tier"]["premium"]["ok"] > 0
     assert (out / "latency.png").stat().st_size > 1000
+
+
+class _Slow(_Echo):
+    """Answers each request 20 ms after it arrives and counts the requests it holds at once."""
+
+    held = 0
+    most = 0
+
+    def on_message_complete(self) -> None:
+        _Slow.held += 1
+        _Slow.most = max(_Slow.most, _Slow.held)
+        body, self.body = self.body, b""
+        asyncio.get_running_loop().call_later(0.02, self._answer, body)
+
+    def _answer(self, body: bytes) -> None:
+        _Slow.held -= 1
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def test_closed_loop_holds_its_connections_busy_and_no_more():
+    """What wrk does: N requests in flight, the next sent as one is answered, so throughput is
+    N / latency (Little's law) and latency counts from the send."""
+    with _serving(_Slow) as port:
+        target = loopback_target(f"http://127.0.0.1:{port}/echo")
+        requests = {"a": [http_request(target, b"x%d" % i, None) for i in range(5)]}
+        plan = LoadPlan(target, 5000.0, 1.0, requests, {"a": 1.0}, processes=2, timeout_s=2.0, closed_connections=5)
+        result = run_load(plan)
+    summary = result.summary()
+    assert _Slow.most == 5  # 3 + 2 connections, never more in flight
+    assert summary["ok"] == summary["sent"] == len(result.status)
+    assert 20.0 <= summary["p50_ms"] < 40.0
+    assert 5 / 0.04 < summary["throughput_rps"] <= 5 / 0.02 + 10  # 5 in flight at 20-40 ms each
+    assert (np.diff(result.scheduled_s) >= 0).all() and result.scheduled_s.max() < 1.0
+    # read from a sub-millisecond clock: uvloop's loop.time() is libuv's millisecond clock (every
+    # closed-loop latency came out a whole number of milliseconds before)
+    assert (result.latency_ms % 1.0 != 0.0).mean() > 0.9

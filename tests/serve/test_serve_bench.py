@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from nimbleml.commands.serve_bench import (NAIVE_ENV, NAIVE_VARIANTS, best_variant, capacity_ratio, check_ranking,
-                                           naive_app, naive_factory, wrk_agreement, wrk_skip_reason)
+from nimbleml.commands.serve_bench import (NAIVE_ENV, NAIVE_VARIANTS, best_variant, capacity_ratio, capacity_row,
+                                           check_ranking, compressed_parent, matched_connections, model_variant,
+                                           naive_app, naive_factory, wrk_agreement, wrk_ratio, wrk_skip_reason)
 
 BODY = {"history": [3, 1, 4, 1, 5], "candidates": list(range(1, 51))}
 
@@ -85,14 +86,55 @@ def test_ratio_is_against_the_best_naive_variant() -> None:
     assert capacity_ratio({"max_rps": 100.0}, {"max_rps": 0.0}) == 0.0
 
 
-def test_wrk_agreement_takes_the_best_run_within_the_objective() -> None:
+def test_wrk_agreement_compares_at_the_concurrency_our_run_held_and_keeps_the_best_run() -> None:
     def run(ok_rps: float, p99_ms: float, non_2xx: int = 0) -> dict:
         return {"ok_rps": ok_rps, "p99_ms": p99_ms, "non_2xx": non_2xx}
 
-    rows = {"4": run(900.0, 8.0), "8": run(1150.0, 20.0), "16": run(1300.0, 49.0, non_2xx=3), "32": run(1320.0, 90.0)}
+    rows = {"4": run(900.0, 8.0), "8": run(1150.0, 20.0), "13": run(1250.0, 30.0), "16": run(1300.0, 49.0, non_2xx=3),
+            "32": run(1320.0, 90.0)}
+    agree = wrk_agreement(rows, 1200.0, 50.0, matched=13)
+    assert (agree["wrk_rps"], agree["connections"], agree["ratio"]) == (1250.0, 13, 1.042)
+    assert (agree["best"]["wrk_rps"], agree["best"]["connections"], agree["best"]["ratio"]) == (1250.0, 13, 1.042)
+    # without a matched run there is no agreement figure, only the best run within the objective
     agree = wrk_agreement(rows, 1200.0, 50.0)
-    assert (agree["wrk_rps"], agree["connections"], agree["ratio"]) == (1150.0, 8, 0.958)
-    assert wrk_agreement({"4": run(10.0, 80.0)}, 1200.0, 50.0)["ratio"] is None
+    assert agree["ratio"] is None and agree["best"]["connections"] == 13
+    # a matched run with refusals does not count as agreeing
+    assert wrk_agreement(rows, 1200.0, 50.0, matched=16)["ratio"] is None
+    none = wrk_agreement({"4": run(10.0, 80.0)}, 1200.0, 50.0, matched=4)
+    assert none["best"]["ratio"] is None and none["ratio"] == round(10.0 / 1200.0, 3)
+
+
+def test_matched_connections_is_littles_law_at_the_capacity_point() -> None:
+    from nimbleml.bench.capacity import Capacity, Step
+
+    def step(rate: float, mean_ms: float | None, phase: str = "repeat") -> Step:
+        return Step(rate, rate, 100, 100, 5.0, 20.0, True, phase, {"mean_ms": mean_ms, "cpu_ms_per_request": 1.0})
+
+    steps = [step(3000.0, 200.0, "grid"), step(1000.0, 9.0), step(1010.0, 10.0), step(990.0, 11.0)]
+    row = capacity_row(Capacity(1000.0, 1000.0, [1000.0, 1010.0, 990.0], 0.02, 3, 20.0, (1000.0, 1030.0), steps))
+    assert row["in_flight"] == 10.1  # median of 9.0, 10.1 and 10.89 requests in flight; the grid step is left out
+    assert matched_connections(row) == 10
+    assert matched_connections({"in_flight": 0.2}) == 1
+    assert matched_connections({"in_flight": None}) is None
+
+
+def test_wrk_ratio_takes_the_best_naive_variant() -> None:
+    result = {"naive_variants": ["a", "b"], "wrk_agreement": {
+        "a": {"best": {"wrk_rps": 400.0}}, "b": {"best": {"wrk_rps": 800.0}}, "nimbleml": {"best": {"wrk_rps": 3000.0}}}}
+    assert wrk_ratio(result) == 3.75
+    assert wrk_ratio({"naive_variants": ["a"], "wrk_agreement": {}}) is None
+
+
+def test_a_compressed_model_names_its_parent(tmp_path: Path, rec_model: Path) -> None:
+    child = tmp_path / "int8"
+    child.mkdir()
+    (child / "variant.json").write_text(json.dumps({"recipes": ["quantize-dynamic"], "precision": "int8",
+                                                    "parent": str(rec_model), "valid_before": {"ndcg@10": 0.1}}))
+    assert compressed_parent(child) == rec_model
+    assert model_variant(child)["recipes"] == ["quantize-dynamic"]
+    assert compressed_parent(rec_model) is None and model_variant(rec_model) is None
+    (child / "variant.json").write_text(json.dumps({"parent": str(tmp_path / "gone")}))
+    assert compressed_parent(child) is None  # a parent that is no longer there: no fp32 row
 
 
 def test_wrk_left_out_with_a_reason(monkeypatch) -> None:
@@ -103,3 +145,13 @@ def test_wrk_left_out_with_a_reason(monkeypatch) -> None:
     assert "not installed" in wrk_skip_reason(False)
     monkeypatch.setattr(serve_bench, "wrk_available", lambda: "/usr/bin/wrk")
     assert wrk_skip_reason(False) is None
+
+
+def test_tool_agreement_compares_the_same_connection_counts() -> None:
+    from nimbleml.commands.serve_bench import tool_agreement
+
+    wrk = {"4": {"ok_rps": 880.0}, "8": {"ok_rps": 1300.0}, "32": {"ok_rps": 2400.0}}
+    ours = {"4": {"rps": 800.0}, "8": {"rps": 1300.0}, "16": {"rps": 1700.0}}
+    agree = tool_agreement(wrk, ours)
+    assert agree == {"ratios": {"4": 1.1, "8": 1.0}, "max_deviation": 0.1}
+    assert tool_agreement(wrk, {"16": {"rps": 1.0}}) == {"ratios": {}, "max_deviation": None}

@@ -159,12 +159,26 @@ def run_wrk(url: str, bodies: list[bytes], headers: dict[str, str], connections:
 
 
 def wrk_sweep(url: str, bodies: list[bytes], headers: dict[str, str], duration_s: float,
-              connections: tuple[int, ...] = CONNECTIONS, threads: int = 2) -> dict[str, dict]:
-    """wrk at each connection count: ``{"4": {rps, p50_ms, p99_ms, ...}, ...}``."""
+              connections: tuple[int, ...] = CONNECTIONS, threads: int = 2, slo_ms: float | None = None,
+              max_connections: int = 256) -> dict[str, dict]:
+    """wrk at each connection count: ``{"4": {rps, p50_ms, p99_ms, ...}, ...}``.
+
+    slo_ms: then keep doubling the largest count while its run stays within the objective (p99 and
+    no non-2xx), up to ``max_connections``, so that "wrk's best within the objective" is not the
+    sweep's last count for a server that would answer more with more connections."""
     out = {}
-    for count in connections:
+
+    def one(count: int) -> WrkRun:
         run = run_wrk(url, bodies, headers, count, duration_s, threads)
         log.info("wrk %s at %d connections: %.0f req/s, p50 %.2f ms, p99 %.2f ms, %d non-2xx", url, count, run.rps,
                  run.p50_ms, run.p99_ms, run.non_2xx)
         out[str(count)] = run.to_dict()
+        return run
+
+    last = None
+    for count in sorted(connections):
+        last = one(count)
+    while (slo_ms is not None and last is not None and last.p99_ms <= slo_ms and last.non_2xx == 0
+           and last.connections * 2 <= max_connections):
+        last = one(last.connections * 2)
     return out

@@ -76,6 +76,10 @@ class LoadPlan:
     seed: int = 0
     targets: dict[str, Target] | None = None  # tier -> its own listener (e.g. a premium lane's port); default target
     sample_every: int = 0  # keep the answer to every n-th arrival of each process, to check it (0: keep none)
+    # closed loop instead of Poisson arrivals: this many connections in all, each sending its next
+    # request as soon as its answer is in (what wrk does), for ``duration_s``; ``rps`` is then only
+    # the bound on how many requests a process may send (0: open loop)
+    closed_connections: int = 0
 
     def target_of(self, tier: str) -> Target:
         return (self.targets or {}).get(tier, self.target)
@@ -279,14 +283,18 @@ class _Pool:
 class _Generator:
     """The event-loop side of one generator process: one connection pool per target."""
 
-    def __init__(self, plan: LoadPlan, times: np.ndarray, tiers: np.ndarray, base: float):
-        self.plan, self.times, self.tiers, self.base = plan, times, tiers, base
+    def __init__(self, plan: LoadPlan, times: np.ndarray, tiers: np.ndarray, base: float, clock_base: float):
+        """base: the run's start on the event loop's clock (what ``call_at`` schedules on);
+        clock_base: the same instant on ``time.perf_counter``, which every latency is read from:
+        uvloop's ``loop.time()`` is libuv's millisecond clock, cached for a whole loop iteration."""
+        self.plan, self.times, self.tiers, self.base, self.clock_base = plan, times, tiers, base, clock_base
         self.loop = asyncio.get_running_loop()
         self.status = np.full(len(times), TIMEOUT_STATUS, dtype=np.int16)
         self.latency = np.full(len(times), np.nan, dtype=np.float32)
         self.finished = 0
         self.samples: list[tuple[int, int, bytes]] = []  # (arrival index, status, body) of sampled answers
         self.all_done = asyncio.Event()
+        self.closed: _ClosedLoop | None = None  # set by a closed-loop run
         names = list(plan.mix)
         self.payloads = [plan.requests[names[t]] for t in range(len(names))]
         pools: dict[tuple[str, int], _Pool] = {}
@@ -310,10 +318,13 @@ class _Generator:
     def finish(self, index: int, status: int) -> None:
         if self.status[index] != TIMEOUT_STATUS or not np.isnan(self.latency[index]):
             return
+        now = time.perf_counter() - self.clock_base
         self.status[index] = status
-        self.latency[index] = (self.loop.time() - self.base - self.times[index]) * 1000.0
+        self.latency[index] = (now - self.times[index]) * 1000.0
         self.finished += 1
-        if self.finished == len(self.times):
+        if self.closed is not None:
+            self.closed.answered(now)
+        elif self.finished == len(self.times):
             self.all_done.set()
 
     def expire(self) -> None:
@@ -322,7 +333,65 @@ class _Generator:
             self.finish(int(index), TIMEOUT_STATUS)
 
 
+class _ClosedLoop:
+    """Closed-loop driving of a ``_Generator``: ``connections`` requests in flight, the next sent
+    the moment one is answered, until ``duration_s``; each request's time is when it was sent."""
+
+    def __init__(self, gen: _Generator, connections: int, duration_s: float):
+        self.gen, self.connections, self.duration_s = gen, connections, duration_s
+        self.sent = 0
+        self.in_flight = 0
+        gen.closed = self
+
+    def start(self) -> None:
+        for _ in range(min(self.connections, len(self.gen.times))):
+            self._send(time.perf_counter() - self.gen.clock_base)
+
+    def _send(self, now: float) -> None:
+        self.gen.times[self.sent] = now
+        self.in_flight += 1
+        self.sent += 1
+        self.gen.fire(self.sent - 1)
+
+    def answered(self, now: float) -> None:
+        self.in_flight -= 1
+        if now < self.duration_s and self.sent < len(self.gen.times):
+            self._send(now)
+        elif self.in_flight == 0:
+            self.gen.all_done.set()
+
+
+async def _generate_closed(plan: LoadPlan, index: int, start_at: float) -> tuple[np.ndarray, ...]:
+    share = plan.closed_connections // plan.processes + (index < plan.closed_connections % plan.processes)
+    bound = max(1, int(plan.rps * plan.duration_s / plan.processes) + 1)  # arrays sized by the rate bound
+    rng = np.random.default_rng(plan.seed * 1000 + index)
+    tiers = rng.choice(len(plan.mix), size=bound, p=np.array(list(plan.mix.values())) / sum(plan.mix.values()))
+    loop = asyncio.get_running_loop()
+    base = loop.time() + (start_at - time.time())
+    gen = _Generator(plan, np.full(bound, np.inf), tiers, base, time.perf_counter() + (start_at - time.time()))
+    driver = _ClosedLoop(gen, share, plan.duration_s)
+    if share == 0:
+        gen.all_done.set()
+    else:
+        loop.call_at(base, driver.start)
+    try:
+        await asyncio.wait_for(gen.all_done.wait(), max(0.0, base - loop.time()) + plan.duration_s + plan.timeout_s)
+    except asyncio.TimeoutError:
+        pass
+    sent = driver.sent
+    gen.closed = None  # what is still unanswered now expires without sending more
+    gen.times, gen.tiers = gen.times[:sent], gen.tiers[:sent]
+    gen.status, gen.latency = gen.status[:sent], gen.latency[:sent]
+    gen.expire()
+    names = list(plan.mix)
+    samples = [ResponseSample(names[tiers[i]], i % len(plan.requests[names[tiers[i]]]), status, body)
+               for i, status, body in gen.samples if i < sent]
+    return gen.times, gen.tiers.astype(np.int8), gen.status, gen.latency, samples
+
+
 async def _generate(plan: LoadPlan, index: int, start_at: float) -> tuple[np.ndarray, ...]:
+    if plan.closed_connections > 0:
+        return await _generate_closed(plan, index, start_at)
     rng = np.random.default_rng(plan.seed * 1000 + index)
     rate = plan.rps / plan.processes
     n = max(1, int(rate * plan.duration_s * 1.2) + 50)
@@ -331,7 +400,7 @@ async def _generate(plan: LoadPlan, index: int, start_at: float) -> tuple[np.nda
     tiers = rng.choice(len(plan.mix), size=len(times), p=np.array(list(plan.mix.values())) / sum(plan.mix.values()))
     loop = asyncio.get_running_loop()
     base = loop.time() + (start_at - time.time())
-    gen = _Generator(plan, times, tiers, base)
+    gen = _Generator(plan, times, tiers, base, time.perf_counter() + (start_at - time.time()))
     for i, t in enumerate(times):
         loop.call_at(base + t, gen.fire, i)
     try:
