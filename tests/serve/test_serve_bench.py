@@ -44,11 +44,24 @@ def test_naive_server_serves_a_model_with_behaviour_embeddings(tmp_path: Path) -
 
 def test_naive_workers_build_their_app_from_the_environment(rec_model: Path, monkeypatch) -> None:
     """uvicorn --workers needs an import string: each worker builds the app from $NIMBLEML_NAIVE."""
-    assert NAIVE_VARIANTS["naive_workers"] == ("async", 1, 0)  # one torch thread, one process per core
-    monkeypatch.setenv(NAIVE_ENV, f"{rec_model}|async|1")
+    assert NAIVE_VARIANTS["naive_workers"] == ("async", 1, 0, False)  # one torch thread, one process per core
+    monkeypatch.setenv(NAIVE_ENV, f"{rec_model}|async|1|0")
     with TestClient(naive_factory()) as client:
         answer = client.post("/v1/recommend", json=BODY)
         assert check_ranking(json.dumps(BODY).encode(), answer.content) is None
+
+
+def test_the_int8_naive_server_ranks_close_to_the_fp32_one(rec_model: Path) -> None:
+    """naive_workers_int8: torch's dynamic int8 on the Linear layers, the same answers' shape and
+    nearly the same order as fp32."""
+    assert NAIVE_VARIANTS["naive_workers_int8"] == ("async", 1, 0, True)
+    with TestClient(naive_app(rec_model, "async", threads=1, int8=True)) as client:
+        quantised = client.post("/v1/recommend", json=BODY)
+    with TestClient(naive_app(rec_model, "async", threads=1)) as client:
+        exact = client.post("/v1/recommend", json=BODY)
+    assert quantised.status_code == 200 and check_ranking(json.dumps(BODY).encode(), quantised.content) is None
+    top = [[item["item"] for item in answer.json()["items"][:10]] for answer in (quantised, exact)]
+    assert len(set(top[0]) & set(top[1])) >= 7
 
 
 def _answer(items: list[tuple[int, float | None]]) -> bytes:

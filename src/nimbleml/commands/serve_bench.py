@@ -62,9 +62,11 @@ log = logging.getLogger(__name__)
 HELP = "naive FastAPI + eager servers vs nimbleml serve (and Ray Serve): capacity at p99 <= 50 ms, wrk, 2x overload"
 TIERS = ("premium", "standard", "free")
 ADMIN_KEY = "bench-admin"
-# name -> (route style, torch threads (0: torch's default), uvicorn worker processes (0: one per core))
-NAIVE_VARIANTS = {"naive_async": ("async", 0, 1), "naive_sync": ("sync", 0, 1), "naive_async_1thread": ("async", 1, 1),
-                  "naive_workers": ("async", 1, 0)}
+# name -> (route style, torch threads (0: torch's default), uvicorn worker processes (0: one per core),
+# torch's dynamic int8 on the Linear layers: the one line a user adds when ours serves an int8 graph)
+NAIVE_VARIANTS = {"naive_async": ("async", 0, 1, False), "naive_sync": ("sync", 0, 1, False),
+                  "naive_async_1thread": ("async", 1, 1, False), "naive_workers": ("async", 1, 0, False),
+                  "naive_workers_int8": ("async", 1, 0, True)}
 NAIVE_ENV = "NIMBLEML_NAIVE"  # model folder, route style and threads for the naive app's factory (uvicorn workers)
 OVERLOAD_MIX = {"premium": 0.1, "standard": 0.6, "free": 0.3}
 
@@ -134,7 +136,7 @@ class NaiveRecommendIn(BaseModel):
     candidates: list[int]
 
 
-def naive_app(model_dir: Path, endpoint: str = "async", threads: int | None = None):
+def naive_app(model_dir: Path, endpoint: str = "async", threads: int | None = None, int8: bool = False):
     """The naive server: FastAPI + pydantic + eager FP32 torch, one forward per request.
 
     endpoint "async": an ``async def`` route, so every forward runs on the event loop's thread;
@@ -146,6 +148,8 @@ def naive_app(model_dir: Path, endpoint: str = "async", threads: int | None = No
     Scores leave torch with one ``tolist()`` (a per-element ``float(scores[i])`` loop costs
     ~0.37 ms a request by itself). The ratio is taken against the best naive variant, so no
     such pathology counts as our win.
+    int8: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` (int8 weights,
+    activations quantised per call): what a user adds in one line to match an int8 graph of ours.
     """
     import torch
     from fastapi import FastAPI
@@ -155,6 +159,14 @@ def naive_app(model_dir: Path, endpoint: str = "async", threads: int | None = No
     if threads:
         torch.set_num_threads(threads)
     model = load_checkpoint(model_dir)
+    if int8:
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch deprecates its quantized tensors; the kernels still run
+            warnings.simplefilter("ignore")
+            model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     length = model.config.max_len
     app = FastAPI()
 
@@ -188,10 +200,10 @@ def naive_app(model_dir: Path, endpoint: str = "async", threads: int | None = No
 
 
 def naive_factory():
-    """The naive app from ``$NIMBLEML_NAIVE`` (``model|endpoint|threads``): uvicorn's import
+    """The naive app from ``$NIMBLEML_NAIVE`` (``model|endpoint|threads|int8``): uvicorn's import
     string for ``--workers``, where each worker process builds its own app."""
-    model, endpoint, threads = os.environ[NAIVE_ENV].split("|")
-    return naive_app(Path(model), endpoint, int(threads) or None)
+    model, endpoint, threads, int8 = os.environ[NAIVE_ENV].split("|")
+    return naive_app(Path(model), endpoint, int(threads) or None, int8 == "1")
 
 
 class _Trivial(asyncio.Protocol):
@@ -710,11 +722,11 @@ def run(args: argparse.Namespace) -> int:
         _stop(process)
 
     for name in args.naive_variants:
-        endpoint, threads, workers = NAIVE_VARIANTS[name]
+        endpoint, threads, workers, int8 = NAIVE_VARIANTS[name]
         port = _free_port()
         measure(name, [*here, "--naive", str(args.model), "--endpoint", endpoint, "--threads", str(threads),
-                       "--workers", str(workers or cores), "--port", str(port)], f"http://127.0.0.1:{port}",
-                "/healthz", None)
+                       "--workers", str(workers or cores), "--port", str(port), *(["--int8"] if int8 else [])],
+                f"http://127.0.0.1:{port}", "/healthz", None)
     best_naive = best_variant({n: result[n] for n in args.naive_variants})
     result["naive_variants"] = list(args.naive_variants)
     result["naive"] = {**result[best_naive], "endpoint": best_naive}  # the ratio's denominator: the best naive
@@ -821,6 +833,7 @@ def _main() -> None:
     parser.add_argument("--endpoint", choices=("async", "sync"), default="async")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--int8", action="store_true", help="torch dynamic int8 on the Linear layers")
     parser.add_argument("--trivial", action="store_true")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
@@ -831,7 +844,7 @@ def _main() -> None:
     else:
         import uvicorn
 
-        os.environ[NAIVE_ENV] = f"{args.naive}|{args.endpoint}|{args.threads}"
+        os.environ[NAIVE_ENV] = f"{args.naive}|{args.endpoint}|{args.threads}|{int(args.int8)}"
         uvicorn.run("nimbleml.commands.serve_bench:naive_factory", factory=True, workers=args.workers,
                     host="127.0.0.1", port=args.port, log_level="warning")
 
