@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
-from nimbleml.bench.capacity import SearchConfig, Step, find_capacity, passes
+from nimbleml.bench.capacity import SearchConfig, Step, find_capacity, interleaved_rechecks, passes, recheck_capacity
 
 FAST = SearchConfig(start_rps=25.0, factor=1.25, max_rps=6000.0, grid_s=1.0, step_s=10.0, warmup_s=3.0, repeats=3)
 
@@ -106,3 +108,46 @@ def test_the_grid_is_bounded_by_max_rps() -> None:
     found = find_capacity(measure, SearchConfig(start_rps=100.0, max_rps=200.0, grid_s=1.0, repeats=2))
     assert max(rate for rate, _, _ in calls) <= 200.0
     assert found.bracket[1] is None and found.offered_rps == pytest.approx(195.3, abs=0.1)
+
+
+def test_recheck_bisects_around_a_known_capacity() -> None:
+    measure, calls = fake_server(1000.0)
+    found = recheck_capacity(measure, 950.0, FAST, width=0.15)
+    assert found["censored"] is None
+    assert 1000 / 1.03 <= found["max_rps"] <= 1000
+    assert all((d, w) == (10.0, 3.0) for _, d, w in calls)
+    assert len(calls) <= 2 + 4  # both ends, then bisection to 3 %
+
+
+def test_recheck_says_when_the_capacity_left_its_bracket() -> None:
+    above = recheck_capacity(fake_server(2000.0)[0], 1000.0, FAST, width=0.15)
+    assert above["censored"] == "above" and above["max_rps"] == pytest.approx(1150.0, rel=0.01)
+    below = recheck_capacity(fake_server(500.0)[0], 1000.0, FAST, width=0.15)
+    assert below["censored"] == "below" and below["max_rps"] == 0.0
+
+
+def test_interleaved_rounds_cancel_a_drift_that_sequential_searches_do_not() -> None:
+    """The machine slows down 5 % with every server start. Two sequential searches read the drift
+    into the ratio; with the order rotated each round, the drift enters the two rounds' ratios in
+    opposite directions, so their geometric mean is the true ratio (4) within the tolerance."""
+    starts = {"n": 0}
+
+    def server(capacity: float):
+        @contextlib.contextmanager
+        def started():
+            starts["n"] += 1
+            yield fake_server(capacity * (1 - 0.05 * starts["n"]))[0]
+        return started
+
+    true = {"ours": 2000.0, "naive": 500.0}
+    sequential = {n: find_capacity(fake_server(c * (1 - 0.05 * (i + 1)))[0], FAST).max_rps
+                  for i, (n, c) in enumerate(true.items())}
+    assert sequential["ours"] / sequential["naive"] / 4.0 > 1.04  # the drift shows in a sequential ratio
+    out = interleaved_rechecks({n: server(c) for n, c in true.items()}, {"ours": 1900.0, "naive": 480.0}, FAST,
+                               rounds=2, width=0.3, numerator="ours", denominator="naive")
+    assert out["order"] == [["ours", "naive"], ["naive", "ours"]]
+    assert len(out["ours"]["runs"]) == 2 and out["ours"]["censored"] == [None, None]
+    first, second = out["ratio"]["runs"]
+    assert first > 4.0 > second  # ours first in round 1, last in round 2
+    assert (first * second) ** 0.5 == pytest.approx(4.0, rel=0.035)
+    assert out["ratio"]["min"] <= out["ratio"]["median"] <= out["ratio"]["max"]

@@ -151,3 +151,76 @@ def find_capacity(measure: Measure, config: SearchConfig, label: str = "") -> Ca
         bracket=bracket,
         steps=steps,
     )
+
+
+def recheck_capacity(measure: Measure, around: float, config: SearchConfig, width: float = 0.15,
+                     label: str = "") -> dict:
+    """One short re-measurement of a capacity already found: bisect between ``around / (1 + width)``
+    and ``around * (1 + width)`` to ``config.tolerance``, each step a full ``step_s`` after its
+    warm-up. Returns ``{"max_rps", "offered_rps", "censored", "steps"}``: ``max_rps`` is the 2xx
+    throughput at the highest passing rate (0 when even the low end missed: ``censored`` "below"),
+    ``censored`` "above" when the high end passed too (the capacity is at least that). Bounded:
+    2 + log2(log((1 + width)^2) / log(1 + tolerance)) + 1 steps."""
+    steps: list[Step] = []
+
+    def run(rate: float) -> Step:
+        step = measure(rate, config.step_s, config.warmup_s)
+        step.passed, step.phase = passes(step, config.slo_ms), "recheck"
+        steps.append(step)
+        log.info("%s recheck: offered %.0f req/s -> %.0f ok/s, p99 %s ms, %s", label, rate, step.throughput_rps,
+                 step.p99_ms, "pass" if step.passed else "MISS")
+        return step
+
+    low, high = around / (1 + width), around * (1 + width)
+    best = run(low)
+    if not best.passed:
+        return {"max_rps": 0.0, "offered_rps": round(low, 1), "censored": "below", "steps": [s.to_dict() for s in steps]}
+    top = run(high)
+    if top.passed:
+        return {"max_rps": round(top.throughput_rps, 1), "offered_rps": round(high, 1), "censored": "above",
+                "steps": [s.to_dict() for s in steps]}
+    while high / low > 1 + config.tolerance:
+        mid = math.sqrt(low * high)
+        step = run(mid)
+        if step.passed:
+            low, best = mid, step
+        else:
+            high = mid
+    return {"max_rps": round(best.throughput_rps, 1), "offered_rps": round(low, 1), "censored": None,
+            "steps": [s.to_dict() for s in steps]}
+
+
+def interleaved_rechecks(servers: dict[str, Callable[[], object]], capacities: dict[str, float],
+                         config: SearchConfig, rounds: int = 3, width: float = 0.15,
+                         numerator: str | None = None, denominator: str | None = None) -> dict:
+    """Re-measure several servers' capacities in interleaved rounds, so that a drift of the machine
+    between one server's search and the next one's lands on every server alike.
+
+    ``servers[name]()`` is a context manager that starts the server and yields its ``Measure``
+    (stopped on exit); each round visits every server once, the order rotated by one each round.
+    With ``numerator``/``denominator`` names, the per-round ratio of their capacities and its
+    median and range are added: ``{"order", "<name>": {"runs", "median", "censored"}, "ratio":
+    {"runs", "median", "min", "max"}}``."""
+    names = list(servers)
+    out: dict = {"rounds": rounds, "width": width, "order": []}
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        out["order"].append(order)
+        for name in order:
+            with servers[name]() as measure:
+                runs[name].append(recheck_capacity(measure, capacities[name], config, width, f"{name} round {r + 1}"))
+    for name in names:
+        values = [x["max_rps"] for x in runs[name]]
+        out[name] = {"runs": values, "median": round(float(np.median(values)), 1),
+                     "censored": [x["censored"] for x in runs[name]], "steps": [x["steps"] for x in runs[name]]}
+    if numerator in runs and denominator in runs:
+        ratios = [round(a["max_rps"] / b["max_rps"], 3) if b["max_rps"] > 0 else None
+                  for a, b in zip(runs[numerator], runs[denominator])]
+        valid = [x for x in ratios if x is not None]
+        out["ratio"] = {"numerator": numerator, "denominator": denominator, "runs": ratios,
+                        "median": round(float(np.median(valid)), 3) if valid else None,
+                        # a drift that is linear in time enters rotated rounds' ratios in opposite directions
+                        "geomean": round(float(np.exp(np.mean(np.log(valid)))), 3) if valid else None,
+                        "min": min(valid) if valid else None, "max": max(valid) if valid else None}
+    return out

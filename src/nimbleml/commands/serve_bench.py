@@ -50,7 +50,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from nimbleml.bench.capacity import Capacity, SearchConfig, Step, find_capacity
+from nimbleml.bench.capacity import Capacity, SearchConfig, Step, find_capacity, interleaved_rechecks
 from nimbleml.bench.wrk import CONNECTIONS, wrk_available, wrk_sweep
 from nimbleml.environment import environment
 from nimbleml.errors import NimbleError
@@ -639,6 +639,30 @@ def _run_ours(args: argparse.Namespace, result: dict, bodies: list[bytes], keys:
         _save(result, args.out)
 
 
+def interleaved(args: argparse.Namespace, launches: dict[str, tuple], names: list[str], result: dict,
+                bodies: list[bytes], search: SearchConfig) -> dict:
+    """Each server's capacity re-measured in ``--interleaved-rounds`` rounds, every round visiting
+    every server (the order rotated), so that the machine's drift between one server's search and
+    the next lands on all alike; ``ratio`` is ours over the best naive per round."""
+
+    def server(name: str):
+        cmd, url, health, key, env = launches[name]
+
+        @contextlib.contextmanager
+        def started():
+            process = _start(cmd, args.out / f"{name}-recheck.log", env)
+            try:
+                _wait_http(f"{url}{health}", process)
+                yield load_measure(url, "/v1/recommend", bodies, key, [process.pid], args.processes, Checks(bodies),
+                                   args.sample_every)
+            finally:
+                _stop(process)
+        return started
+
+    return interleaved_rechecks({n: server(n) for n in names}, {n: result[n]["max_rps"] for n in names}, search,
+                                rounds=args.interleaved_rounds, numerator="nimbleml", denominator=names[0])
+
+
 def search_config(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(start_rps=args.start_rps, factor=args.factor, max_rps=args.max_rps, grid_s=args.grid_s,
                         tolerance=args.tolerance, step_s=args.step_s, warmup_s=args.warmup_s, repeats=args.repeats,
@@ -694,7 +718,10 @@ def run(args: argparse.Namespace) -> int:
             result["wrk_agreement"][name]["closed_loop"] = tool_agreement(result["wrk"][name],
                                                                           result["closed_loop"][name])
 
+    launches: dict[str, tuple] = {}  # name -> how it was started, for the interleaved rechecks
+
     def measure(name: str, cmd: list[str], url: str, health: str, key: str | None, env: dict | None = None) -> None:
+        launches[name] = (cmd, url, health, key, env)
         process = _start(cmd, args.out / f"{name}.log", env)
         try:
             _wait_http(f"{url}{health}", process)
@@ -740,6 +767,10 @@ def run(args: argparse.Namespace) -> int:
         serve_cmd += ["--workers", str(args.workers)] if args.workers is not None else []
         result["frontends"] = args.frontends or default_frontends(redis_url, "recommend")
         _run_ours(args, result, bodies, keys, key_env, serve_cmd, measure, redis_url, fp32_bundle)
+        if args.interleaved_rounds > 0:
+            names = [best_naive, "nimbleml", *(["nimbleml_fp32"] if "nimbleml_fp32" in result else [])]
+            result["interleaved"] = interleaved(args, launches, names, result, bodies, search)
+            _save(result, args.out)
     finally:
         if redis_process is not None:
             redis_process.terminate()
@@ -768,6 +799,9 @@ def run(args: argparse.Namespace) -> int:
     if "ratio_fp32" in result:
         console.print(f"ours on the uncompressed parent (nimbleml_fp32): {result['ratio_fp32']}x")
     console.print(f"by wrk's best figures within the objective (closed loop): {result.get('wrk_ratio')}x")
+    if (ratio := result.get("interleaved", {}).get("ratio")) is not None:
+        console.print(f"interleaved rechecks ({result['interleaved']['rounds']} rounds, order rotated): ours over "
+                      f"{ratio['denominator']} per round {ratio['runs']}, geometric mean {ratio['geomean']}x")
     over = result["overload"]
     console.print(f"2x overload ({over['offered_rps']} req/s): sent {over['sent']}, answered {over['answered']}; "
                   + _status_line(over))
@@ -807,6 +841,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s,
                         help="seconds at a step's rate before it is measured")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="measurements of the capacity point")
+    parser.add_argument("--interleaved-rounds", type=int, default=3,
+                        help="rounds re-measuring the best naive variant and ours (fp32 parent too) in turn, "
+                             "order rotated, for a ratio per round that machine drift cannot bias (0 = skip)")
     parser.add_argument("--sample-every", type=int, default=25, help="check every n-th answer under load")
     parser.add_argument("--naive-variants", nargs="+", default=list(NAIVE_VARIANTS), metavar="NAME",
                         help=f"naive servers to measure (default: all of {', '.join(NAIVE_VARIANTS)})")
