@@ -1,7 +1,8 @@
 """The repeat/explore mixture (``SeqRecConfig.repeat_mode="mixture"``) on the serving path: one
 ONNX graph whose trimmed histories and any candidate count give the eager log-probabilities, and
-a serving bundle that carries that ranker only (the cached user-state path would need the
-per-item recency and the explore normaliser beside the state, so it is left out, as for the bonus)."""
+a serving bundle that ranks with that graph only (the cached-scores path would need the per-item
+recency and the explore normaliser beside the state, so it is left out, as for the bonus); its
+state graph and index serve retrieval, the user's recent items first."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from nimbleml.rec.compression import HISTORY_WIDTH, export_serving
 from nimbleml.rec.model import SeqRec, SeqRecConfig
-from nimbleml.rec.serving import prepare_bundle
+from nimbleml.rec.serving import RECENT_FIRST, prepare_bundle
 from nimbleml.rec.train import save_checkpoint
 from nimbleml.runtime.backends import available_backends, get_backend
 from nimbleml.runtime.padding import trim_left_padding
@@ -69,7 +70,8 @@ def test_onnx_graph_matches_eager_on_trimmed_histories(model: SeqRec, graph, bac
 def test_bundle_serves_the_mixture_without_the_cached_state(model: SeqRec, tmp_path) -> None:
     save_checkpoint(model, {}, tmp_path / "model")
     bundle = Bundle.load(prepare_bundle(tmp_path / "model", tmp_path / "bundle"))
-    assert set(bundle.graphs) == {"ranker"} and bundle.item_table is None and bundle.retrieval is None
+    assert set(bundle.graphs) == {"ranker", "state"} and bundle.item_table is None
+    assert bundle.retrieval is not None and bundle.retrieval.recent_first == RECENT_FIRST
     inputs = _batch(np.random.default_rng(2), [30, 4], 50)
     with torch.no_grad():
         expected = model(torch.as_tensor(inputs["history"]), torch.as_tensor(inputs["candidates"])).numpy()

@@ -63,7 +63,9 @@ from nimbleml.rec.retrieve import (
     item_table,
     user_states,
 )
+from nimbleml.rec.serving import RECENT_FIRST
 from nimbleml.rec.train import load_checkpoint
+from nimbleml.serve.bundle import recent_distinct
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,10 @@ CURVE_FILE = "retrieve_curves.png"
 K = 50
 ADDED_ITEMS = 10_000  # items added to a built index (the add_10k_s column)
 # a model that keeps history items rankable and adds a repeat bonus (Taobao) is also given
-# candidate lists that start with the user's most recent distinct items: the ANN's inner
-# product knows nothing of the bonus, so it rarely retrieves the repeats the ranker would put first
-RECENT_CANDIDATES = 20
+# candidate lists that start with the user's most recent distinct items, as its served bundle
+# retrieves: the ANN's inner product knows nothing of the bonus, so it rarely retrieves the
+# repeats the ranker would put first
+RECENT_CANDIDATES = RECENT_FIRST
 
 
 @dataclass
@@ -367,9 +370,7 @@ def with_recent_history(candidates: np.ndarray, history: np.ndarray, n_recent: i
     first, then the retrieved items not among them, in their order; 0-padded."""
     out = np.zeros_like(candidates)
     for u in range(len(candidates)):
-        events = history[u][history[u] > 0][::-1]  # newest first
-        _, first = np.unique(events, return_index=True)
-        recent = events[np.sort(first)][:n_recent]
+        recent = recent_distinct(history[u], n_recent)  # what the server does (serve/service.py)
         retrieved = candidates[u][(candidates[u] > 0) & ~np.isin(candidates[u], recent)]
         merged = np.concatenate([recent, retrieved])[: candidates.shape[1]]
         out[u, : len(merged)] = merged

@@ -50,6 +50,16 @@ class GraphSpec:
     output: str = "scores"
 
 
+def recent_distinct(history: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` most recent distinct ids of an oldest-first, 0-padded history, newest first
+    (``RetrievalSpec.recent_first``'s candidates)."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    events = history[history != 0][::-1]
+    _, first = np.unique(events, return_index=True)
+    return events[np.sort(first)][:n].astype(np.int64)
+
+
 @dataclass
 class RetrievalSpec:
     """A faiss index over the item table's rows: Recommend without candidates searches it with
@@ -58,6 +68,9 @@ class RetrievalSpec:
     file: str  # faiss index file, relative to the bundle folder
     search: dict[str, float] = field(default_factory=dict)  # faiss ParameterSpace values (efSearch, nprobe)
     first_id: int = 1  # the id of the index's vector 0 (item tables keep row 0 for padding)
+    # the user's N most recent distinct history items lead the candidates, the index fills the rest:
+    # for a ranker whose scores add a repeat term the inner product never sees (0: the index alone)
+    recent_first: int = 0
 
 
 @dataclass

@@ -11,7 +11,11 @@ batched and run in a worker.
 
 Recommend without candidates retrieves them: the user's state (cached when fresh, else the
 bundle's state graph) searches the bundle's faiss index over the item table by inner product,
-the history is left out when the bundle excludes it, and the ranker orders the top ones.
+the history is left out when the bundle excludes it, and the ranker orders the top ones. A
+bundle whose ranker adds a repeat term (``retrieval.recent_first``) puts the user's most recent
+distinct items first and lets the index fill the rest. A bundle without an item table (an int8
+ranker, a repeat-score ranker) retrieves with its float state but never scores with it: the
+ranker graph always ranks.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 
 from nimbleml.errors import NimbleError
 from nimbleml.serve.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, QueueFull
-from nimbleml.serve.bundle import Bundle, GraphSpec, InputSpec
+from nimbleml.serve.bundle import Bundle, GraphSpec, InputSpec, recent_distinct
 from nimbleml.serve.history import History, HistoryStore, InProcessHistory, StoreUnavailable
 from nimbleml.serve.keys import AuthError, Caller, KeyRing
 from nimbleml.serve.limiter import AdmissionController
@@ -383,7 +387,8 @@ class Service:
                 self._remember_state(user, version, stored.version, state)
         window = row["history"]
         seen = np.unique(window[window != 0]) if bundle.exclude_history else np.zeros(0, dtype=np.int64)
-        found = self._search(version, state, want, seen)
+        lead = recent_distinct(window, bundle.retrieval.recent_first) if not bundle.exclude_history else window[:0]
+        found = np.concatenate([lead, self._search(version, state, want - len(lead), np.union1d(seen, lead))])
         if len(found) == 0:  # the whole catalogue is in the history
             return self._answer(version, "retrieved", found, np.zeros(0, dtype=np.float32))
         # a catalogue with fewer items left than the ranker takes: repeat the first, answer only the real ones
