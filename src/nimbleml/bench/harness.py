@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nimbleml.progress import track
+
 log = logging.getLogger(__name__)
 
 Inputs = dict[str, np.ndarray]
@@ -345,7 +347,10 @@ def measure_rows(candidates: Sequence[Candidate], make_inputs: Callable[[int], I
         for pool in [*pools.values(), server_pool]:
             for inputs in pool[:2]:
                 t.batched(inputs)
-    for _, i in round_robin(len(timed), config.rounds):
+    began = time.perf_counter()
+    for r, i in track(round_robin(len(timed), config.rounds), f"timing {len(timed)} rows x {config.rounds} rounds"):
+        if i == 0 and r > 0:  # a line per round where no bar is drawn (a log file)
+            log.info("timing round %d/%d done, %.0f s", r, config.rounds, time.perf_counter() - began)
         t = timed[i]
         ms = _timed_calls(t.predict, latency_pool, config.latency_runs, config.latency_seconds, config.min_calls) * 1e3
         t.latency_ms.append(ms)
@@ -357,8 +362,9 @@ def measure_rows(candidates: Sequence[Candidate], make_inputs: Callable[[int], I
             times = _timed_calls(t.batched, server_pool, 10_000, config.throughput_seconds, config.min_calls)
             t.server_rps.append(float(server[0] * len(times) / times.sum()))
     rss_high = peak_rss_mb()
+    log.info("timing done in %.0f s; quality of each row on its own graph", time.perf_counter() - began)
     rows = []
-    for t in timed:
+    for t in track(timed, "quality per row"):
         candidate = t.candidate
         by_batch = {batch: float(np.median(v)) for batch, v in t.rps.items()}
         best = max(by_batch, key=by_batch.get)
