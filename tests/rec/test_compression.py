@@ -18,6 +18,7 @@ from nimbleml.rec.compression import (
     _rebuilt,
     _svd_init,
     compress_model,
+    inherit_repeat_terms,
     load_variant,
     serving_inputs,
     student_config,
@@ -169,3 +170,26 @@ def test_user_subset_keeps_each_users_split(parent) -> None:
     full, part = leave_last_out(data, 16), leave_last_out(user_subset(data, users), 16)
     for key in ("valid_input", "valid_target", "test_input", "test_target"):
         np.testing.assert_array_equal(part[key], full[key][users])
+
+
+def test_a_student_inherits_the_teachers_repeat_bonus() -> None:
+    """The distillation loss scores hidden states only, so a student's repeat terms never train:
+    they must start as the teacher's (the gate through the width-reducing basis)."""
+    torch.manual_seed(0)
+    teacher = SeqRec(SeqRecConfig.small(N_ITEMS, max_len=16, n_blocks=2, repeat_scores=True, repeat_counts=True,
+                                        repeat_decay=True))
+    with torch.no_grad():
+        teacher.repeat_recency.weight.normal_()
+        teacher.repeat_count.weight.normal_()
+        teacher.repeat_decay_weight.fill_(2.5)
+        teacher.repeat_gate.bias.fill_(0.7)
+    layout = student_config(teacher, 0.2)
+    student = SeqRec(layout)
+    basis = torch.linalg.svd(teacher.item_emb.weight.detach(), full_matrices=False)[2][: layout.dim].T
+    with torch.no_grad():
+        inherit_repeat_terms(teacher, student, basis)
+    assert layout.repeat_scores and layout.dim < teacher.config.dim
+    torch.testing.assert_close(student.repeat_recency.weight, teacher.repeat_recency.weight)
+    torch.testing.assert_close(student.repeat_count.weight, teacher.repeat_count.weight)
+    assert student.repeat_decay_weight.item() == 2.5 and student.repeat_gate.bias.item() == pytest.approx(0.7)
+    torch.testing.assert_close(student.repeat_gate.weight, teacher.repeat_gate.weight @ basis)

@@ -483,6 +483,24 @@ def student_config(teacher: SeqRec, fraction: float) -> SeqRecConfig:
     return best[1]
 
 
+def inherit_repeat_terms(teacher: SeqRec, student: SeqRec, basis: torch.Tensor) -> None:
+    """Give the student the teacher's repeat bonus: the recency, count and decay terms as they
+    are (they do not depend on the width), the gate on the state through ``basis``. The
+    distillation loss never trains them (it scores the hidden states only), and left at their
+    initial values the Taobao head's student fell from full NDCG@10 0.136 to 0.007."""
+    for name in ("repeat_recency", "repeat_count"):
+        source, target = getattr(teacher, name), getattr(student, name)
+        if source is not None and target is not None:
+            target.weight.copy_(source.weight)
+    for name in ("repeat_decay_logit", "repeat_decay_weight", "repeat_share_weight"):
+        source, target = getattr(teacher, name), getattr(student, name)
+        if source is not None and target is not None:
+            target.copy_(source)
+    if teacher.repeat_gate is not None and student.repeat_gate is not None:
+        student.repeat_gate.weight.copy_(teacher.repeat_gate.weight @ basis)
+        student.repeat_gate.bias.copy_(teacher.repeat_gate.bias)
+
+
 class DistillRecipe(Recipe):
     """A student of ~20% of the teacher's parameters trained on the task loss + attention-map
     KL (paper formula 3) + candidate-score KL. Its item table starts from the teacher's
@@ -507,6 +525,7 @@ class DistillRecipe(Recipe):
             basis = vt[: student.config.dim].T  # (D_teacher, D_student)
             student.item_emb.weight.copy_(model.item_emb.weight @ basis)
             student.pos_emb.weight.copy_(model.pos_emb.weight @ basis)
+            inherit_repeat_terms(model, student, basis)
         history = self._train(model, student, context)
         context.report.update(
             student={"dim": student.config.dim, "n_blocks": student.config.n_blocks, "n_heads": student.config.n_heads},
