@@ -244,3 +244,28 @@ def test_bench_rec_times_every_row_on_synthetic_full_length_users(tiny_rec, tmp_
     # quality is on the real test users, as without --timing-users: the same scores through every row
     for row in payload["rows"]:
         assert row["full_ndcg@10"] == pytest.approx(rows["baseline", "torch"]["full_ndcg@10"], abs=1e-9)
+
+
+def test_the_pruned_int8_chain_reuses_the_pruned_folder(tiny_rec, tmp_path: Path, monkeypatch) -> None:
+    """prune-structured+quantize-dynamic starts from the prune-structured variant's folder when it
+    exists, so the fine-tune runs once; the chain's folder records both recipes."""
+    import nimbleml.rec.compression as compression
+
+    data_dir, model_dir = tiny_rec
+    out = tmp_path / "bench"
+    calls = []
+    original = compression.compress_model
+
+    def spy(parent, data, recipes, folder, config=None):
+        calls.append((Path(parent).name, list(recipes)))
+        return original(parent, data, recipes, folder, config)
+
+    monkeypatch.setattr(compression, "compress_model", spy)  # bench_rec imports it lazily from here
+    assert main(["bench", "rec", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+                 "--variants", "prune-structured,prune-structured+quantize-dynamic+trim",
+                 "--backends", "onnxruntime", "--quick"]) == 0
+    assert calls == [(model_dir.name, ["prune-structured"]), ("prune-structured", ["quantize-dynamic"])]
+    variant = json.loads((out / "variants" / "prune-structured+quantize-dynamic" / "variant.json").read_text())
+    assert variant["recipes"] == ["prune-structured", "quantize-dynamic"]
+    rows = {(r["variant"], r["backend"]) for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert ("prune-structured+quantize-dynamic+trim", "onnxruntime") in rows
