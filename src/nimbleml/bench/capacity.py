@@ -199,8 +199,9 @@ def interleaved_rechecks(servers: dict[str, Callable[[], object]], capacities: d
     ``servers[name]()`` is a context manager that starts the server and yields its ``Measure``
     (stopped on exit); each round visits every server once, the order rotated by one each round.
     With ``numerator``/``denominator`` names, the per-round ratio of their capacities and its
-    median and range are added: ``{"order", "<name>": {"runs", "median", "censored"}, "ratio":
-    {"runs", "median", "min", "max"}}``."""
+    median, geometric mean and range are added: ``{"order", "<name>": {"runs", "median",
+    "censored", "steps"}, "ratio": {"numerator", "denominator", "runs", "median", "geomean",
+    "min", "max"}}``."""
     names = list(servers)
     out: dict = {"rounds": rounds, "width": width, "order": []}
     runs: dict[str, list[dict]] = {n: [] for n in names}
